@@ -1,0 +1,44 @@
+"""lrtensor_kernels: low-rank tensor adapters (FLoRA, LieRA, SSL, SSB) for Conv1d/2d/3d and Linear.
+
+Quick use::
+
+    import lrtensor_kernels as lk
+    names = lk.inject(model, "flora")            # every conv/linear, only adapters trainable
+    ...train...
+    lk.save_adapters(model, "adapters/")
+    lk.merge(model)                              # zero-cost inference; lk.unmerge restores W exactly
+"""
+from ._version import __version__
+from .backend import BACKENDS, get_backend, set_backend, use_backend
+from .layers import (
+    AdapterLayer,
+    FLoRAConv1d,
+    FLoRAConv2d,
+    FLoRAConv3d,
+    FLoRALinear,
+    LieRAConv1d,
+    LieRAConv2d,
+    LieRAConv3d,
+    LieRALinear,
+    SSBConv1d,
+    SSBConv2d,
+    SSBConv3d,
+    SSBLinear,
+    SSLConv1d,
+    SSLConv2d,
+    SSLConv3d,
+    SSLLinear,
+)
+from .methods import AdapterMath, effective_weight, tucker_product
+from .regularizers import mpc_loss
+from .serialization import load_adapters, save_adapters
+from .surgery import adapter_layers, inject, merge, unload, unmerge
+
+__all__ = [
+    "__version__", "BACKENDS", "get_backend", "set_backend", "use_backend", "AdapterLayer",
+    "FLoRAConv1d", "FLoRAConv2d", "FLoRAConv3d", "FLoRALinear",
+    "LieRAConv1d", "LieRAConv2d", "LieRAConv3d", "LieRALinear",
+    "SSLConv1d", "SSLConv2d", "SSLConv3d", "SSLLinear", "SSBConv1d", "SSBConv2d", "SSBConv3d", "SSBLinear",
+    "AdapterMath", "effective_weight", "tucker_product", "mpc_loss", "save_adapters", "load_adapters",
+    "adapter_layers", "inject", "merge", "unmerge", "unload",
+]

@@ -1,0 +1,1 @@
+"""Fused kernels of the backends other than ``reference``; each module is imported on first use."""

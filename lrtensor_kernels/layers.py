@@ -1,0 +1,435 @@
+"""Adapter layers: drop-in subclasses of nn.Conv1d/2d/3d and nn.Linear.
+
+Each layer keeps the frozen base ``weight`` and ``bias`` of its nn class and adds the small
+adapter tensors of one method. Its forward is ``op(x, W')`` with ``W' = combine(W, scale *
+delta)`` as :mod:`lrtensor_kernels.methods` defines it; the backend in force decides how
+that is computed (:mod:`lrtensor_kernels.backend`), the layer does not.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import methods, ops
+
+AdaptableBase = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    return methods.compute_dtype(weight.dtype)
+
+
+class AdapterLayer(nn.Module):
+    """What every adapter layer shares: forward dispatch, input checks, merge/unmerge, naming.
+
+    Subclasses set ``adapter_method`` and implement ``_create_adapter(device)``,
+    ``adapter_tensors()``, ``adapter_math`` and ``scale``.
+    """
+
+    adapter_method: str = ""
+    adapter_param_names: tuple = ()
+    adapter_name: Optional[str] = None
+
+    # -- construction ------------------------------------------------------------------
+    def _init_adapter(self, device, dropout: float, **config):
+        if not 0.0 <= float(dropout) < 1.0:
+            raise self._error(ValueError, f"dropout must be in [0, 1), got {dropout!r}")
+        self.dropout = float(dropout)
+        self._merged_base: Optional[torch.Tensor] = None
+        self._configure(**config)
+        self._create_adapter(device)
+
+    @classmethod
+    def _base_kwargs(cls, module: nn.Module) -> dict:
+        if isinstance(module, nn.Linear):
+            return dict(in_features=module.in_features, out_features=module.out_features,
+                        bias=module.bias is not None)
+        return dict(in_channels=module.in_channels, out_channels=module.out_channels,
+                    kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
+                    dilation=module.dilation, groups=module.groups, bias=module.bias is not None,
+                    padding_mode=module.padding_mode)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **adapter_kwargs) -> "AdapterLayer":
+        """An adapter layer around ``module``'s own weight and bias (shared, not copied)."""
+        base = cls._nn_base()
+        if not isinstance(module, base) or isinstance(module, AdapterLayer):
+            raise TypeError(f"{cls.__name__}.from_module expects a plain {base.__name__}, got {type(module).__name__}")
+        layer = cls(**cls._base_kwargs(module), device="meta", dtype=module.weight.dtype, **adapter_kwargs)
+        layer.weight = module.weight
+        layer.bias = module.bias
+        layer._create_adapter(module.weight.device)
+        layer.train(module.training)
+        return layer
+
+    @classmethod
+    def _nn_base(cls) -> type:
+        return next(b for b in cls.__mro__ if b in AdaptableBase)
+
+    # -- what a method provides ------------------------------------------------------------
+    adapter_math: methods.AdapterMath
+
+    def _configure(self, **config):
+        raise NotImplementedError
+
+    def _create_adapter(self, device):
+        raise NotImplementedError
+
+    def adapter_tensors(self) -> list:
+        """The adapter tensors in the order of ``methods`` for this method's delta."""
+        raise NotImplementedError
+
+    def adapter_config(self) -> dict:
+        """The keyword arguments that rebuild this adapter exactly (JSON-serialisable)."""
+        raise NotImplementedError
+
+    def adapter_state(self) -> dict:
+        """The adapter tensors by name, as ``save_adapters`` writes them."""
+        return {name: t for name, t in self.named_parameters() if name.split(".")[0] in self.adapter_param_names}
+
+    def adapter_parameters(self):
+        return [p for _, p in self.adapter_state().items()]
+
+    # -- names and errors ------------------------------------------------------------------
+    def _label(self) -> str:
+        name = self.adapter_name
+        return f"{type(self).__name__} '{name}'" if name else type(self).__name__
+
+    def _error(self, kind, message):
+        return kind(f"{self._label()}: {message}")
+
+    # -- forward ------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return self._merged_base is not None
+
+    def effective_weight(self) -> torch.Tensor:
+        """``W'`` computed by the reference math, differentiable w.r.t. the adapter tensors."""
+        base = self._merged_base if self.merged else self.weight
+        return methods.effective_weight(base, self.adapter_tensors(), self.adapter_math, self.scale)
+
+    def _is_linear(self) -> bool:
+        return isinstance(self, nn.Linear)
+
+    def _check_input(self, x: torch.Tensor):
+        if self._is_linear():
+            if x.dim() < 1 or x.shape[-1] != self.in_features:
+                raise self._error(ValueError, f"expected input with {self.in_features} features in its last "
+                                  f"dimension, got shape {tuple(x.shape)}")
+            return
+        n = self.weight.dim() - 2
+        if x.dim() not in (n + 1, n + 2):
+            raise self._error(ValueError, f"expected a {n + 1}-d (unbatched) or {n + 2}-d (batched) input, "
+                              f"got shape {tuple(x.shape)}")
+        channels = x.shape[-n - 1]
+        if channels != self.in_channels:
+            raise self._error(ValueError, f"expected input with {self.in_channels} channels, got {channels} "
+                              f"(input shape {tuple(x.shape)})")
+
+    def _conv_input(self, x):
+        """The input padded as nn.ConvNd pads it, and the padding left for the convolution itself."""
+        n = self.weight.dim() - 2
+        pads = self._reversed_padding_repeated_twice
+        if self.padding_mode != "zeros":
+            return F.pad(x, pads, mode=self.padding_mode), [0] * n
+        if isinstance(self.padding, str):
+            lefts, rights = pads[0::2][::-1], pads[1::2][::-1]
+            if list(lefts) == list(rights):
+                return x, list(lefts)
+            return F.pad(x, pads), [0] * n
+        return x, list(self.padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if self.merged:
+            return super().forward(x)
+        if self._is_linear():
+            lead = x.shape[:-1]
+            y = ops.adapted_forward(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self.adapter_tensors(),
+                                    self.adapter_math, self.scale, dropout=self.dropout, training=self.training)
+            return y.reshape(*lead, y.shape[-1])
+        unbatched = x.dim() == self.weight.dim() - 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        x, padding = self._conv_input(x)
+        geometry = (list(self.stride), padding, list(self.dilation), self.groups)
+        y = ops.adapted_forward(x, self.weight, self.bias, self.adapter_tensors(), self.adapter_math, self.scale,
+                                geometry, self.dropout, self.training)
+        return y.squeeze(0) if unbatched else y
+
+    # -- merge ------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write ``W'`` into ``weight``; forward then runs the plain layer. A no-op when merged.
+
+        The base weight is kept (not copied) so that ``unmerge`` restores it bit for bit.
+        """
+        if self.merged:
+            return
+        merged = self.effective_weight().detach()
+        self._merged_base = self.weight.data
+        self.weight.data = merged
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact base weight. A no-op when not merged."""
+        if not self.merged:
+            return
+        self.weight.data = self._merged_base
+        self._merged_base = None
+
+    def to_plain(self, merge: bool = True) -> nn.Module:
+        """A plain nn layer holding ``W'`` (``merge``) or the base weight, and this layer's bias."""
+        weight = self.effective_weight().detach() if merge else (self._merged_base if self.merged else self.weight.data)
+        base = self._nn_base()
+        plain = base(**self._base_kwargs(self), device="meta", dtype=weight.dtype)
+        plain.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
+        plain.bias = self.bias
+        plain.train(self.training)
+        return plain
+
+    def extra_repr(self) -> str:
+        cfg = ", ".join(f"{k}={v}" for k, v in self.adapter_config().items())
+        return f"{super().extra_repr()}, {self.adapter_method}({cfg})" + (", merged" if self.merged else "")
+
+
+def _check_rank(layer: AdapterLayer, value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise layer._error(ValueError, f"{what} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def tucker_ranks(layer: AdapterLayer, ranks: Union[int, Sequence[int], None], default: int) -> tuple:
+    """Per-mode Tucker ranks: an int sets both channel modes (kernel modes get min(k, 2)), a
+    sequence sets every mode; each is clipped to its mode size."""
+    shape = tuple(layer.weight.shape)
+    if ranks is None:
+        ranks = default
+    if isinstance(ranks, int) and not isinstance(ranks, bool):
+        _check_rank(layer, ranks, "ranks")
+        ranks = (ranks, ranks) + tuple(min(k, 2) for k in shape[2:])
+    else:
+        ranks = tuple(ranks)
+        if len(ranks) != len(shape):
+            raise layer._error(ValueError, f"ranks needs one entry per weight mode {shape} "
+                               f"({len(shape)} entries), got {ranks!r}")
+        for r in ranks:
+            _check_rank(layer, r, "every rank")
+    return tuple(min(r, d) for r, d in zip(ranks, shape))
+
+
+class TuckerDelta:
+    """Tucker delta parameters: ``core`` (r_1..r_N) and ``factors`` (U_n of shape (d_n, r_n))."""
+
+    def _create_tucker(self, device, ranks):
+        dtype = _adapter_dtype(self.weight)
+        self.core = nn.Parameter(torch.zeros(ranks, device=device, dtype=dtype))
+        factors = []
+        for d, r in zip(self.weight.shape, ranks):
+            u = torch.empty(d, r, device=device, dtype=dtype)
+            if u.device.type != "meta":
+                nn.init.kaiming_normal_(u, a=math.sqrt(3))
+            factors.append(nn.Parameter(u))
+        self.factors = nn.ParameterList(factors)
+
+    def _tucker_tensors(self):
+        return [self.core, *self.factors]
+
+
+class FLoRAMixin(TuckerDelta, AdapterLayer):
+    """FLoRA: ``W' = W + scale * (core x_1 U_1 ... x_N U_N)``.
+
+    Defaults as the official code: conv ranks 16 for the channel modes and min(k, 2) for each
+    kernel mode, scale 4.0; linear ranks (8, 8), scale 2.0. Core starts at zero.
+    """
+
+    adapter_method = "flora"
+    adapter_param_names = ("core", "factors")
+    adapter_math = methods.AdapterMath("tucker", "add")
+
+    def __init__(self, *args, ranks=None, scale=None, dropout: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_adapter(kwargs.get("device"), dropout, ranks=ranks, scale=scale)
+
+    def _configure(self, ranks, scale):
+        linear = self._is_linear()
+        self.ranks = tucker_ranks(self, ranks, 8 if linear else 16)
+        self.scale = float((2.0 if linear else 4.0) if scale is None else scale)
+
+    def _create_adapter(self, device):
+        self._create_tucker(device, self.ranks)
+
+    def adapter_tensors(self):
+        return self._tucker_tensors()
+
+    def adapter_config(self):
+        return dict(ranks=list(self.ranks), scale=self.scale, dropout=self.dropout)
+
+
+LIERA_MODES = {"exp": "exp", "first_order": "first_order"}
+LIERA_DELTAS = ("lora", "tucker")
+
+
+class LieRAMixin(TuckerDelta, AdapterLayer):
+    """LieRA: ``W' = W * exp(scale * dW)`` (mode "exp") or ``W * (1 + scale * dW)`` ("first_order").
+
+    ``dW = (lora_B @ lora_A).reshape(W.shape)`` (delta "lora": ``lora_A`` (rank, prod(W.shape[1:]))
+    kaiming-uniform, ``lora_B`` (out, rank) zero) or a Tucker product (delta "tucker": ranks
+    (rank, rank, min(k, 2)...), clipped to the mode sizes). ``scale = alpha / rank``.
+    """
+
+    adapter_method = "liera"
+
+    def __init__(self, *args, rank: int = 8, alpha: float = 8.0, mode: str = "exp", delta: str = "lora",
+                 dropout: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_adapter(kwargs.get("device"), dropout, rank=rank, alpha=alpha, mode=mode, delta=delta)
+
+    def _configure(self, rank, alpha, mode, delta):
+        if mode not in LIERA_MODES:
+            raise self._error(ValueError, f"unknown mode {mode!r}; expected one of {tuple(LIERA_MODES)}")
+        if delta not in LIERA_DELTAS:
+            raise self._error(ValueError, f"unknown delta {delta!r}; expected one of {LIERA_DELTAS}")
+        self.rank = _check_rank(self, rank, "rank")
+        self.alpha = float(alpha)
+        self.mode, self.delta = mode, delta
+        self.scale = self.alpha / self.rank
+        self.adapter_math = methods.AdapterMath(delta, LIERA_MODES[mode])
+        if delta == "tucker":
+            self.ranks = tucker_ranks(self, rank, rank)
+            self.adapter_param_names = ("core", "factors")
+        else:
+            self.adapter_param_names = ("lora_A", "lora_B")
+
+    def _create_adapter(self, device):
+        if self.delta == "tucker":
+            self._create_tucker(device, self.ranks)
+            return
+        dtype = _adapter_dtype(self.weight)
+        a = torch.empty(self.rank, self.weight[0].numel(), device=device, dtype=dtype)
+        if a.device.type != "meta":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(self.weight.shape[0], self.rank, device=device, dtype=dtype))
+
+    def adapter_tensors(self):
+        return self._tucker_tensors() if self.delta == "tucker" else [self.lora_B, self.lora_A]
+
+    def adapter_config(self):
+        return dict(rank=self.rank, alpha=self.alpha, mode=self.mode, delta=self.delta, dropout=self.dropout)
+
+
+class ScalingMixin(AdapterLayer):
+    """SSL ``W' = W * d_in`` and SSB ``W' = d_out * W * d_in``: learned scales of the weight's
+    input channels (``in_scale``, shape (W.shape[1],)) and output channels (``out_scale``,
+    shape (W.shape[0],)), broadcast over the other modes; both start at one."""
+
+    adapter_math = methods.AdapterMath("scales", "mul")
+    scale = 1.0
+    scales_outputs = False
+
+    def __init__(self, *args, dropout: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_adapter(kwargs.get("device"), dropout)
+
+    def _configure(self):
+        pass
+
+    def _create_adapter(self, device):
+        dtype = _adapter_dtype(self.weight)
+        self.in_scale = nn.Parameter(torch.ones(self.weight.shape[1], device=device, dtype=dtype))
+        if self.scales_outputs:
+            self.out_scale = nn.Parameter(torch.ones(self.weight.shape[0], device=device, dtype=dtype))
+
+    def adapter_tensors(self):
+        return [self.in_scale, self.out_scale] if self.scales_outputs else [self.in_scale]
+
+    def adapter_config(self):
+        return dict(dropout=self.dropout)
+
+
+class SSLMixin(ScalingMixin):
+    adapter_method = "ssl"
+    adapter_param_names = ("in_scale",)
+
+
+class SSBMixin(ScalingMixin):
+    adapter_method = "ssb"
+    adapter_param_names = ("in_scale", "out_scale")
+    scales_outputs = True
+
+
+class FLoRAConv1d(FLoRAMixin, nn.Conv1d):
+    """nn.Conv1d with a FLoRA adapter (see FLoRAMixin)."""
+
+
+class FLoRAConv2d(FLoRAMixin, nn.Conv2d):
+    """nn.Conv2d with a FLoRA adapter (see FLoRAMixin)."""
+
+
+class FLoRAConv3d(FLoRAMixin, nn.Conv3d):
+    """nn.Conv3d with a FLoRA adapter (see FLoRAMixin)."""
+
+
+class FLoRALinear(FLoRAMixin, nn.Linear):
+    """nn.Linear with a FLoRA adapter (see FLoRAMixin)."""
+
+
+class LieRAConv1d(LieRAMixin, nn.Conv1d):
+    """nn.Conv1d with a LieRA adapter (see LieRAMixin)."""
+
+
+class LieRAConv2d(LieRAMixin, nn.Conv2d):
+    """nn.Conv2d with a LieRA adapter (see LieRAMixin)."""
+
+
+class LieRAConv3d(LieRAMixin, nn.Conv3d):
+    """nn.Conv3d with a LieRA adapter (see LieRAMixin)."""
+
+
+class LieRALinear(LieRAMixin, nn.Linear):
+    """nn.Linear with a LieRA adapter (see LieRAMixin)."""
+
+
+class SSLConv1d(SSLMixin, nn.Conv1d):
+    """nn.Conv1d with SSL input-channel scales (see ScalingMixin)."""
+
+
+class SSLConv2d(SSLMixin, nn.Conv2d):
+    """nn.Conv2d with SSL input-channel scales (see ScalingMixin)."""
+
+
+class SSLConv3d(SSLMixin, nn.Conv3d):
+    """nn.Conv3d with SSL input-channel scales (see ScalingMixin)."""
+
+
+class SSLLinear(SSLMixin, nn.Linear):
+    """nn.Linear with SSL input-feature scales (see ScalingMixin)."""
+
+
+class SSBConv1d(SSBMixin, nn.Conv1d):
+    """nn.Conv1d with SSB input- and output-channel scales (see ScalingMixin)."""
+
+
+class SSBConv2d(SSBMixin, nn.Conv2d):
+    """nn.Conv2d with SSB input- and output-channel scales (see ScalingMixin)."""
+
+
+class SSBConv3d(SSBMixin, nn.Conv3d):
+    """nn.Conv3d with SSB input- and output-channel scales (see ScalingMixin)."""
+
+
+class SSBLinear(SSBMixin, nn.Linear):
+    """nn.Linear with SSB input- and output-feature scales (see ScalingMixin)."""
+
+
+LAYERS = {
+    "flora": {nn.Conv1d: FLoRAConv1d, nn.Conv2d: FLoRAConv2d, nn.Conv3d: FLoRAConv3d, nn.Linear: FLoRALinear},
+    "liera": {nn.Conv1d: LieRAConv1d, nn.Conv2d: LieRAConv2d, nn.Conv3d: LieRAConv3d, nn.Linear: LieRALinear},
+    "ssl": {nn.Conv1d: SSLConv1d, nn.Conv2d: SSLConv2d, nn.Conv3d: SSLConv3d, nn.Linear: SSLLinear},
+    "ssb": {nn.Conv1d: SSBConv1d, nn.Conv2d: SSBConv2d, nn.Conv3d: SSBConv3d, nn.Linear: SSBLinear},
+}

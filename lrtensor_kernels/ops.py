@@ -1,0 +1,194 @@
+"""The adapted linear/convolution op and its dispatch to a backend.
+
+``adapted_op(x, W, bias, adapter) = op(x, W', bias)`` where ``op`` is ``F.linear`` for a
+weight of order 2 and an N-d convolution otherwise, and ``W' = combine(W, scale * delta)``
+as :mod:`lrtensor_kernels.methods` defines it (``W' - W`` when ``delta_only``).
+
+The fused path is the custom op ``lrtensor::adapted_op``. Its forward makes ``W'`` in one
+kernel launch and hands it to cuDNN/cuBLAS; its backward saves only ``x`` and the adapter
+tensors (the frozen ``W`` is referenced, not copied), recomputes ``W'`` for the input
+gradient, asks cuDNN/cuBLAS for the weight gradient only when an adapter tensor needs a
+gradient, and turns it into every adapter gradient in one projection pass.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backend, methods
+
+_KERNEL_MODULES = {"triton": "lrtensor_kernels.kernels.triton_transform"}
+
+
+def kernels_for(impl: str):
+    """The module implementing ``transform`` and ``project`` for a fused backend (imported on first use)."""
+    try:
+        return importlib.import_module(_KERNEL_MODULES[impl])
+    except KeyError:
+        raise ValueError(f"no fused kernels for backend {impl!r}; expected one of {tuple(_KERNEL_MODULES)}") from None
+
+
+_CONV = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}
+
+
+def base_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, dilation, groups: int) -> Tensor:
+    """``F.linear(x, W, bias)`` for a weight of order 2, else ``F.convNd`` with the given geometry."""
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    return _CONV[weight.dim()](x, weight, bias, stride, padding, dilation, groups)
+
+
+@torch.library.custom_op("lrtensor::adapted_op", mutates_args=())
+def adapted_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    adapter: list[Tensor],
+    math: str,
+    scale: float,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    delta_only: bool,
+    impl: str,
+) -> Tensor:
+    """``op(x, W', bias)`` with ``W'`` from the fused transform of backend ``impl``.
+
+    x: (N, C_in, *spatial) for convolutions, (M, in) for linear. weight: (out, in/groups, *k) or
+    (out, in). adapter: the tensors of ``methods.AdapterMath.from_key(math).delta``.
+    """
+    w_eff = kernels_for(impl).transform(weight, adapter, math, scale, delta_only)
+    return base_op(x, w_eff, bias, stride, padding, dilation, groups)
+
+
+@adapted_op.register_fake
+def _(x, weight, bias, adapter, math, scale, stride, padding, dilation, groups, delta_only, impl):
+    return base_op(x, weight, bias, stride, padding, dilation, groups)
+
+
+@torch.library.custom_op("lrtensor::adapted_op_backward", mutates_args=())
+def adapted_op_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    adapter: list[Tensor],
+    math: str,
+    scale: float,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    delta_only: bool,
+    impl: str,
+    need_input: bool,
+    need_bias: bool,
+    need_adapter: bool,
+) -> list[Tensor]:
+    """Gradients of ``adapted_op``: ``[grad_x if need_input] + [grad_bias if need_bias] +
+    (one gradient per adapter tensor if need_adapter)``."""
+    kernels = kernels_for(impl)
+    w_eff = kernels.transform(weight, adapter, math, scale, delta_only) if need_input else None
+    grad_x = grad_w = grad_b = None
+    if weight.dim() == 2:
+        if need_input:
+            grad_x = grad_out @ w_eff
+        if need_adapter:
+            grad_w = grad_out.t() @ x
+        if need_bias:
+            grad_b = grad_out.sum(0)
+    elif need_input or need_adapter or need_bias:
+        n = weight.dim() - 2
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out, x, w_eff if w_eff is not None else weight, [weight.shape[0]],
+            stride, padding, dilation, False, [0] * n, groups, [need_input, need_adapter, need_bias],
+        )
+    out = []
+    if need_input:
+        out.append(grad_x)
+    if need_bias:
+        out.append(grad_b)
+    if need_adapter:
+        out.extend(kernels.project(grad_w, weight, adapter, math, scale))
+    return out
+
+
+@adapted_op_backward.register_fake
+def _(grad_out, x, weight, adapter, math, scale, stride, padding, dilation, groups, delta_only, impl,
+      need_input, need_bias, need_adapter):
+    out = []
+    if need_input:
+        out.append(torch.empty_like(x))
+    if need_bias:
+        out.append(grad_out.new_empty(weight.shape[0]))
+    if need_adapter:
+        out.extend(torch.empty_like(t) for t in adapter)
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, adapter, math, scale, stride, padding, dilation, groups, delta_only, impl = inputs
+    ctx.save_for_backward(x, weight, *adapter)
+    ctx.config = (math, scale, stride, padding, dilation, groups, delta_only, impl)
+
+
+def _backward(ctx, grad_out):
+    x, weight, *adapter = ctx.saved_tensors
+    need_x, need_w, need_b, need_adapter = ctx.needs_input_grad[:4]
+    if need_w:
+        raise RuntimeError("the fused adapter op keeps the base weight frozen; use backend 'reference' to train it")
+    need_adapter = any(need_adapter)
+    grads = adapted_op_backward(grad_out, x, weight, adapter, *ctx.config, need_x, need_b, need_adapter)
+    grads = iter(grads)
+    grad_x = next(grads) if need_x else None
+    grad_b = next(grads) if need_b else None
+    grad_adapter = list(grads) if need_adapter else [None] * len(adapter)
+    # the structure must mirror the inputs', where an empty int list counts as an empty list
+    no_grad_lists = [[] if len(v) == 0 else None for v in ctx.config[2:5]]
+    return (grad_x, None, grad_b, grad_adapter, None, None, *no_grad_lists, None, None, None)
+
+
+adapted_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def adapted_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    adapter: Sequence[Tensor],
+    math: methods.AdapterMath,
+    scale: float,
+    geometry: tuple = ((), (), (), 1),
+    dropout: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """The adapted layer's output on the backend in force.
+
+    Without dropout (or in eval mode): ``op(x, W', bias)``. With dropout ``p > 0`` in training:
+    ``op(x, W, bias) + op(dropout(x), W' - W)``. ``geometry`` is ``(stride, padding, dilation,
+    groups)`` of a convolution (ignored for linear); ``x`` has its batch dimension (conv) or is
+    2-D (linear).
+    """
+    stride, padding, dilation, groups = geometry
+    impl = backend.resolve(weight.device)
+    if impl != "reference" and weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"backend {impl!r} keeps the base weight frozen, but it requires grad; "
+            "freeze it (inject does) or use backend 'reference'"
+        )
+
+    def adapted(inp, b, delta_only):
+        if impl == "reference":
+            w_eff = methods.effective_weight(weight, adapter, math, scale, delta_only)
+            return base_op(inp, w_eff, b, stride, padding, dilation, groups)
+        return adapted_op(inp, weight, b, list(adapter), math.key, float(scale), list(stride), list(padding),
+                          list(dilation), groups, delta_only, impl)
+
+    if dropout > 0 and training:
+        frozen = base_op(x, weight, bias, stride, padding, dilation, groups)
+        return frozen + adapted(F.dropout(x, dropout, True), None, True)
+    return adapted(x, bias, False)
