@@ -1,0 +1,90 @@
+"""An independent float64 oracle, written from the formulas (not from the package's code).
+
+dW for Tucker: dW[i_1..i_N] = sum_a G[a_1..a_N] prod_n U_n[i_n, a_n]  (one einsum)
+FLoRA   W' = W + s dW            LieRA  W' = W exp(s dW) | W (1 + s dW), dW = (B A).reshape | Tucker
+SSL     W' = W d_in              SSB    W' = d_out W d_in
+"""
+from __future__ import annotations
+
+import copy
+import string
+
+import torch
+from torch import nn
+
+import lrtensor_kernels as lk
+
+F64 = torch.float64
+
+
+def tucker64(core, factors):
+    n = core.dim()
+    letters = string.ascii_lowercase
+    rank_idx, dim_idx = letters[:n], letters[n:2 * n]
+    spec = rank_idx + "," + ",".join(d + r for d, r in zip(dim_idx, rank_idx)) + "->" + dim_idx
+    return torch.einsum(spec, core.to(F64), *[u.to(F64) for u in factors])
+
+
+def effective_weight64(layer, base=None) -> torch.Tensor:
+    """W' in float64 from a layer's parameters (``base`` overrides the base weight)."""
+    w = (layer.weight if base is None else base).detach().to(F64)
+    if isinstance(layer, lk.layers.FLoRAMixin):
+        return w + layer.scale * tucker64(layer.core, list(layer.factors))
+    if isinstance(layer, lk.layers.LieRAMixin):
+        if layer.delta == "tucker":
+            d = tucker64(layer.core, list(layer.factors))
+        else:
+            d = (layer.lora_B.to(F64) @ layer.lora_A.to(F64)).reshape(w.shape)
+        e = layer.scale * d
+        return w * torch.exp(e) if layer.mode == "exp" else w * (1 + e)
+    if isinstance(layer, (lk.layers.SSLMixin, lk.layers.SSBMixin)):
+        shape_in = (1, -1) + (1,) * (w.dim() - 2)
+        out = w * layer.in_scale.to(F64).reshape(shape_in)
+        if isinstance(layer, lk.layers.SSBMixin):
+            out = out * layer.out_scale.to(F64).reshape((-1,) + (1,) * (w.dim() - 1))
+        return out
+    raise TypeError(type(layer))
+
+
+def plain_twin(layer, weight, dtype=F64) -> nn.Module:
+    """A plain nn layer with ``layer``'s geometry holding ``weight`` and the layer's bias."""
+    base = layer._nn_base()
+    twin = base(**layer._base_kwargs(layer), dtype=dtype)
+    with torch.no_grad():
+        twin.weight.copy_(weight)
+        if layer.bias is not None:
+            twin.bias.copy_(layer.bias)
+    return twin
+
+
+def forward64(layer, x) -> torch.Tensor:
+    """The layer's output in float64 through plain nn (its own padding logic)."""
+    return plain_twin(layer, effective_weight64(layer))(x.to(F64))
+
+
+def randomize_adapter(layer, seed: int, std: float = 0.3):
+    """Random adapter tensors (a zero core hides every bug); scales near one for SSL/SSB."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            r = torch.randn(p.shape, generator=g, dtype=F64) * std
+            if isinstance(layer, lk.layers.ScalingMixin):
+                r = 1 + r
+            p.copy_(r.to(p.dtype))
+    return layer
+
+
+def rel_err(got, ref) -> float:
+    got, ref = got.detach().to(F64), ref.detach().to(F64)
+    assert torch.isfinite(got).all(), "non-finite values"
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def assert_accuracy(what, got, plain, ref, floor):
+    """The accuracy rule: err(got) <= 2 * err(plain PyTorch, same dtype) + floor, both vs float64."""
+    e_got, e_plain = rel_err(got, ref), rel_err(plain, ref)
+    assert e_got <= 2 * e_plain + floor, f"{what}: error {e_got:.3e} > 2 x plain {e_plain:.3e} + {floor:.0e}"
+
+
+def clone_layer(layer):
+    return copy.deepcopy(layer)
