@@ -26,8 +26,10 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 class AdapterLayer(nn.Module):
     """What every adapter layer shares: forward dispatch, input checks, merge/unmerge, naming.
 
-    Subclasses set ``adapter_method`` and implement ``_create_adapter(device)``,
-    ``adapter_tensors()``, ``adapter_math`` and ``scale``.
+    ``weight`` and ``bias`` keep the ``requires_grad`` flags they were made or handed over with;
+    ``inject`` and ``load_adapters`` freeze them. Subclasses set ``adapter_method`` and implement
+    ``_configure``, ``_create_adapter(device)``, ``adapter_tensors()``, ``adapter_config()``,
+    ``adapter_math`` and ``scale``.
     """
 
     adapter_method: str = ""
@@ -36,12 +38,18 @@ class AdapterLayer(nn.Module):
 
     # -- construction ------------------------------------------------------------------
     def _init_adapter(self, device, dropout: float, **config):
-        if not 0.0 <= float(dropout) < 1.0:
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise self._error(ValueError, f"dropout must be in [0, 1), got {dropout!r}")
         self.dropout = float(dropout)
         self._merged_base: Optional[torch.Tensor] = None
         self._configure(**config)
         self._create_adapter(device)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self._merged_base is not None:
+            self._merged_base = fn(self._merged_base)
+        return self
 
     @classmethod
     def _base_kwargs(cls, module: nn.Module) -> dict:
@@ -147,18 +155,22 @@ class AdapterLayer(nn.Module):
         self._check_input(x)
         if self.merged:
             return super().forward(x)
+        dropped = F.dropout(x, self.dropout, True) if self.dropout > 0 and self.training else None
         if self._is_linear():
-            lead = x.shape[:-1]
-            y = ops.adapted_forward(x.reshape(-1, x.shape[-1]), self.weight, self.bias, self.adapter_tensors(),
-                                    self.adapter_math, self.scale, dropout=self.dropout, training=self.training)
-            return y.reshape(*lead, y.shape[-1])
+            flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
+            y = ops.adapted_forward(flat(x), self.weight, self.bias, self.adapter_tensors(), self.adapter_math,
+                                    self.scale, dropped_x=flat(dropped))
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         unbatched = x.dim() == self.weight.dim() - 1
         if unbatched:
             x = x.unsqueeze(0)
+            dropped = None if dropped is None else dropped.unsqueeze(0)
         x, padding = self._conv_input(x)
+        if dropped is not None:
+            dropped, _ = self._conv_input(dropped)
         geometry = (list(self.stride), padding, list(self.dilation), self.groups)
         y = ops.adapted_forward(x, self.weight, self.bias, self.adapter_tensors(), self.adapter_math, self.scale,
-                                geometry, self.dropout, self.training)
+                                geometry, dropped)
         return y.squeeze(0) if unbatched else y
 
     # -- merge ------------------------------------------------------------------
@@ -209,7 +221,7 @@ def tucker_ranks(layer: AdapterLayer, ranks: Union[int, Sequence[int], None], de
     shape = tuple(layer.weight.shape)
     if ranks is None:
         ranks = default
-    if isinstance(ranks, int) and not isinstance(ranks, bool):
+    if not isinstance(ranks, (list, tuple)):
         _check_rank(layer, ranks, "ranks")
         ranks = (ranks, ranks) + tuple(min(k, 2) for k in shape[2:])
     else:

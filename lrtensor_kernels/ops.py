@@ -8,7 +8,9 @@ The fused path is the custom op ``lrtensor::adapted_op``. Its forward makes ``W'
 kernel launch and hands it to cuDNN/cuBLAS; its backward saves only ``x`` and the adapter
 tensors (the frozen ``W`` is referenced, not copied), recomputes ``W'`` for the input
 gradient, asks cuDNN/cuBLAS for the weight gradient only when an adapter tensor needs a
-gradient, and turns it into every adapter gradient in one projection pass.
+gradient, and turns it into every adapter gradient in one projection pass. A base weight that
+requires grad (not the adapter use case) gets ``grad W' * dW'/dW`` at the cost of one more
+weight-sized pass.
 """
 from __future__ import annotations
 
@@ -86,43 +88,57 @@ def adapted_op_backward(
     delta_only: bool,
     impl: str,
     need_input: bool,
+    need_weight: bool,
     need_bias: bool,
     need_adapter: bool,
 ) -> list[Tensor]:
-    """Gradients of ``adapted_op``: ``[grad_x if need_input] + [grad_bias if need_bias] +
-    (one gradient per adapter tensor if need_adapter)``."""
+    """Gradients of ``adapted_op``: ``[grad_x if need_input] + [grad_weight if need_weight] +
+    [grad_bias if need_bias] + (one gradient per adapter tensor if need_adapter)``."""
     kernels = kernels_for(impl)
     w_eff = kernels.transform(weight, adapter, math, scale, delta_only) if need_input else None
-    grad_x = grad_w = grad_b = None
+    need_grad_w_eff = need_adapter or need_weight
+    grad_x = grad_w_eff = grad_b = None
     if weight.dim() == 2:
         if need_input:
             grad_x = grad_out @ w_eff
-        if need_adapter:
-            grad_w = grad_out.t() @ x
+        if need_grad_w_eff:
+            grad_w_eff = grad_out.t() @ x
         if need_bias:
             grad_b = grad_out.sum(0)
-    elif need_input or need_adapter or need_bias:
+    elif need_input or need_grad_w_eff or need_bias:
         n = weight.dim() - 2
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_x, grad_w_eff, grad_b = torch.ops.aten.convolution_backward(
             grad_out, x, w_eff if w_eff is not None else weight, [weight.shape[0]],
-            stride, padding, dilation, False, [0] * n, groups, [need_input, need_adapter, need_bias],
+            stride, padding, dilation, False, [0] * n, groups, [need_input, need_grad_w_eff, need_bias],
         )
     out = []
     if need_input:
         out.append(grad_x)
+    if need_weight:
+        out.append(_base_weight_grad(kernels, grad_w_eff, weight, adapter, math, scale, delta_only))
     if need_bias:
         out.append(grad_b)
     if need_adapter:
-        out.extend(kernels.project(grad_w, weight, adapter, math, scale))
+        out.extend(kernels.project(grad_w_eff, weight, adapter, math, scale))
     return out
+
+
+def _base_weight_grad(kernels, grad_w_eff, weight, adapter, math, scale, delta_only):
+    """``grad W' * dW'/dW``: 1 (or 0 for ``W' - W``) for add; ``f(E)``, the transform of a weight
+    of ones, for the multiplicative rules ``W' = W * f(E)``."""
+    if methods.AdapterMath.from_key(math).combine == "add":
+        return torch.zeros_like(grad_w_eff) if delta_only else grad_w_eff
+    return grad_w_eff * kernels.transform(torch.ones_like(weight), adapter, math, scale, delta_only)
 
 
 @adapted_op_backward.register_fake
 def _(grad_out, x, weight, adapter, math, scale, stride, padding, dilation, groups, delta_only, impl,
-      need_input, need_bias, need_adapter):
+      need_input, need_weight, need_bias, need_adapter):
     out = []
     if need_input:
         out.append(torch.empty_like(x))
+    if need_weight:
+        out.append(torch.empty_like(weight))
     if need_bias:
         out.append(grad_out.new_empty(weight.shape[0]))
     if need_adapter:
@@ -139,17 +155,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     x, weight, *adapter = ctx.saved_tensors
     need_x, need_w, need_b, need_adapter = ctx.needs_input_grad[:4]
-    if need_w:
-        raise RuntimeError("the fused adapter op keeps the base weight frozen; use backend 'reference' to train it")
     need_adapter = any(need_adapter)
-    grads = adapted_op_backward(grad_out, x, weight, adapter, *ctx.config, need_x, need_b, need_adapter)
+    grads = adapted_op_backward(grad_out, x, weight, adapter, *ctx.config, need_x, need_w, need_b, need_adapter)
     grads = iter(grads)
     grad_x = next(grads) if need_x else None
+    grad_w = next(grads) if need_w else None
     grad_b = next(grads) if need_b else None
     grad_adapter = list(grads) if need_adapter else [None] * len(adapter)
     # the structure must mirror the inputs', where an empty int list counts as an empty list
     no_grad_lists = [[] if len(v) == 0 else None for v in ctx.config[2:5]]
-    return (grad_x, None, grad_b, grad_adapter, None, None, *no_grad_lists, None, None, None)
+    return (grad_x, grad_w, grad_b, grad_adapter, None, None, *no_grad_lists, None, None, None)
 
 
 adapted_op.register_autograd(_backward, setup_context=_setup_context)
@@ -163,23 +178,17 @@ def adapted_forward(
     math: methods.AdapterMath,
     scale: float,
     geometry: tuple = ((), (), (), 1),
-    dropout: float = 0.0,
-    training: bool = False,
+    dropped_x: Optional[Tensor] = None,
 ) -> Tensor:
     """The adapted layer's output on the backend in force.
 
-    Without dropout (or in eval mode): ``op(x, W', bias)``. With dropout ``p > 0`` in training:
-    ``op(x, W, bias) + op(dropout(x), W' - W)``. ``geometry`` is ``(stride, padding, dilation,
+    ``op(x, W', bias)``; or, given ``dropped_x`` (adapter dropout applied to the input),
+    ``op(x, W, bias) + op(dropped_x, W' - W)``. ``geometry`` is ``(stride, padding, dilation,
     groups)`` of a convolution (ignored for linear); ``x`` has its batch dimension (conv) or is
-    2-D (linear).
+    2-D (linear), and is already padded as the layer's padding mode asks.
     """
     stride, padding, dilation, groups = geometry
     impl = backend.resolve(weight.device)
-    if impl != "reference" and weight.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(
-            f"backend {impl!r} keeps the base weight frozen, but it requires grad; "
-            "freeze it (inject does) or use backend 'reference'"
-        )
 
     def adapted(inp, b, delta_only):
         if impl == "reference":
@@ -188,7 +197,6 @@ def adapted_forward(
         return adapted_op(inp, weight, b, list(adapter), math.key, float(scale), list(stride), list(padding),
                           list(dilation), groups, delta_only, impl)
 
-    if dropout > 0 and training:
-        frozen = base_op(x, weight, bias, stride, padding, dilation, groups)
-        return frozen + adapted(F.dropout(x, dropout, True), None, True)
+    if dropped_x is not None:
+        return base_op(x, weight, bias, stride, padding, dilation, groups) + adapted(dropped_x, None, True)
     return adapted(x, bias, False)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ._version import __version__
+from .layers import AdapterLayer
 from .surgery import _set_module, adapter_layers, adaptable_type, build_adapter, freeze_all_but_adapters
 
 TENSORS_FILE = "adapters.safetensors"
@@ -68,6 +69,10 @@ def load_adapters(model: nn.Module, directory: str) -> list:
         module = modules.get(name)
         if module is None:
             problems.append(f"layer '{name}': no such module in {type(model).__name__}")
+            continue
+        if adaptable_type(module) is None and not isinstance(module, AdapterLayer):
+            problems.append(f"layer '{name}': a {type(module).__name__} in the model, an adapted "
+                            f"{entry['module_type']} ({entry['method']}) in the file")
             continue
         if list(module.weight.shape) != entry["weight_shape"]:
             problems.append(f"layer '{name}': weight shape {list(module.weight.shape)} in the model, "

@@ -215,9 +215,15 @@ class _Operands:
         splits = max(1, min(row_tiles, programs // col_blocks))
         rows_per_program = triton.cdiv(row_tiles, splits) * block_o
         splits = triton.cdiv(self.out_rows, rows_per_program)
-        precision = "ieee" if weight_dtype in (torch.float32, torch.float64) else "tf32"
         return dict(grid=(col_blocks, splits), rows_per_program=rows_per_program, block_o=block_o,
-                    block_c=block_c, rank1=rank1, warps=warps, precision=precision)
+                    block_c=block_c, rank1=rank1, warps=warps)
+
+
+# tf32 products only where their rounding (2^-11 relative) stays below what plain PyTorch loses in
+# that dtype: the forward's only rounding is the store of W' (bfloat16: 2^-9), while the backward's
+# inputs (grad W' from cuDNN/cuBLAS) are already rounded to the 16-bit dtype.
+_FORWARD_PRECISION = {torch.bfloat16: "tf32"}
+_BACKWARD_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32"}
 
 
 def _check(weight: torch.Tensor, adapter: Sequence[torch.Tensor]):
@@ -241,8 +247,8 @@ def transform(weight: torch.Tensor, adapter: Sequence[torch.Tensor], math: str, 
     _transform_kernel[cfg["grid"]](
         weight, out, *ops.pointers(), ops.out_rows, ops.cols, ops.kernel_size, ops.rank1, ops.rank2,
         cfg["rows_per_program"], DELTA=_DELTA_CODE[spec.delta], COMBINE=_COMBINE_CODE[spec.combine],
-        DELTA_ONLY=delta_only, ACC=_TL_DTYPE[ops.acc], PRECISION=cfg["precision"], BLOCK_O=cfg["block_o"],
-        BLOCK_C=cfg["block_c"], RANK1=cfg["rank1"], num_warps=cfg["warps"],
+        DELTA_ONLY=delta_only, ACC=_TL_DTYPE[ops.acc], PRECISION=_FORWARD_PRECISION.get(weight.dtype, "ieee"),
+        BLOCK_O=cfg["block_o"], BLOCK_C=cfg["block_c"], RANK1=cfg["rank1"], num_warps=cfg["warps"],
     )
     return out
 
@@ -261,7 +267,8 @@ def project(grad_weight: torch.Tensor, weight: torch.Tensor, adapter: Sequence[t
         grad_weight.contiguous(), weight.contiguous(), *ops.pointers(), grad_left, grad_right,
         ops.out_rows, ops.cols, ops.kernel_size, ops.rank1, ops.rank2, cfg["rows_per_program"],
         DELTA=_DELTA_CODE[spec.delta], COMBINE=_COMBINE_CODE[spec.combine], ACC=_TL_DTYPE[ops.acc],
-        PRECISION=cfg["precision"], BLOCK_O=cfg["block_o"], BLOCK_C=cfg["block_c"], RANK1=cfg["rank1"],
+        PRECISION=_BACKWARD_PRECISION.get(weight.dtype, "ieee"), BLOCK_O=cfg["block_o"], BLOCK_C=cfg["block_c"],
+        RANK1=cfg["rank1"],
         num_warps=cfg["warps"],
     )
     grad_left = grad_left.sum(0)
