@@ -40,7 +40,7 @@ def make_adapter(key: str, shape, seed: int, dtype=torch.float32):
     delta = key.split(":")[0]
     if delta == "tucker":
         ranks = [min(d, r) for d, r in zip(shape, (6, 5, 2, 2, 2))]
-        tensors = [rnd(*ranks)] + [rnd(d, r) / math.sqrt(r) for d, r in zip(shape, ranks)]
+        tensors = [0.5 * rnd(*ranks)] + [rnd(d, r) / math.sqrt(r) for d, r in zip(shape, ranks)]
     elif delta == "lora":
         r = 3
         tensors = [rnd(shape[0], r) * 0.3, rnd(r, math.prod(shape[1:])) * 0.3]
@@ -100,7 +100,7 @@ def test_transform_matches_oracle(key, shape_name, dtype, delta_only, poisoned_b
     assert got.dtype == dtype and got.shape == weight.shape
     plain = methods.effective_weight(weight, adapter, methods.AdapterMath.from_key(math_key(key)), scale, delta_only)
     ref = oracle_weight(key, weight, adapter, scale, delta_only)
-    assert_accuracy(f"W' {key} {shape_name} {dtype}", got, plain, ref, FLOOR[dtype])
+    assert_accuracy(f"W' {key} {shape_name} {dtype} seed {seed}", got, plain, ref, FLOOR[dtype])
 
 
 def test_transform_writes_into_given_buffer():
@@ -137,10 +137,11 @@ def test_project_matches_oracle(key, shape_name, dtype, poisoned_buffers):
     got = tt.project(grad, weight, adapter, math_key(key), scale)
     ref = _oracle_grads(key, weight, adapter, scale, grad)
     plain = _plain_grads(key, weight, adapter, scale, grad)
+    magnitude = _oracle_grads(key, weight.abs(), [t.abs() for t in adapter], scale, grad.abs())
     assert len(got) == len(adapter)
-    for i, (g, p, r, t) in enumerate(zip(got, plain, ref, adapter)):
+    for i, (g, p, r, m, t) in enumerate(zip(got, plain, ref, magnitude, adapter)):
         assert g.shape == t.shape and g.dtype == t.dtype
-        assert_accuracy(f"grad[{i}] {key} {shape_name} {dtype}", g, p, r, FLOOR[dtype])
+        assert_accuracy(f"grad[{i}] {key} {shape_name} {dtype} seed {seed}", g, p, r, FLOOR[dtype], m)
 
 
 @pytest.mark.parametrize("key", ["tucker:add", "lora:exp", "scales_out:mul"])

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lrtensor_kernels as lk
-from oracle import F64, assert_accuracy, effective_weight64, plain_twin, randomize_adapter
+from oracle import F64, assert_accuracy, effective_weight64, plain_twin, randomize_adapter, rel_err
 
 pytest.importorskip("triton")
 
@@ -135,7 +135,7 @@ def test_trainable_bias_gets_its_gradient():
         with lk.use_backend(backend):
             layer(x).square().sum().backward()
         grads.append(layer.bias.grad)
-    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    assert rel_err(grads[1], grads[0]) < 1e-5
 
 
 def test_no_adapter_gradient_skips_weight_gradient(monkeypatch):
@@ -198,10 +198,22 @@ def test_no_weight_sized_tensor_saved_for_backward(name):
     assert any(t.numel() >= n and t.data_ptr() != layer.weight.data_ptr() for t in saved_ref)
 
 
-def test_base_weight_requiring_grad_is_refused():
-    layer = lk.FLoRALinear(8, 4).to(DEVICE)
-    with lk.use_backend("triton"), pytest.raises(RuntimeError, match="keeps the base weight frozen"):
-        layer(torch.randn(2, 8, device=DEVICE))
+@pytest.mark.parametrize("name", ["flora_conv2d_groups", "liera_exp_conv2d", "liera_first_order_depthwise",
+                                  "ssb_linear"])
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_trainable_base_weight_gets_its_gradient(name, dropout):
+    layer = _build(name, torch.float32, 12)
+    layer.weight.requires_grad_(True)
+    layer.dropout = dropout
+    x = _input(layer, torch.float32, 13)
+    grads = []
+    for backend in ("reference", "triton"):
+        layer.weight.grad = None
+        torch.manual_seed(3)
+        with lk.use_backend(backend):
+            layer(x).square().sum().backward()
+        grads.append(layer.weight.grad)
+    assert rel_err(grads[1], grads[0]) < 1e-5
 
 
 def test_auto_backend_resolution(monkeypatch):
@@ -254,9 +266,9 @@ def test_compile_fullgraph_has_no_graph_break():
         compiled = torch.compile(model, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
         out = compiled(x)
         out.sum().backward()
-    assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
+    assert rel_err(out, eager) < 1e-6
     for g, e in zip([p.grad for p in model.parameters() if p.requires_grad], eager_grads):
-        assert torch.allclose(g, e, rtol=1e-5, atol=1e-6)
+        assert rel_err(g, e) < 1e-5
 
 
 @pytest.mark.gpu
