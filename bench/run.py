@@ -1,0 +1,321 @@
+"""Benchmark of the lrtensor_kernels adapter layers against plain and LoRA baselines.
+
+Run from the repository root: ``python -m bench.run`` (or ``python bench/run.py``); ``--help``
+lists the options, bench/README.md explains the columns.
+
+Exit status: 0 on success; 1 if ``--verify`` found a mismatch; 2 if nothing ran (no timing row and
+no verify check succeeded).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+import lrtensor_kernels as lk
+from bench import report, suite, timing, verify
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_OUT = BENCH_DIR / "out" / "results.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# (warmup, repeats) per mode; --quick uses the second pair
+RUNS = {"cpu": ((3, 10), (1, 5)), "cuda": ((10, 20), (5, 20))}
+INTERPRETED_TRITON_SHAPES = 3  # on the CPU with TRITON_INTERPRET=1, the triton check runs on this many smallest shapes
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", help="comma-separated substrings; run the shapes whose name contains any")
+    parser.add_argument("--providers", help="comma-separated substrings; run the providers whose name contains "
+                        "any (frozen always runs: every ratio is to it)")
+    parser.add_argument("--quick", action="store_true", help="one shape per family and fewer runs")
+    parser.add_argument("--verify", action="store_true", help="check every provider against its oracle, then time")
+    parser.add_argument("--verify-only", action="store_true", help="check, do not time")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA when available, else the CPU with scaled-down shapes")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of weights and inputs")
+    parser.add_argument("--warmup", type=int, help="untimed steps before timing (default: by mode)")
+    parser.add_argument("--repeats", type=int, help="timed steps; the median is reported (default: by mode)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU mode: torch threads (default 1: steadier "
+                        "timings than OpenMP threads competing with other processes)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file; the plot goes next to it (.png)")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the ratio plot")
+    parser.add_argument("--list", action="store_true", help="list the selected shapes and providers, then exit")
+    args = parser.parse_args(argv)
+    if args.warmup is not None and args.warmup < 0 or args.repeats is not None and args.repeats < 1:
+        parser.error("--warmup must be >= 0 and --repeats >= 1")
+    return args
+
+
+def _patterns(text):
+    return [p for p in text.split(",") if p] if text else None
+
+
+def choose_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(requested)
+
+
+def opening_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"Running on CUDA ({torch.cuda.get_device_name(device)}): full-size shapes."
+    reason = "No CUDA device" if not torch.cuda.is_available() else "--device cpu"
+    return (f"{reason}: running the CPU reference path with scaled-down shapes ({suite.CPU_SCALING_NOTE}); "
+            "these are CPU timings of small layers, not a prediction of GPU times.")
+
+
+def _package_version(name: str):
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_state() -> dict:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def warn_if_busy() -> None:
+    """Prints a note when other processes already load the CPUs (timings will be noisy)."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores - torch.get_num_threads() + 0.5:
+        print(f"note: the machine is busy (1-minute load average {load:.1f} on {cores} cores); "
+              "CPU timings will be noisy.")
+
+
+def environment(device: torch.device, args, warmup: int, repeats: int) -> dict:
+    """What the JSON records about the machine, the software and the run's settings."""
+    meta = {
+        "mode": device.type,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "torch": torch.__version__,
+        "triton": _package_version("triton"),
+        "lrtensor_kernels": lk.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "load_average_at_start": round(os.getloadavg()[0], 2),
+        "dtype": args.dtype,
+        "timer": timing.clock_for(device).name,
+        "warmup": warmup,
+        "repeats": repeats,
+        "statistic": "median",
+        "shape_scaling": "none (full size)" if device.type == "cuda" else suite.CPU_SCALING_NOTE,
+        "memory": ("torch.cuda.max_memory_allocated over one fwd+bwd after reset_peak_memory_stats"
+                   if device.type == "cuda" else "not measured on the CPU"),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "git": _git_state(),
+        "command": sys.argv,
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        meta.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+                    tf32={"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32})
+    return meta
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _error_text(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:160]
+
+
+def measure(shape: suite.Shape, name: str, setup, ctx: suite.Context, inputs: tuple, warmup: int,
+            repeats: int) -> report.Row:
+    """Times one provider on one shape; any exception becomes the row's error (or skip) note."""
+    row = report.Row(shape.name, name)
+    failure = ("error", "")
+    try:
+        prepared = setup(shape, ctx)
+        failure = prepared.failure
+        step = timing.Step(prepared.forward, *inputs, prepared.trainable)
+        times = timing.time_step(step, timing.clock_for(ctx.device), warmup, repeats)
+        row.ms, row.samples_ms = times.medians(), asdict(times)
+        row.memory_mib = timing.peak_memory_mib(step, ctx.device)
+        row.trainable_params = sum(t.numel() for t in prepared.trainable)
+    except suite.ProviderUnavailable as exc:
+        row.status, row.note = "skipped", str(exc)
+    except Exception as exc:  # one provider failing on one shape must not stop the run
+        row.status, row.note = failure[0], failure[1] + _error_text(exc)
+        row.traceback = traceback.format_exc()
+        row.ms = {}
+    finally:
+        prepared = step = None  # drop the layer before freeing memory for the next provider
+        release_memory(ctx.device)
+    return row
+
+
+def check(shape: suite.Shape, name: str, setup, ctx: suite.Context, inputs: tuple) -> verify.Check:
+    """Verifies one provider on one shape; an exception becomes the check's error (or skip) note."""
+    failure = ("error", "")
+    try:
+        prepared = setup(shape, ctx)
+        failure = prepared.failure
+        with verify.exact_float32(ctx.device):
+            return verify.check_provider(shape.name, name, prepared, *inputs, ctx.dtype)
+    except suite.ProviderUnavailable as exc:
+        return verify.Check(shape.name, name, "-", "skipped", note=str(exc))
+    except Exception as exc:
+        return verify.Check(shape.name, name, "-", failure[0], note=failure[1] + _error_text(exc))
+    finally:
+        prepared = None
+        release_memory(ctx.device)
+
+
+def verify_plan(shapes: list, providers: dict, device: torch.device) -> list:
+    """(shape, providers) pairs to verify: every selected provider on every shape; on the CPU under
+    TRITON_INTERPRET=1 also the triton providers, on the smallest shapes only."""
+    plan = [(shape, providers) for shape in shapes]
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            smallest = sorted(shapes, key=suite.Shape.weight_numel)[:INTERPRETED_TRITON_SHAPES]
+            print(f"TRITON_INTERPRET=1: the triton providers are checked (not timed) on the "
+                  f"{len(smallest)} smallest shapes.")
+            plan = [(shape, {**p, **suite.triton_providers()} if shape in smallest else p) for shape, p in plan]
+        else:
+            print("The triton providers are not run on the CPU (set TRITON_INTERPRET=1 to check them "
+                  "on the smallest shapes).")
+    return plan
+
+
+def run_verify(shapes: list, providers: dict, ctx: suite.Context) -> list:
+    print("\n== verify: every provider against its oracle (relative errors) ==")
+    checks = []
+    for shape, shape_providers in verify_plan(shapes, providers, ctx.device):
+        inputs = suite.make_inputs(shape, ctx)
+        for name, setup in shape_providers.items():
+            checks.append(check(shape, name, setup, ctx, inputs))
+            print(verify.format_check(checks[-1]), flush=True)
+    mismatches = sum(c.status == "MISMATCH" for c in checks)
+    print(f"verify: {sum(c.status == 'ok' for c in checks)} ok, {mismatches} mismatches, "
+          f"{sum(c.status == 'error' for c in checks)} errors, {sum(c.status == 'skipped' for c in checks)} skipped")
+    return checks
+
+
+def run_timing(shapes: list, providers: dict, ctx: suite.Context, warmup: int, repeats: int, save) -> list:
+    """Every provider on every shape, one row each, printed as it is measured; ``save(rows)`` after each shape."""
+    print(f"\n== timing: median of {repeats} runs after {warmup} warm-up runs ==")
+    print(report.table_header())
+    rows = []
+    for shape in shapes:
+        print(f"# {shape.name}: {shape.describe()}", flush=True)
+        inputs = suite.make_inputs(shape, ctx)
+        floor = None
+        for name, setup in providers.items():
+            row = measure(shape, name, setup, ctx, inputs, warmup, repeats)
+            floor = row if name == suite.FLOOR else floor
+            row.set_ratios(floor)
+            rows.append(row)
+            print(report.format_row(row), flush=True)
+        inputs = None
+        release_memory(ctx.device)
+        save(rows)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = choose_device(args.device)
+    print(opening_line(device), flush=True)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+        warn_if_busy()
+    started = time.perf_counter()
+    ctx = suite.Context(device, DTYPES[args.dtype])
+    full_shapes = suite.select_shapes(_patterns(args.shapes), args.quick)
+    shapes = full_shapes if device.type == "cuda" else [suite.scaled_for_cpu(s) for s in full_shapes]
+    providers = suite.select_providers(suite.providers_for(device), _patterns(args.providers))
+    warmup, repeats = RUNS[device.type][args.quick]
+    warmup = warmup if args.warmup is None else args.warmup
+    repeats = repeats if args.repeats is None else args.repeats
+    if args.list:
+        for shape in shapes:
+            print(f"{shape.name:<34} {shape.describe()}")
+        print("providers:", ", ".join(providers))
+        return 0
+    if not shapes:
+        print("no shape matches --shapes")
+        return 2
+
+    meta = environment(device, args, warmup, repeats)
+    shape_records = [{"name": s.name, "full_size": asdict(f), "measured": asdict(s), "description": s.describe()}
+                     for f, s in zip(full_shapes, shapes)]
+    checks, rows = [], []
+
+    def save(current_rows):
+        meta["wall_s"] = round(time.perf_counter() - started, 1)
+        report.write_json(args.out, meta, shape_records, current_rows, checks)
+
+    if args.verify or args.verify_only:
+        checks = run_verify(shapes, providers, ctx)
+        save(rows)
+    if not args.verify_only:
+        rows = run_timing(shapes, providers, ctx, warmup, repeats, save)
+    save(rows)
+    return finish(args, device, meta, rows, checks, started)
+
+
+def finish(args, device: torch.device, meta: dict, rows: list, checks: list, started: float) -> int:
+    """Markdown table, plot, summary lines and the exit status."""
+    if rows:
+        markdown = args.out.with_suffix(".md")
+        markdown.write_text(report.markdown_table(rows, meta))
+        print(f"markdown table: {markdown}")
+    if rows and not args.no_plot:
+        mode = "CUDA, full-size shapes" if device.type == "cuda" else "CPU, scaled-down shapes"
+        plot = report.plot_ratios(rows, args.out.with_suffix(".png"), f"fwd+bwd time relative to frozen ({mode})")
+        if plot:
+            print(f"plot: {plot}")
+    counts = {status: sum(r.status == status for r in rows) for status in ("ok", "error", "skipped")}
+    measured = "timing skipped (--verify-only)" if args.verify_only else (
+        f"{counts['ok']} rows measured, {counts['error']} errors, {counts['skipped']} skipped")
+    print(f"\n{measured}; results: {args.out}; {time.perf_counter() - started:.0f} s")
+    if any(c.status == "MISMATCH" for c in checks):
+        print("verify found a mismatch")
+        return 1
+    if counts["ok"] == 0 and not any(c.status == "ok" for c in checks):
+        print("nothing ran")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""The shape suite and the providers the benchmark compares.
+
+A *shape* is one layer of a real network (a Conv2d or a Linear, with its batch and input
+size). A *provider* is one way to train that layer: a setup function that builds it on a
+device and returns a :class:`Prepared` (the forward to time, the tensors it trains, and an
+``oracle`` that computes the same function by another route, used by ``--verify``).
+
+Nothing here touches CUDA at import time.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+import lrtensor_kernels as lk
+from lrtensor_kernels.backend import triton_available, triton_interpreted
+from lrtensor_kernels.layers import LAYERS
+from lrtensor_kernels.ops import base_op
+
+# ---------------------------------------------------------------------------------------------
+# shapes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One layer to benchmark. ``batch`` counts images (conv) or tokens (linear); ``size`` is the
+    input height = width of a convolution."""
+
+    name: str
+    kind: str  # "conv2d" or "linear"
+    in_features: int
+    out_features: int
+    batch: int
+    size: int = 0
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    groups: int = 1
+    bias: bool = False
+
+    def input_shape(self) -> tuple:
+        if self.kind == "linear":
+            return (self.batch, self.in_features)
+        return (self.batch, self.in_features, self.size, self.size)
+
+    def output_size(self) -> int:
+        return (self.size + 2 * self.padding - self.kernel) // self.stride + 1
+
+    def output_shape(self) -> tuple:
+        if self.kind == "linear":
+            return (self.batch, self.out_features)
+        return (self.batch, self.out_features, self.output_size(), self.output_size())
+
+    def weight_numel(self) -> int:
+        return self.out_features * (self.in_features // self.groups) * self.kernel ** 2
+
+    def geometry(self) -> tuple:
+        """``(stride, padding, dilation, groups)`` as :func:`lrtensor_kernels.ops.base_op` takes them."""
+        if self.kind == "linear":
+            return [], [], [], 1
+        return [self.stride] * 2, [self.padding] * 2, [1, 1], self.groups
+
+    def describe(self) -> str:
+        bias = ", bias" if self.bias else ""
+        if self.kind == "linear":
+            return f"Linear {self.in_features}->{self.out_features}{bias} on {self.batch} tokens"
+        groups = f" g{self.groups}" if self.groups > 1 else ""
+        batch, channels, height, width = self.input_shape()
+        return (f"Conv2d {self.in_features}->{self.out_features} k{self.kernel} s{self.stride} "
+                f"p{self.padding}{groups}{bias} on {batch}x{channels}x{height}x{width}")
+
+
+def conv(name, in_ch, out_ch, size, batch, kernel=3, stride=1, padding=None, groups=1, bias=False) -> Shape:
+    """A Conv2d shape; ``padding`` defaults to ``kernel // 2``."""
+    padding = kernel // 2 if padding is None else padding
+    return Shape(name, "conv2d", in_ch, out_ch, batch, size, kernel, stride, padding, groups, bias)
+
+
+def linear(name, in_f, out_f, tokens, bias=False) -> Shape:
+    return Shape(name, "linear", in_f, out_f, tokens, bias=bias)
+
+
+def _llama_linears(tokens: int) -> list:
+    return [linear(f"linear/{i}-{o}_t{tokens}", i, o, tokens)
+            for i, o in ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 1024))]
+
+
+SUITE = [
+    # ResNet-50 (no conv bias), batch 64
+    conv("resnet50/3x3_64-64_56", 64, 64, 56, 64),
+    conv("resnet50/1x1_64-256_56", 64, 256, 56, 64, kernel=1),
+    conv("resnet50/3x3s2_128-128_56", 128, 128, 56, 64, stride=2),
+    conv("resnet50/3x3_256-256_14", 256, 256, 14, 64),
+    conv("resnet50/3x3_512-512_7", 512, 512, 7, 64),
+    conv("resnet50/1x1s2_1024-2048_14", 1024, 2048, 14, 64, kernel=1, stride=2),
+    # ConvNeXt-T, batch 64
+    conv("convnext_t/stem_3-96_k4s4_224", 3, 96, 224, 64, kernel=4, stride=4, padding=0, bias=True),
+    conv("convnext_t/dw7x7_96_56", 96, 96, 56, 64, kernel=7, groups=96, bias=True),
+    conv("convnext_t/dw7x7_384_14", 384, 384, 14, 64, kernel=7, groups=384, bias=True),
+    conv("convnext_t/down_192-384_k2s2_28", 192, 384, 28, 64, kernel=2, stride=2, padding=0, bias=True),
+    # Stable Diffusion 1.5 UNet, batch 4
+    conv("sd15_unet/3x3_320-320_64", 320, 320, 64, 4, bias=True),
+    conv("sd15_unet/3x3_1280-1280_16", 1280, 1280, 16, 4, bias=True),
+    conv("sd15_unet/3x3_2560-1280_8", 2560, 1280, 8, 4, bias=True),
+    conv("sd15_unet/3x3_1920-640_32", 1920, 640, 32, 4, bias=True),
+    conv("sd15_unet/3x3_960-320_64", 960, 320, 64, 4, bias=True),
+    # Linear: LLaMA-7B projections at 4096 and 16384 tokens, ConvNeXt-T MLP at 64 x 14 x 14 tokens
+    *_llama_linears(4096),
+    *_llama_linears(16384),
+    linear("linear/384-1536_t12544", 384, 1536, 12544, bias=True),
+]
+
+# The CPU variant of every shape (one step of any provider within ~50 ms on one CPU thread):
+# conv channels / 4 (never below 3, never above the original), spatial size / 2 (never below the
+# kernel), batch 2; linear features / 8, 64 tokens.
+CPU_CHANNEL_DIVISOR = 4
+CPU_FEATURE_DIVISOR = 8
+CPU_SPATIAL_DIVISOR = 2
+CPU_BATCH = 2
+CPU_TOKENS = 64
+CPU_SCALING_NOTE = (f"conv channels / {CPU_CHANNEL_DIVISOR}, spatial size / {CPU_SPATIAL_DIVISOR}, "
+                    f"batch {CPU_BATCH}; linear features / {CPU_FEATURE_DIVISOR}, {CPU_TOKENS} tokens")
+
+
+def _divided(channels: int, divisor: int) -> int:
+    return max(min(channels, 3), channels // divisor)
+
+
+def scaled_for_cpu(shape: Shape) -> Shape:
+    """The same layer with fewer channels, a smaller input and a small batch (see CPU_SCALING_NOTE)."""
+    if shape.kind == "linear":
+        return replace(shape, in_features=_divided(shape.in_features, CPU_FEATURE_DIVISOR),
+                       out_features=_divided(shape.out_features, CPU_FEATURE_DIVISOR), batch=CPU_TOKENS)
+    in_ch = _divided(shape.in_features, CPU_CHANNEL_DIVISOR)
+    out_ch = _divided(shape.out_features, CPU_CHANNEL_DIVISOR)
+    if shape.groups not in (1, shape.in_features):
+        raise ValueError(f"{shape.name}: only dense or depthwise convolutions can be scaled")
+    groups = 1 if shape.groups == 1 else in_ch
+    size = max(shape.kernel, math.ceil(shape.size / CPU_SPATIAL_DIVISOR))
+    return replace(shape, in_features=in_ch, out_features=out_ch, groups=groups, size=size, batch=CPU_BATCH)
+
+
+QUICK_SHAPES = ("resnet50/3x3_64-64_56", "convnext_t/dw7x7_96_56", "sd15_unet/3x3_320-320_64",
+                "linear/4096-4096_t4096")
+
+
+def select_shapes(patterns: Optional[list], quick: bool) -> list:
+    """The suite, filtered by name substrings (any matches) and, with ``quick``, to one shape per family."""
+    shapes = [s for s in SUITE if not quick or s.name in QUICK_SHAPES]
+    if patterns:
+        shapes = [s for s in shapes if any(p in s.name for p in patterns)]
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# providers
+# ---------------------------------------------------------------------------------------------
+
+METHODS = ("flora", "liera", "ssl", "ssb")
+LORA_RANK = 8  # the rank of the LoRA baseline and of LieRA's lora delta
+LORA_ALPHA = 8.0
+METHOD_OPTIONS = {
+    "flora": {},  # package defaults: conv ranks (16, 16, 2, 2), scale 4; linear ranks (8, 8), scale 2
+    "liera": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "mode": "exp", "delta": "lora"},
+    "ssl": {},
+    "ssb": {},
+}
+ADAPTER_NOISE_STD = 0.05  # added to every adapter tensor, so that no delta is zero and no scale is one
+
+
+class ProviderUnavailable(Exception):
+    """The provider cannot run here (reported as a skipped row, not as an error)."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where and how the layers are built."""
+
+    device: torch.device
+    dtype: torch.dtype
+    seed: int = 0
+
+
+@dataclass
+class Prepared:
+    """One provider's layer on one shape.
+
+    ``forward(x)`` is what is timed (the backward is autograd from its output); ``trainable`` are
+    the tensors that receive gradients besides the input; ``oracle(x)`` computes the same function
+    from the same tensors by another route; ``failure`` is the row status and note prefix given to an
+    exception raised while running (``("skipped", ...)`` where it means the provider is not usable here)."""
+
+    forward: Callable[[Tensor], Tensor]
+    trainable: list
+    oracle: Optional[Callable[[Tensor], Tensor]] = None
+    oracle_name: str = ""
+    failure: tuple = ("error", "")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Runs the block with the CPU generator seeded with ``seed``, then restores its state (CUDA untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def make_inputs(shape: Shape, ctx: Context) -> tuple:
+    """The input (requires grad, as inside a network) and the output gradient of one shape."""
+    generator = torch.Generator().manual_seed(ctx.seed + 1)
+    x = torch.randn(shape.input_shape(), generator=generator).to(ctx.device, ctx.dtype)
+    grad_out = torch.randn(shape.output_shape(), generator=generator).to(ctx.device, ctx.dtype)
+    return x.requires_grad_(True), grad_out
+
+
+def base_module(shape: Shape, ctx: Context) -> nn.Module:
+    """The plain nn layer of ``shape``, initialised from ``ctx.seed`` (the same weights for every provider)."""
+    with _seeded(ctx.seed):
+        if shape.kind == "linear":
+            module = nn.Linear(shape.in_features, shape.out_features, bias=shape.bias)
+        else:
+            module = nn.Conv2d(shape.in_features, shape.out_features, shape.kernel, shape.stride, shape.padding,
+                               groups=shape.groups, bias=shape.bias)
+    return module.to(ctx.device, ctx.dtype)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+@torch.no_grad()
+def perturb(params: list, ctx: Context) -> list:
+    """Adds N(0, ADAPTER_NOISE_STD^2) noise (seeded, drawn on the CPU) to every tensor in ``params``."""
+    generator = torch.Generator().manual_seed(ctx.seed + 2)
+    for p in params:
+        p.add_(ADAPTER_NOISE_STD * torch.randn(p.shape, generator=generator).to(p.device, p.dtype))
+    return params
+
+
+def functional_forward(shape: Shape, weight_of: Callable[[], Tensor], bias: Optional[Tensor]):
+    """``x -> base_op(x, weight_of(), bias)`` with the geometry of ``shape``."""
+    stride, padding, dilation, groups = shape.geometry()
+
+    def forward(x: Tensor) -> Tensor:
+        return base_op(x, weight_of(), bias, stride, padding, dilation, groups)
+
+    return forward
+
+
+def on_backend(module: nn.Module, backend: str) -> Callable[[Tensor], Tensor]:
+    """``x -> module(x)`` with the lrtensor_kernels backend set to ``backend`` for the call."""
+
+    def forward(x: Tensor) -> Tensor:
+        with lk.use_backend(backend):
+            return module(x)
+
+    return forward
+
+
+def setup_frozen(shape: Shape, ctx: Context) -> Prepared:
+    """Plain nn layer with weight and bias frozen: the backward computes only the input gradient (the floor)."""
+    layer = freeze(base_module(shape, ctx))
+    return Prepared(layer, [], functional_forward(shape, lambda: layer.weight, layer.bias), "functional op")
+
+
+def setup_full_ft(shape: Shape, ctx: Context) -> Prepared:
+    """Plain nn layer with weight and bias trainable: full fine-tuning."""
+    layer = base_module(shape, ctx)
+    return Prepared(layer, list(layer.parameters()),
+                    functional_forward(shape, lambda: layer.weight, layer.bias), "functional op")
+
+
+class PlainLoRA(nn.Module):
+    """LoRA in plain PyTorch, built as PEFT builds it: ``base(x) + scaling * B(A(x))``, ``scaling = alpha / r``.
+
+    Linear: A = Linear(in, r), B = Linear(r, out). Conv: A = a k x k Conv2d from the input channels
+    down to r channels with the base layer's stride, padding and dilation (dense, also for a grouped
+    base), B = a 1x1 Conv2d up to the output channels. No bias, no dropout; base frozen; weights in the
+    base layer's dtype."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float):
+        super().__init__()
+        self.base = freeze(base)
+        options = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        if isinstance(base, nn.Linear):
+            self.lora_A = nn.Linear(base.in_features, rank, **options)
+            self.lora_B = nn.Linear(rank, base.out_features, **options)
+        else:
+            self.lora_A = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                    base.dilation, **options)
+            self.lora_B = nn.Conv2d(rank, base.out_channels, 1, **options)
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / rank
+
+    def adapter_parameters(self) -> list:
+        return [self.lora_A.weight, self.lora_B.weight]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+    def merged_forward(self, x: Tensor) -> Tensor:
+        """The same function with ``scaling * B @ A`` folded into one dense kernel: base op plus delta op."""
+        base = self.base
+        delta = self.scaling * (self.lora_B.weight.flatten(1) @ self.lora_A.weight.flatten(1))
+        delta = delta.reshape(base.weight.shape[0], -1, *base.weight.shape[2:])
+        if isinstance(base, nn.Linear):
+            return base_op(x, base.weight, base.bias, [], [], [], 1) + base_op(x, delta, None, [], [], [], 1)
+        frozen = base_op(x, base.weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
+        return frozen + base_op(x, delta, None, base.stride, base.padding, base.dilation, 1)
+
+
+def setup_peft_lora(shape: Shape, ctx: Context) -> Prepared:
+    """The LoRA baseline (:class:`PlainLoRA`, rank LORA_RANK) with randomised A and B."""
+    with _seeded(ctx.seed + 3):
+        lora = PlainLoRA(base_module(shape, ctx), LORA_RANK, LORA_ALPHA)
+    return Prepared(lora, perturb(lora.adapter_parameters(), ctx), lora.merged_forward, "merged LoRA weight")
+
+
+def adapter_layer(shape: Shape, ctx: Context, method: str) -> lk.AdapterLayer:
+    """The lrtensor_kernels layer of ``method`` around the frozen base layer, adapter tensors randomised."""
+    base = freeze(base_module(shape, ctx))
+    with _seeded(ctx.seed + 3):
+        layer = LAYERS[method][type(base)].from_module(base, **METHOD_OPTIONS[method])
+    perturb(layer.adapter_parameters(), ctx)
+    return layer
+
+
+def setup_reference(shape: Shape, ctx: Context, method: str) -> Prepared:
+    """The adapter layer on backend "reference" (plain-PyTorch math under autograd)."""
+    layer = adapter_layer(shape, ctx, method)
+    oracle = functional_forward(shape, layer.effective_weight, layer.bias)
+    return Prepared(on_backend(layer, "reference"), layer.adapter_parameters(), oracle, "functional op on W'")
+
+
+def require_triton(device: torch.device) -> None:
+    if not triton_available():
+        raise ProviderUnavailable("triton is not installed")
+    if device.type != "cuda" and not triton_interpreted():
+        raise ProviderUnavailable("triton needs CUDA, or TRITON_INTERPRET=1 on the CPU")
+
+
+def setup_triton(shape: Shape, ctx: Context, method: str) -> Prepared:
+    """The adapter layer on backend "triton" (fused weight transform and backward projection)."""
+    require_triton(ctx.device)
+    layer = adapter_layer(shape, ctx, method)
+    return Prepared(on_backend(layer, "triton"), layer.adapter_parameters(), on_backend(layer, "reference"),
+                    f"{method}_reference")
+
+
+def setup_compiled(shape: Shape, ctx: Context, method: str) -> Prepared:
+    """``torch.compile`` (static shapes, fresh cache) of the adapter layer on backend "reference".
+
+    Compilation happens on the first call, i.e. in the warm-up; a failure there skips the row."""
+    layer = adapter_layer(shape, ctx, method)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, dynamic=False)
+    return Prepared(on_backend(compiled, "reference"), layer.adapter_parameters(), on_backend(layer, "reference"),
+                    f"{method}_reference", failure=("skipped", "torch.compile failed: "))
+
+
+BASELINE_PROVIDERS = {"frozen": setup_frozen, "full_ft": setup_full_ft, "peft_lora": setup_peft_lora}
+ADAPTER_ROUTES = {"reference": setup_reference, "triton": setup_triton, "compiled": setup_compiled}
+CPU_ROUTES = ("reference",)
+FLOOR = "frozen"
+
+
+def providers_for(device: torch.device) -> dict:
+    """Provider name -> setup function, in table order: the baselines, then every method on every
+    route this device runs (CPU: reference only; CUDA: reference, triton, compiled)."""
+    routes = ADAPTER_ROUTES if device.type == "cuda" else {r: ADAPTER_ROUTES[r] for r in CPU_ROUTES}
+    providers = dict(BASELINE_PROVIDERS)
+    for method in METHODS:
+        for route, setup in routes.items():
+            providers[f"{method}_{route}"] = functools.partial(setup, method=method)
+    return providers
+
+
+def triton_providers() -> dict:
+    """The "<method>_triton" providers alone (verified on the CPU under TRITON_INTERPRET=1)."""
+    return {f"{m}_triton": functools.partial(setup_triton, method=m) for m in METHODS}
+
+
+def select_providers(providers: dict, patterns: Optional[list]) -> dict:
+    """The providers whose name contains any of ``patterns``, plus FLOOR (ratios need it)."""
+    if not patterns:
+        return providers
+    return {name: setup for name, setup in providers.items()
+            if name == FLOOR or any(p in name for p in patterns)}
