@@ -127,3 +127,16 @@ def peak_memory_mib(step: Step, device: torch.device) -> Optional[dict]:
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     return {"peak": peak / 2 ** 20, "step_extra": (peak - before) / 2 ** 20}
+
+
+def median_ms(fn: Callable[[], object], clock, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` timed calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    marks = []
+    for _ in range(repeats):
+        start = clock.mark()
+        fn()
+        marks.append((start, clock.mark()))
+    clock.synchronize()
+    return statistics.median(clock.elapsed_ms(s, e) for s, e in marks)
