@@ -131,7 +131,12 @@ def effective_weight(
 
     weight: the frozen base weight, any shape of order >= 2.
     adapter: the method's adapter tensors, in the order the module doc gives.
+    Autocast, if on, is suspended: the adapter math keeps its own precision.
     """
+    device_type = weight.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return effective_weight(weight, adapter, math, scale, delta_only)
     acc = compute_dtype(weight.dtype)
     d = delta(math.delta, [t.to(acc) for t in adapter], weight.shape)
     out = combine(math.combine, weight.to(acc), scale * d, delta_only)

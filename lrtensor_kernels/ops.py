@@ -64,13 +64,20 @@ def adapted_op(
     x: (N, C_in, *spatial) for convolutions, (M, in) for linear. weight: (out, in/groups, *k) or
     (out, in). adapter: the tensors of ``methods.AdapterMath.from_key(math).delta``.
     """
-    w_eff = kernels_for(impl).transform(weight, adapter, math, scale, delta_only)
+    w_eff = _transform(kernels_for(impl), weight, adapter, math, scale, delta_only, x.dtype)
     return base_op(x, w_eff, bias, stride, padding, dilation, groups)
+
+
+def _transform(kernels, weight, adapter, math, scale, delta_only, dtype):
+    """``W'`` stored in ``dtype`` (the input's: under autocast it differs from the weight's)."""
+    out = None if dtype == weight.dtype else torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    with torch.autocast(weight.device.type, enabled=False):
+        return kernels.transform(weight, adapter, math, scale, delta_only, out=out)
 
 
 @adapted_op.register_fake
 def _(x, weight, bias, adapter, math, scale, stride, padding, dilation, groups, delta_only, impl):
-    return base_op(x, weight, bias, stride, padding, dilation, groups)
+    return base_op(x, weight.to(x.dtype), bias, stride, padding, dilation, groups)
 
 
 @torch.library.custom_op("lrtensor::adapted_op_backward", mutates_args=())
@@ -95,7 +102,7 @@ def adapted_op_backward(
     """Gradients of ``adapted_op``: ``[grad_x if need_input] + [grad_weight if need_weight] +
     [grad_bias if need_bias] + (one gradient per adapter tensor if need_adapter)``."""
     kernels = kernels_for(impl)
-    w_eff = kernels.transform(weight, adapter, math, scale, delta_only) if need_input else None
+    w_eff = _transform(kernels, weight, adapter, math, scale, delta_only, x.dtype) if need_input else None
     need_grad_w_eff = need_adapter or need_weight
     grad_x = grad_w_eff = grad_b = None
     if weight.dim() == 2:
@@ -108,7 +115,7 @@ def adapted_op_backward(
     elif need_input or need_grad_w_eff or need_bias:
         n = weight.dim() - 2
         grad_x, grad_w_eff, grad_b = torch.ops.aten.convolution_backward(
-            grad_out, x, w_eff if w_eff is not None else weight, [weight.shape[0]],
+            grad_out, x, w_eff if w_eff is not None else weight.to(x.dtype), [weight.shape[0]],
             stride, padding, dilation, False, [0] * n, groups, [need_input, need_grad_w_eff, need_bias],
         )
     out = []
@@ -119,7 +126,8 @@ def adapted_op_backward(
     if need_bias:
         out.append(grad_b)
     if need_adapter:
-        out.extend(kernels.project(grad_w_eff, weight, adapter, math, scale))
+        with torch.autocast(weight.device.type, enabled=False):
+            out.extend(kernels.project(grad_w_eff, weight, adapter, math, scale))
     return out
 
 
@@ -186,17 +194,27 @@ def adapted_forward(
     ``op(x, W, bias) + op(dropped_x, W' - W)``. ``geometry`` is ``(stride, padding, dilation,
     groups)`` of a convolution (ignored for linear); ``x`` has its batch dimension (conv) or is
     2-D (linear), and is already padded as the layer's padding mode asks.
+
+    Under autocast, the adapter math still runs in float32; ``W'`` is stored in the autocast
+    dtype and the conv/matmul runs in it, as autocast would run the plain layer.
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        with torch.autocast(device_type, enabled=False):
+            return adapted_forward(cast(x), weight, cast(bias), adapter, math, scale, geometry, cast(dropped_x))
     stride, padding, dilation, groups = geometry
     impl = backend.resolve(weight.device)
 
     def adapted(inp, b, delta_only):
         if impl == "reference":
-            w_eff = methods.effective_weight(weight, adapter, math, scale, delta_only)
+            w_eff = methods.effective_weight(weight, adapter, math, scale, delta_only).to(inp.dtype)
             return base_op(inp, w_eff, b, stride, padding, dilation, groups)
         return adapted_op(inp, weight, b, list(adapter), math.key, float(scale), list(stride), list(padding),
                           list(dilation), groups, delta_only, impl)
 
     if dropped_x is not None:
-        return base_op(x, weight, bias, stride, padding, dilation, groups) + adapted(dropped_x, None, True)
+        frozen = base_op(x, weight.to(x.dtype), bias, stride, padding, dilation, groups)
+        return frozen + adapted(dropped_x, None, True)
     return adapted(x, bias, False)

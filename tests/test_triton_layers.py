@@ -282,3 +282,41 @@ def test_auto_is_triton_on_cuda():
 def test_interpreter_is_on_without_cuda():
     if DEVICE == "cpu":
         assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+AUTOCAST_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+
+
+@pytest.mark.parametrize("name", ["flora_conv2d_groups", "liera_exp_conv2d", "liera_linear", "ssb_linear"])
+def test_autocast_runs_the_op_in_the_autocast_dtype(name):
+    """Mixed precision: float32 weights and adapters, the conv/matmul in the autocast dtype, the
+    adapter math in float32; outputs and gradients within the accuracy rule against float64."""
+    layer = _build(name, torch.float32, 14)
+    x = _input(layer, torch.float32, 15)
+    with torch.no_grad():
+        grad_out = torch.randn_like(layer(x))
+    results = {}
+    for backend in ("reference", "triton"):
+        with torch.autocast(DEVICE, dtype=AUTOCAST_DTYPE):
+            results[backend] = _run(layer, x, backend, grad_out.to(AUTOCAST_DTYPE))
+        assert results[backend][0].dtype == AUTOCAST_DTYPE
+        assert all(g.dtype == torch.float32 for g in results[backend][1])
+    ref_y, ref_g = _oracle(layer, x, grad_out)
+    floor = FLOOR[AUTOCAST_DTYPE]
+    assert_accuracy(f"{name} autocast output", results["triton"][0], results["reference"][0], ref_y, floor)
+    for i, (g, p, r) in enumerate(zip(results["triton"][1], results["reference"][1], ref_g)):
+        assert_accuracy(f"{name} autocast grad {i}", g, p, r, floor)
+
+
+@pytest.mark.parametrize("name", ["flora_conv2d_groups", "liera_linear"])
+def test_autocast_with_dropout_matches_reference(name):
+    layer = _build(name, torch.float32, 16)
+    layer.dropout = 0.3
+    x = _input(layer, torch.float32, 17)
+    outs = []
+    for backend in ("reference", "triton"):
+        torch.manual_seed(5)
+        with lk.use_backend(backend), torch.autocast(DEVICE, dtype=AUTOCAST_DTYPE):
+            outs.append(layer(x))
+    assert outs[1].dtype == AUTOCAST_DTYPE
+    assert rel_err(outs[1], outs[0]) < 1e-2
