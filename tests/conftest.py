@@ -18,8 +18,27 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _reference_backend_by_default():
+def _auto_backend_by_default():
     import lrtensor_kernels as lk
 
     with lk.use_backend("auto"):
         yield
+
+
+@pytest.fixture
+def reference_backend(_auto_backend_by_default):
+    """For tests of the reference path, whatever the device."""
+    import lrtensor_kernels as lk
+
+    with lk.use_backend("reference"):
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The tests' ops are tiny: intra-op threads only add synchronisation (several times slower on a
+    busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

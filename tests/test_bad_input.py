@@ -8,10 +8,7 @@ from torch import nn
 import lrtensor_kernels as lk
 
 
-@pytest.fixture(autouse=True)
-def _reference():
-    with lk.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 class Block(nn.Module):

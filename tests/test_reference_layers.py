@@ -18,7 +18,8 @@ from torch.func import functional_call
 import lrtensor_kernels as lk
 from oracle import F64, effective_weight64, forward64, randomize_adapter, rel_err, tucker64
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+pytestmark = [pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths"),
+              pytest.mark.usefixtures("reference_backend")]
 
 # ----------------------------------------------------------------------------------------------
 # the matrix
@@ -77,16 +78,6 @@ METHODS = [
     ("ssb", "SSB", {}),
 ]
 METHOD_IDS = [m[0] for m in METHODS]
-
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: intra-op threads only add synchronisation overhead (8x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 SUFFIX = {nn.Linear: "Linear", nn.Conv1d: "Conv1d", nn.Conv2d: "Conv2d", nn.Conv3d: "Conv3d"}

@@ -18,18 +18,7 @@ from oracle import F64, randomize_adapter, rel_err
 TENSORS, CONFIG = "adapters.safetensors", "adapter_config.json"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _reference():
-    with lk.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 class Block(nn.Module):

@@ -11,18 +11,7 @@ import lrtensor_kernels as lk
 from oracle import F64, effective_weight64, forward64, randomize_adapter, rel_err
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _reference():
-    with lk.use_backend("reference"):
-        yield
+pytestmark = pytest.mark.usefixtures("reference_backend")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,15 +18,9 @@ import lrtensor_kernels as lk
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
 STEPS = 40
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_cnn():

@@ -2,6 +2,7 @@
 what autograd keeps for backward, the custom op's registration, and torch.compile."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -151,16 +152,23 @@ def test_no_adapter_gradient_skips_weight_gradient(monkeypatch):
     assert calls == [[True, False, False]] and x.grad is not None
 
 
+def _outputs_with_same_dropout(layer, x, seed, autocast_dtype=None):
+    """The layer's output on the reference and the triton backend, with the same dropout mask."""
+    outs = []
+    for backend in ("reference", "triton"):
+        torch.manual_seed(seed)
+        autocast = torch.autocast(DEVICE, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        with lk.use_backend(backend), autocast:
+            outs.append(layer(x))
+    return outs
+
+
 @pytest.mark.parametrize("name", ["flora_conv2d_groups", "liera_linear", "ssb_linear"])
 def test_dropout_two_branch_form(name):
     layer = _build(name, torch.float32, 2)
     layer.dropout = 0.3
     x = _input(layer, torch.float32, 3)
-    outs = []
-    for backend in ("reference", "triton"):
-        torch.manual_seed(11)
-        with lk.use_backend(backend):
-            outs.append(layer(x))
+    outs = _outputs_with_same_dropout(layer, x, 11)
     torch.manual_seed(11)
     mask_x = nn.functional.dropout(x, 0.3, True)
     w = layer.weight.detach().to(F64)
@@ -313,10 +321,6 @@ def test_autocast_with_dropout_matches_reference(name):
     layer = _build(name, torch.float32, 16)
     layer.dropout = 0.3
     x = _input(layer, torch.float32, 17)
-    outs = []
-    for backend in ("reference", "triton"):
-        torch.manual_seed(5)
-        with lk.use_backend(backend), torch.autocast(DEVICE, dtype=AUTOCAST_DTYPE):
-            outs.append(layer(x))
+    outs = _outputs_with_same_dropout(layer, x, 5, AUTOCAST_DTYPE)
     assert outs[1].dtype == AUTOCAST_DTYPE
     assert rel_err(outs[1], outs[0]) < 1e-2
