@@ -80,7 +80,7 @@ def tucker_product_grads(core: torch.Tensor, factors: Sequence[torch.Tensor], gr
     modes = range(first_mode, first_mode + len(factors))
     grad_core = tucker_product(grad, [u.t() for u in factors], first_mode)
     grads = [grad_core]
-    for n, mode in enumerate(modes):
+    for mode in modes:
         # all modes but `mode` brought to full size, then contracted with grad over them
         partial = core
         for m, factor in zip(modes, factors):

@@ -10,7 +10,7 @@ from torch import nn
 
 from ._version import __version__
 from .layers import AdapterLayer
-from .surgery import _set_module, adapter_layers, adaptable_type, build_adapter, freeze_all_but_adapters
+from .surgery import replace_module, adapter_layers, adaptable_type, build_adapter, freeze_all_but_adapters
 
 TENSORS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -112,6 +112,6 @@ def load_adapters(model: nn.Module, directory: str) -> list:
             for key, t in layer.adapter_state().items():
                 t.copy_(tensors[f"{name}.{key}"])
         if replace:
-            _set_module(model, name, layer)
+            replace_module(model, name, layer)
     freeze_all_but_adapters(model)
     return list(plan)

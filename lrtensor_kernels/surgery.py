@@ -4,7 +4,6 @@ from __future__ import annotations
 import re
 from typing import Iterable, Optional, Sequence, Union
 
-import torch
 from torch import nn
 
 from .layers import LAYERS, AdapterLayer
@@ -69,7 +68,7 @@ def _select(model: nn.Module, target_modules: TargetSpec, exclude_modules: Targe
     return names
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module):
+def replace_module(model: nn.Module, name: str, module: nn.Module):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -119,7 +118,7 @@ def inject(model: nn.Module, method: str, target_modules: TargetSpec = None, exc
     names = _select(model, target_modules, exclude_modules)
     built = {n: build_adapter(model.get_submodule(n), method, n, **method_kwargs) for n in names}
     for n, layer in built.items():
-        _set_module(model, n, layer)
+        replace_module(model, n, layer)
     freeze_all_but_adapters(model)
     return names
 
@@ -139,5 +138,5 @@ def unmerge(model: nn.Module) -> None:
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Replace every adapter layer by its plain nn layer, holding ``W'`` (``merge``) or ``W``."""
     for name, layer in adapter_layers(model):
-        _set_module(model, name, layer.to_plain(merge=merge))
+        replace_module(model, name, layer.to_plain(merge=merge))
     return model

@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-import lrtensor_kernels as lk
 from lrtensor_kernels import methods
 from oracle import F64, assert_accuracy, rel_err, tucker64
 

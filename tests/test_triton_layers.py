@@ -61,27 +61,22 @@ def _run(layer, x, backend, grad_out, input_grad=True):
 
 def _oracle(layer, x, grad_out):
     leaves = {n: p.detach().to(F64).requires_grad_() for n, p in layer.adapter_state().items()}
-    twin = _f64_twin(layer, leaves)
+    twin = plain_twin(layer, layer.weight.detach().to(F64))
     x = x.detach().to(F64).requires_grad_()
     y = torch.func.functional_call(twin, {"weight": _weight64(layer, leaves)}, (x,))
     grads = torch.autograd.grad((y * grad_out.to(F64)).sum(), [x, *leaves.values()])
     return y.detach(), list(grads)
 
 
-def _f64_twin(layer, leaves):
-    return plain_twin(layer, layer.weight.detach().to(F64))
-
-
 def _weight64(layer, leaves):
     """effective_weight64 with the adapter tensors replaced by float64 leaves."""
-    saved = {n: p for n, p in layer.adapter_state().items()}
     params = dict(layer.named_parameters())
     try:
         for n, leaf in leaves.items():
             _swap(layer, n, leaf)
         return effective_weight64(layer)
     finally:
-        for n, p in saved.items():
+        for n in leaves:
             _swap(layer, n, params[n])
 
 
