@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One call on a CUDA machine: the test suite, the kernel bandwidth table and the layer benchmark,
+# logs and JSON under $OUT (or bench/out). Runs from the repository root without installing
+# (the GPU machine has torch, triton and the test packages, and no network).
+# Usage: bash bench/gpu_check.sh [tests] [kernels] [layers-conv] [layers-linear]   (default: all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-bench/out}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+stages=${*:-tests kernels layers-conv layers-linear}
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
+  | tee "$out/env.txt"
+for stage in $stages; do
+  case $stage in
+    tests) python3 -m pytest -q tests 2>&1 | tee "$out/tests.log" ;;
+    kernels)
+      for dtype in bfloat16 float32; do
+        python3 -m bench.kernels --dtype $dtype --out "$out/kernels_$dtype.json" 2>&1 | tee "$out/kernels_$dtype.log"
+      done ;;
+    layers-conv)
+      python3 -m bench.run --verify --dtype bfloat16 --shapes resnet50,convnext,sd15 \
+        --out "$out/layers_conv.json" 2>&1 | tee "$out/layers_conv.log" ;;
+    layers-linear)
+      python3 -m bench.run --verify --dtype bfloat16 --shapes linear \
+        --out "$out/layers_linear.json" 2>&1 | tee "$out/layers_linear.log" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
