@@ -68,9 +68,13 @@ def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 def tucker_product(core: torch.Tensor, factors: Sequence[torch.Tensor], first_mode: int = 0) -> torch.Tensor:
     """``core x_m U_m`` for the modes ``m = first_mode, first_mode + 1, ...`` that ``factors``
     cover; with ``first_mode=0`` and one factor per mode: core (r_1..r_N), U_n (d_n, r_n) -> (d_1..d_N)."""
+    # modes that grow the tensor least go first, so the intermediates stay small and the last
+    # (usually the output-channel mode) is one matrix product
+    order = sorted(range(len(factors)), key=lambda n: factors[n].shape[0] / factors[n].shape[1])
     out = core
-    for mode, factor in enumerate(factors, start=first_mode):
-        out = torch.tensordot(factor, out, dims=([1], [mode])).movedim(0, mode)
+    for n in order:
+        mode = first_mode + n
+        out = torch.tensordot(factors[n], out, dims=([1], [mode])).movedim(0, mode)
     return out
 
 
