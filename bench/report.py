@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 TABLE_COLUMNS = (("shape", 34, "<"), ("provider", 17, "<"), ("ms fwd", 9, ">"), ("ms bwd", 9, ">"),
-                 ("ms fwd+bwd", 10, ">"), ("x frozen", 8, ">"), ("peak MiB", 9, ">"), ("note", 0, "<"))
+                 ("ms fwd+bwd", 10, ">"), ("x frozen", 8, ">"), ("saved MiB", 9, ">"), ("peak MiB", 9, ">"),
+                 ("note", 0, "<"))
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Row:
     ms: dict = field(default_factory=dict)  # fwd, bwd, fwd_bwd medians
     ratio_to_frozen: dict = field(default_factory=dict)
     memory_mib: Optional[dict] = None  # peak, step_extra (CUDA only)
+    saved_mib: Optional[float] = None  # kept from forward for backward, beyond input and parameters
     trainable_params: int = 0
     samples_ms: dict = field(default_factory=dict)  # every timed run, per phase
     traceback: str = ""
@@ -47,13 +49,14 @@ def _ms(value: Optional[float]) -> str:
 
 def format_row(row: Row) -> str:
     if row.status != "ok":
-        memory = "-"
+        memory = saved = "-"
     else:
         memory = "n/a" if row.memory_mib is None else f"{row.memory_mib['peak']:.1f}"
+        saved = "-" if row.saved_mib is None else f"{row.saved_mib:.2f}"
     ratio = row.ratio_to_frozen.get("fwd_bwd")
     note = row.note if row.status == "ok" else f"{row.status}: {row.note}"
     cells = (row.shape, row.provider, _ms(row.ms.get("fwd")), _ms(row.ms.get("bwd")), _ms(row.ms.get("fwd_bwd")),
-             "-" if ratio is None else f"{ratio:.2f}", memory, note)
+             "-" if ratio is None else f"{ratio:.2f}", saved, memory, note)
     return " ".join(_cell(text, width, align) for text, (_, width, align) in zip(cells, TABLE_COLUMNS)).rstrip()
 
 

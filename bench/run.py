@@ -170,6 +170,7 @@ def measure(shape: suite.Shape, name: str, setup, ctx: suite.Context, inputs: tu
         times = timing.time_step(step, timing.clock_for(ctx.device), warmup, repeats)
         row.ms, row.samples_ms = times.medians(), asdict(times)
         row.memory_mib = timing.peak_memory_mib(step, ctx.device)
+        row.saved_mib = timing.saved_for_backward_mib(step)
         row.trainable_params = sum(t.numel() for t in prepared.trainable)
     except suite.ProviderUnavailable as exc:
         row.status, row.note = "skipped", str(exc)

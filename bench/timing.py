@@ -140,3 +140,22 @@ def median_ms(fn: Callable[[], object], clock, warmup: int, repeats: int) -> flo
         marks.append((start, clock.mark()))
     clock.synchronize()
     return statistics.median(clock.elapsed_ms(s, e) for s, e in marks)
+
+
+def saved_for_backward_mib(step: Step) -> float:
+    """MiB that autograd keeps from the forward for the backward, on any device: the distinct
+    storages packed by ``saved_tensors_hooks``, less the input and parameters (which live anyway).
+    This is the activation memory a layer adds to a training step; a weight-sized W' kept for
+    backward shows up here."""
+    storages = {}
+
+    def pack(t: Tensor):
+        if not isinstance(t, torch.nn.Parameter) and t.untyped_storage().data_ptr() != step.x.untyped_storage().data_ptr():
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    step.clear_grads()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = step.forward(step.x)
+    del y
+    return sum(storages.values()) / 2 ** 20

@@ -74,9 +74,9 @@ def randomize_adapter(layer, seed: int, std: float = 0.3):
     return layer
 
 
-def rel_err(got, ref) -> float:
+def rel_err(got, ref, what: str = "result") -> float:
     got, ref = got.detach().to(F64), ref.detach().to(F64)
-    assert torch.isfinite(got).all(), "non-finite values"
+    assert torch.isfinite(got).all(), f"non-finite values in the {what}"
     return ((got - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
@@ -87,7 +87,7 @@ def assert_accuracy(what, got, plain, ref, floor, magnitude=None):
     error scales with the size of the summands, not of a result that cancels, so the floor is
     multiplied by the condition number ||magnitude|| / ||ref|| (1 where nothing cancels).
     """
-    e_got, e_plain = rel_err(got, ref), rel_err(plain, ref)
+    e_got, e_plain = rel_err(got, ref, f"{what} result"), rel_err(plain, ref, f"{what} plain PyTorch result")
     if magnitude is not None:
         floor *= max(1.0, magnitude.norm().item() / max(ref.detach().to(F64).norm().item(), 1e-300))
     assert e_got <= 2 * e_plain + floor, f"{what}: error {e_got:.3e} > 2 x plain {e_plain:.3e} + {floor:.1e}"
