@@ -19,10 +19,6 @@ from . import methods, ops
 AdaptableBase = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    return methods.compute_dtype(weight.dtype)
-
-
 class AdapterLayer(nn.Module):
     """What every adapter layer shares: forward dispatch, input checks, merge/unmerge, naming.
 
@@ -238,7 +234,7 @@ class TuckerDelta:
     """Tucker delta parameters: ``core`` (r_1..r_N) and ``factors`` (U_n of shape (d_n, r_n))."""
 
     def _create_tucker(self, device, ranks):
-        dtype = _adapter_dtype(self.weight)
+        dtype = methods.compute_dtype(self.weight.dtype)
         self.core = nn.Parameter(torch.zeros(ranks, device=device, dtype=dtype))
         factors = []
         for d, r in zip(self.weight.shape, ranks):
@@ -321,7 +317,7 @@ class LieRAMixin(TuckerDelta, AdapterLayer):
         if self.delta == "tucker":
             self._create_tucker(device, self.ranks)
             return
-        dtype = _adapter_dtype(self.weight)
+        dtype = methods.compute_dtype(self.weight.dtype)
         a = torch.empty(self.rank, self.weight[0].numel(), device=device, dtype=dtype)
         if a.device.type != "meta":
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -352,7 +348,7 @@ class ScalingMixin(AdapterLayer):
         pass
 
     def _create_adapter(self, device):
-        dtype = _adapter_dtype(self.weight)
+        dtype = methods.compute_dtype(self.weight.dtype)
         self.in_scale = nn.Parameter(torch.ones(self.weight.shape[1], device=device, dtype=dtype))
         if self.scales_outputs:
             self.out_scale = nn.Parameter(torch.ones(self.weight.shape[0], device=device, dtype=dtype))
