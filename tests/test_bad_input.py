@@ -6,41 +6,10 @@ import torch
 from torch import nn
 
 import lrtensor_kernels as lk
+from models import make_net
 
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.act = nn.ReLU()
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv2(self.act(self.bn(self.conv1(x))))
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.pre = nn.Conv3d(1, 3, (2, 1, 1))
-        self.block = Block()
-        self.seq = nn.Sequential(nn.Conv1d(4, 4, 3, padding=1), nn.ReLU())
-        self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
-        self.head = nn.Linear(4, 5)
-
-    def forward(self, x):  # (N, 1, 2, 5, 5)
-        h = self.block(self.pre(x).squeeze(2))
-        h = self.seq(h.flatten(2)).transpose(1, 2)
-        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
-
-
-def make_net():
-    torch.manual_seed(0)
-    return Net()
 
 
 def snapshot(model):
@@ -145,7 +114,7 @@ def test_inject_unknown_method():
     (["conv9"], r"target_modules entry 'conv9' matched no module of Net"),
     (["onv1"], r"target_modules entry 'onv1' matched no module"),  # suffixes match at a dot only
     (["head", "tail"], r"target_modules entry 'tail' matched no module"),
-    (r"conv\d", r"target_modules regex 'conv\\\\d' matched no module"),  # full match only
+    (r"onv\d", r"target_modules regex 'onv\\\\d' matched no module"),  # full match only
     ("(", r"target_modules regex '\(' does not compile"),
 ], ids=["list", "partial-suffix", "second-entry", "regex-full-match", "bad-regex"])
 def test_inject_target_matches_nothing(target, match):
