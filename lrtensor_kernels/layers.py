@@ -278,7 +278,7 @@ class FLoRAMixin(TuckerDelta, AdapterLayer):
         return dict(ranks=list(self.ranks), scale=self.scale, dropout=self.dropout)
 
 
-LIERA_MODES = {"exp": "exp", "first_order": "first_order"}
+LIERA_MODES = ("exp", "first_order")  # each is also the combine rule of methods.py
 LIERA_DELTAS = ("lora", "tucker")
 
 
@@ -299,14 +299,14 @@ class LieRAMixin(TuckerDelta, AdapterLayer):
 
     def _configure(self, rank, alpha, mode, delta):
         if mode not in LIERA_MODES:
-            raise self._error(ValueError, f"unknown mode {mode!r}; expected one of {tuple(LIERA_MODES)}")
+            raise self._error(ValueError, f"unknown mode {mode!r}; expected one of {LIERA_MODES}")
         if delta not in LIERA_DELTAS:
             raise self._error(ValueError, f"unknown delta {delta!r}; expected one of {LIERA_DELTAS}")
         self.rank = _check_rank(self, rank, "rank")
         self.alpha = float(alpha)
         self.mode, self.delta = mode, delta
         self.scale = self.alpha / self.rank
-        self.adapter_math = methods.AdapterMath(delta, LIERA_MODES[mode])
+        self.adapter_math = methods.AdapterMath(delta, mode)
         if delta == "tucker":
             self.ranks = tucker_ranks(self, rank, rank)
             self.adapter_param_names = ("core", "factors")
