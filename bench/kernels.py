@@ -31,7 +31,7 @@ WEIGHTS = {  # name: weight shape (out, in, *kernel)
     "llama_4096-11008": (11008, 4096),
     "llama_4096-4096": (4096, 4096),
 }
-METHODS = {  # name: (math key, adapter builder)
+METHODS = {  # name: math key of lrtensor_kernels.methods
     "flora": "tucker:add",
     "liera_exp": "lora:exp",
     "liera_first_order": "lora:first_order",
@@ -60,13 +60,13 @@ def copy_bandwidth(device, clock, nbytes: int = 2 ** 30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
-def kernel_bytes(shape, dtype, key, tt, adapter) -> tuple:
+def kernel_bytes(shape, dtype, key, tt, adapter, device) -> tuple:
     """Fewest bytes of the forward transform and of the backward projection as launched."""
     n = math.prod(shape)
     elem = torch.finfo(dtype).bits // 8
     forward = 2 * n * elem
     ops = tt._Operands(torch.empty(shape, device="meta", dtype=dtype), adapter, key.split(":")[0], 1.0)
-    cfg = ops.launch_config(torch.device("cuda" if torch.cuda.is_available() else "cpu"), dtype)
+    cfg = ops.launch_config(device, dtype)
     col_blocks, splits = cfg["grid"]
     partials = 4 * ops.rank1 * (col_blocks * ops.out_rows + splits * ops.cols)
     reads_weight = key.split(":")[1] != "add"
@@ -91,7 +91,7 @@ def measure(name, shape, method, key, dtype, device, clock, copy_bw, repeats):
         torch.autograd.grad(w_new, leaves, grad)
 
     ref_step_ms = median_ms(reference_backward, clock, 3, repeats)
-    fwd_bytes, bwd_bytes = kernel_bytes(shape, dtype, key, tt, adapter)
+    fwd_bytes, bwd_bytes = kernel_bytes(shape, dtype, key, tt, adapter, device)
     return dict(weight=name, shape=list(shape), method=method, dtype=str(dtype).replace("torch.", ""),
                 fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd_bytes=fwd_bytes, bwd_bytes=bwd_bytes,
                 fwd_of_copy=fwd_bytes / (fwd_ms * 1e-3) / copy_bw, bwd_of_copy=bwd_bytes / (bwd_ms * 1e-3) / copy_bw,

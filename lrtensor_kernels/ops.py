@@ -64,15 +64,21 @@ def adapted_op(
     x: (N, C_in, *spatial) for convolutions, (M, in) for linear. weight: (out, in/groups, *k) or
     (out, in). adapter: the tensors of ``methods.AdapterMath.from_key(math).delta``.
     """
-    w_eff = _transform(kernels_for(impl), weight, adapter, math, scale, delta_only, x.dtype)
-    return base_op(x, w_eff, bias, stride, padding, dilation, groups)
+    with _autocast_off(x):
+        w_eff = _transform(kernels_for(impl), weight, adapter, math, scale, delta_only, x.dtype)
+        return base_op(x, w_eff, bias, stride, padding, dilation, groups)
+
+
+def _autocast_off(x: Tensor):
+    """The op bodies choose their dtypes themselves (``W'`` in the input's dtype); autocast, which
+    is also on while a backward runs inside an autocast region, must not recast their tensors."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def _transform(kernels, weight, adapter, math, scale, delta_only, dtype):
     """``W'`` stored in ``dtype`` (the input's: under autocast it differs from the weight's)."""
     out = None if dtype == weight.dtype else torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    with torch.autocast(weight.device.type, enabled=False):
-        return kernels.transform(weight, adapter, math, scale, delta_only, out=out)
+    return kernels.transform(weight, adapter, math, scale, delta_only, out=out)
 
 
 @adapted_op.register_fake
@@ -101,34 +107,34 @@ def adapted_op_backward(
 ) -> list[Tensor]:
     """Gradients of ``adapted_op``: ``[grad_x if need_input] + [grad_weight if need_weight] +
     [grad_bias if need_bias] + (one gradient per adapter tensor if need_adapter)``."""
-    kernels = kernels_for(impl)
-    w_eff = _transform(kernels, weight, adapter, math, scale, delta_only, x.dtype) if need_input else None
-    need_grad_w_eff = need_adapter or need_weight
-    grad_x = grad_w_eff = grad_b = None
-    if weight.dim() == 2:
+    with _autocast_off(x):
+        kernels = kernels_for(impl)
+        w_eff = _transform(kernels, weight, adapter, math, scale, delta_only, x.dtype) if need_input else None
+        need_grad_w_eff = need_adapter or need_weight
+        grad_x = grad_w_eff = grad_b = None
+        if weight.dim() == 2:
+            if need_input:
+                grad_x = grad_out @ w_eff
+            if need_grad_w_eff:
+                grad_w_eff = grad_out.t() @ x
+            if need_bias:
+                grad_b = grad_out.sum(0)
+        elif need_input or need_grad_w_eff or need_bias:
+            n = weight.dim() - 2
+            grad_x, grad_w_eff, grad_b = torch.ops.aten.convolution_backward(
+                grad_out, x, w_eff if w_eff is not None else weight.to(x.dtype), [weight.shape[0]],
+                stride, padding, dilation, False, [0] * n, groups, [need_input, need_grad_w_eff, need_bias],
+            )
+        out = []
         if need_input:
-            grad_x = grad_out @ w_eff
-        if need_grad_w_eff:
-            grad_w_eff = grad_out.t() @ x
+            out.append(grad_x)
+        if need_weight:
+            out.append(_base_weight_grad(kernels, grad_w_eff, weight, adapter, math, scale, delta_only))
         if need_bias:
-            grad_b = grad_out.sum(0)
-    elif need_input or need_grad_w_eff or need_bias:
-        n = weight.dim() - 2
-        grad_x, grad_w_eff, grad_b = torch.ops.aten.convolution_backward(
-            grad_out, x, w_eff if w_eff is not None else weight.to(x.dtype), [weight.shape[0]],
-            stride, padding, dilation, False, [0] * n, groups, [need_input, need_grad_w_eff, need_bias],
-        )
-    out = []
-    if need_input:
-        out.append(grad_x)
-    if need_weight:
-        out.append(_base_weight_grad(kernels, grad_w_eff, weight, adapter, math, scale, delta_only))
-    if need_bias:
-        out.append(grad_b)
-    if need_adapter:
-        with torch.autocast(weight.device.type, enabled=False):
+            out.append(grad_b)
+        if need_adapter:
             out.extend(kernels.project(grad_w_eff, weight, adapter, math, scale))
-    return out
+        return out
 
 
 def _base_weight_grad(kernels, grad_w_eff, weight, adapter, math, scale, delta_only):

@@ -70,9 +70,10 @@ def load_adapters(model: nn.Module, directory: str) -> list:
         if module is None:
             problems.append(f"layer '{name}': no such module in {type(model).__name__}")
             continue
+        type_mismatch = (f"layer '{name}': a {type(module).__name__} in the model, an adapted "
+                         f"{entry['module_type']} ({entry['method']}) in the file")
         if adaptable_type(module) is None and not isinstance(module, AdapterLayer):
-            problems.append(f"layer '{name}': a {type(module).__name__} in the model, an adapted "
-                            f"{entry['module_type']} ({entry['method']}) in the file")
+            problems.append(type_mismatch)
             continue
         if list(module.weight.shape) != entry["weight_shape"]:
             problems.append(f"layer '{name}': weight shape {list(module.weight.shape)} in the model, "
@@ -88,8 +89,7 @@ def load_adapters(model: nn.Module, directory: str) -> list:
             elif adaptable_type(module) is not None and adaptable_type(module).__name__ == entry["module_type"]:
                 layer, replace = build_adapter(module, entry["method"], name, **entry["kwargs"]), True
             else:
-                problems.append(f"layer '{name}': a {type(module).__name__} in the model, an adapted "
-                                f"{entry['module_type']} ({entry['method']}) in the file")
+                problems.append(type_mismatch)
                 continue
         except (TypeError, ValueError) as err:
             problems.append(f"layer '{name}': {err}")
