@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import methods, ops
+from . import methods, strategies
 
 AdaptableBase = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -22,10 +22,12 @@ AdaptableBase = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 class AdapterLayer(nn.Module):
     """What every adapter layer shares: forward dispatch, input checks, merge/unmerge, naming.
 
-    ``weight`` and ``bias`` keep the ``requires_grad`` flags they were made or handed over with;
-    ``inject`` and ``load_adapters`` freeze them. Subclasses set ``adapter_method`` and implement
-    ``_configure``, ``_create_adapter(device)``, ``adapter_tensors()``, ``adapter_config()``,
-    ``adapter_math`` and ``scale``.
+    ``weight`` and ``bias`` are frozen (``requires_grad=False``) however the layer is built; a user
+    may re-enable them and gets correct gradients. ``strategy`` names how the forward and backward
+    are computed (:mod:`lrtensor_kernels.strategies`; checked on assignment); it never changes
+    the result. Subclasses set ``adapter_method`` and implement ``_configure``,
+    ``_create_adapter(device)``, ``adapter_tensors()``, ``adapter_config()``, ``adapter_math``
+    and ``scale``.
     """
 
     adapter_method: str = ""
@@ -33,13 +35,31 @@ class AdapterLayer(nn.Module):
     adapter_name: Optional[str] = None
 
     # -- construction ------------------------------------------------------------------
-    def _init_adapter(self, device, dropout: float, **config):
+    def _init_adapter(self, device, dropout: float, strategy: str, **config):
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise self._error(ValueError, f"dropout must be in [0, 1), got {dropout!r}")
         self.dropout = float(dropout)
         self._merged_base: Optional[torch.Tensor] = None
         self._configure(**config)
+        self.strategy = strategy
+        self._freeze_base()
         self._create_adapter(device)
+
+    def _freeze_base(self):
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
+
+    @property
+    def strategy(self) -> str:
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, value: str):
+        try:
+            self._strategy = strategies.check_strategy(value, self.adapter_math)
+        except ValueError as err:
+            raise self._error(ValueError, str(err)) from None
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -59,13 +79,14 @@ class AdapterLayer(nn.Module):
 
     @classmethod
     def from_module(cls, module: nn.Module, **adapter_kwargs) -> "AdapterLayer":
-        """An adapter layer around ``module``'s own weight and bias (shared, not copied)."""
+        """An adapter layer around ``module``'s own weight and bias (shared, not copied; frozen)."""
         base = cls._nn_base()
         if not isinstance(module, base) or isinstance(module, AdapterLayer):
             raise TypeError(f"{cls.__name__}.from_module expects a plain {base.__name__}, got {type(module).__name__}")
         layer = cls(**cls._base_kwargs(module), device="meta", dtype=module.weight.dtype, **adapter_kwargs)
         layer.weight = module.weight
         layer.bias = module.bias
+        layer._freeze_base()
         layer._create_adapter(module.weight.device)
         layer.train(module.training)
         return layer
@@ -154,8 +175,8 @@ class AdapterLayer(nn.Module):
         dropped = F.dropout(x, self.dropout, True) if self.dropout > 0 and self.training else None
         if self._is_linear():
             flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
-            y = ops.adapted_forward(flat(x), self.weight, self.bias, self.adapter_tensors(), self.adapter_math,
-                                    self.scale, dropped_x=flat(dropped))
+            y = strategies.adapted_forward(flat(x), self.weight, self.bias, self.adapter_tensors(), self.adapter_math,
+                                           self.scale, dropped_x=flat(dropped), strategy=self.strategy)
             return y.reshape(*x.shape[:-1], y.shape[-1])
         unbatched = x.dim() == self.weight.dim() - 1
         if unbatched:
@@ -165,8 +186,8 @@ class AdapterLayer(nn.Module):
         if dropped is not None:
             dropped, _ = self._conv_input(dropped)
         geometry = (list(self.stride), padding, list(self.dilation), self.groups)
-        y = ops.adapted_forward(x, self.weight, self.bias, self.adapter_tensors(), self.adapter_math, self.scale,
-                                geometry, dropped)
+        y = strategies.adapted_forward(x, self.weight, self.bias, self.adapter_tensors(), self.adapter_math,
+                                       self.scale, geometry, dropped, self.strategy)
         return y.squeeze(0) if unbatched else y
 
     # -- merge ------------------------------------------------------------------
@@ -202,7 +223,8 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         cfg = ", ".join(f"{k}={v}" for k, v in self.adapter_config().items())
-        return f"{super().extra_repr()}, {self.adapter_method}({cfg})" + (", merged" if self.merged else "")
+        merged = ", merged" if self.merged else ""
+        return f"{super().extra_repr()}, {self.adapter_method}({cfg}), strategy={self.strategy}{merged}"
 
 
 def _check_rank(layer: AdapterLayer, value, what: str) -> int:
@@ -259,9 +281,9 @@ class FLoRAMixin(TuckerDelta, AdapterLayer):
     adapter_param_names = ("core", "factors")
     adapter_math = methods.AdapterMath("tucker", "add")
 
-    def __init__(self, *args, ranks=None, scale=None, dropout: float = 0.0, **kwargs):
+    def __init__(self, *args, ranks=None, scale=None, dropout: float = 0.0, strategy: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_adapter(kwargs.get("device"), dropout, ranks=ranks, scale=scale)
+        self._init_adapter(kwargs.get("device"), dropout, strategy, ranks=ranks, scale=scale)
 
     def _configure(self, ranks, scale):
         linear = self._is_linear()
@@ -293,9 +315,9 @@ class LieRAMixin(TuckerDelta, AdapterLayer):
     adapter_method = "liera"
 
     def __init__(self, *args, rank: int = 8, alpha: float = 8.0, mode: str = "exp", delta: str = "lora",
-                 dropout: float = 0.0, **kwargs):
+                 dropout: float = 0.0, strategy: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_adapter(kwargs.get("device"), dropout, rank=rank, alpha=alpha, mode=mode, delta=delta)
+        self._init_adapter(kwargs.get("device"), dropout, strategy, rank=rank, alpha=alpha, mode=mode, delta=delta)
 
     def _configure(self, rank, alpha, mode, delta):
         if mode not in LIERA_MODES:
@@ -340,9 +362,9 @@ class ScalingMixin(AdapterLayer):
     scale = 1.0
     scales_outputs = False
 
-    def __init__(self, *args, dropout: float = 0.0, **kwargs):
+    def __init__(self, *args, dropout: float = 0.0, strategy: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_adapter(kwargs.get("device"), dropout)
+        self._init_adapter(kwargs.get("device"), dropout, strategy)
 
     def _configure(self):
         pass

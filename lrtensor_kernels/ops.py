@@ -1,4 +1,4 @@
-"""The adapted linear/convolution op and its dispatch to a backend.
+"""The base op and the fused backends' custom op for an adapted linear/convolution.
 
 ``adapted_op(x, W, bias, adapter) = op(x, W', bias)`` where ``op`` is ``F.linear`` for a
 weight of order 2 and an N-d convolution otherwise, and ``W' = combine(W, scale * delta)``
@@ -15,13 +15,13 @@ weight-sized pass.
 from __future__ import annotations
 
 import importlib
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backend, methods
+from . import methods
 
 _KERNEL_MODULES = {"triton": "lrtensor_kernels.kernels.triton_transform"}
 
@@ -44,6 +44,24 @@ def base_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, 
     return _CONV[weight.dim()](x, weight, bias, stride, padding, dilation, groups)
 
 
+def op_backward(grad_out: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
+                need_input: bool, need_weight: bool, need_bias: bool = False) -> tuple:
+    """``(grad_x, grad_weight, grad_bias)`` of ``base_op(x, weight, bias)``, None for what is not needed.
+
+    ``x`` is read only for the weight gradient (its shape is all the input gradient needs)."""
+    if weight.dim() == 2:
+        return (grad_out @ weight if need_input else None, grad_out.t() @ x if need_weight else None,
+                grad_out.sum(0) if need_bias else None)
+    if not (need_input or need_weight or need_bias):
+        return None, None, None
+    n = weight.dim() - 2
+    mask = [need_input, need_weight, need_bias]
+    grads = torch.ops.aten.convolution_backward(grad_out, x, weight, [weight.shape[0]], stride, padding, dilation,
+                                                False, [0] * n, groups, mask)
+    # some CPU kernels (grouped convolutions) return a gradient the mask did not ask for
+    return tuple(g if need else None for g, need in zip(grads, mask))
+
+
 @torch.library.custom_op("lrtensor::adapted_op", mutates_args=())
 def adapted_op(
     x: Tensor,
@@ -64,18 +82,18 @@ def adapted_op(
     x: (N, C_in, *spatial) for convolutions, (M, in) for linear. weight: (out, in/groups, *k) or
     (out, in). adapter: the tensors of ``methods.AdapterMath.from_key(math).delta``.
     """
-    with _autocast_off(x):
-        w_eff = _transform(kernels_for(impl), weight, adapter, math, scale, delta_only, x.dtype)
+    with autocast_off(x):
+        w_eff = transform_to(kernels_for(impl), weight, adapter, math, scale, delta_only, x.dtype)
         return base_op(x, w_eff, bias, stride, padding, dilation, groups)
 
 
-def _autocast_off(x: Tensor):
+def autocast_off(x: Tensor):
     """The op bodies choose their dtypes themselves (``W'`` in the input's dtype); autocast, which
     is also on while a backward runs inside an autocast region, must not recast their tensors."""
     return torch.autocast(x.device.type, enabled=False)
 
 
-def _transform(kernels, weight, adapter, math, scale, delta_only, dtype):
+def transform_to(kernels, weight, adapter, math, scale, delta_only, dtype):
     """``W'`` stored in ``dtype`` (the input's: under autocast it differs from the weight's)."""
     out = None if dtype == weight.dtype else torch.empty(weight.shape, dtype=dtype, device=weight.device)
     return kernels.transform(weight, adapter, math, scale, delta_only, out=out)
@@ -107,24 +125,12 @@ def adapted_op_backward(
 ) -> list[Tensor]:
     """Gradients of ``adapted_op``: ``[grad_x if need_input] + [grad_weight if need_weight] +
     [grad_bias if need_bias] + (one gradient per adapter tensor if need_adapter)``."""
-    with _autocast_off(x):
+    with autocast_off(x):
         kernels = kernels_for(impl)
-        w_eff = _transform(kernels, weight, adapter, math, scale, delta_only, x.dtype) if need_input else None
-        need_grad_w_eff = need_adapter or need_weight
-        grad_x = grad_w_eff = grad_b = None
-        if weight.dim() == 2:
-            if need_input:
-                grad_x = grad_out @ w_eff
-            if need_grad_w_eff:
-                grad_w_eff = grad_out.t() @ x
-            if need_bias:
-                grad_b = grad_out.sum(0)
-        elif need_input or need_grad_w_eff or need_bias:
-            n = weight.dim() - 2
-            grad_x, grad_w_eff, grad_b = torch.ops.aten.convolution_backward(
-                grad_out, x, w_eff if w_eff is not None else weight.to(x.dtype), [weight.shape[0]],
-                stride, padding, dilation, False, [0] * n, groups, [need_input, need_grad_w_eff, need_bias],
-            )
+        w_eff = transform_to(kernels, weight, adapter, math, scale, delta_only, x.dtype) if need_input else None
+        grad_x, grad_w_eff, grad_b = op_backward(
+            grad_out, x, w_eff if w_eff is not None else weight.to(x.dtype), stride, padding, dilation, groups,
+            need_input, need_adapter or need_weight, need_bias)
         out = []
         if need_input:
             out.append(grad_x)
@@ -160,6 +166,12 @@ def _(grad_out, x, weight, adapter, math, scale, stride, padding, dilation, grou
     return out
 
 
+def no_grad_for_lists(int_lists) -> list:
+    """The "no gradient" entries of int-list inputs of a custom op: a backward's structure must
+    mirror the inputs', where an empty list counts as a list."""
+    return [[] if len(v) == 0 else None for v in int_lists]
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, adapter, math, scale, stride, padding, dilation, groups, delta_only, impl = inputs
     ctx.save_for_backward(x, weight, *adapter)
@@ -176,51 +188,7 @@ def _backward(ctx, grad_out):
     grad_w = next(grads) if need_w else None
     grad_b = next(grads) if need_b else None
     grad_adapter = list(grads) if need_adapter else [None] * len(adapter)
-    # the structure must mirror the inputs', where an empty int list counts as an empty list
-    no_grad_lists = [[] if len(v) == 0 else None for v in ctx.config[2:5]]
-    return (grad_x, grad_w, grad_b, grad_adapter, None, None, *no_grad_lists, None, None, None)
+    return (grad_x, grad_w, grad_b, grad_adapter, None, None, *no_grad_for_lists(ctx.config[2:5]), None, None, None)
 
 
 adapted_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def adapted_forward(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    adapter: Sequence[Tensor],
-    math: methods.AdapterMath,
-    scale: float,
-    geometry: tuple = ((), (), (), 1),
-    dropped_x: Optional[Tensor] = None,
-) -> Tensor:
-    """The adapted layer's output on the backend in force.
-
-    ``op(x, W', bias)``; or, given ``dropped_x`` (adapter dropout applied to the input),
-    ``op(x, W, bias) + op(dropped_x, W' - W)``. ``geometry`` is ``(stride, padding, dilation,
-    groups)`` of a convolution (ignored for linear); ``x`` has its batch dimension (conv) or is
-    2-D (linear), and is already padded as the layer's padding mode asks.
-
-    Under autocast, the adapter math still runs in float32; ``W'`` is stored in the autocast
-    dtype and the conv/matmul runs in it, as autocast would run the plain layer.
-    """
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        with torch.autocast(device_type, enabled=False):
-            return adapted_forward(cast(x), weight, cast(bias), adapter, math, scale, geometry, cast(dropped_x))
-    stride, padding, dilation, groups = geometry
-    impl = backend.resolve(weight.device)
-
-    def adapted(inp, b, delta_only):
-        if impl == "reference":
-            w_eff = methods.effective_weight(weight, adapter, math, scale, delta_only).to(inp.dtype)
-            return base_op(inp, w_eff, b, stride, padding, dilation, groups)
-        return adapted_op(inp, weight, b, list(adapter), math.key, float(scale), list(stride), list(padding),
-                          list(dilation), groups, delta_only, impl)
-
-    if dropped_x is not None:
-        frozen = base_op(x, weight.to(x.dtype), bias, stride, padding, dilation, groups)
-        return frozen + adapted(dropped_x, None, True)
-    return adapted(x, bias, False)

@@ -64,6 +64,7 @@ def load_adapters(model: nn.Module, directory: str) -> list:
     """
     layers, tensors = _read(directory)
     modules = dict(model.named_modules())
+    flags = [(p, p.requires_grad) for p in model.parameters()]  # building adapters freezes shared weights
     problems, plan = [], {}
     for name, entry in layers.items():
         module = modules.get(name)
@@ -106,6 +107,8 @@ def load_adapters(model: nn.Module, directory: str) -> list:
     known = {f"{n}.{k}" for n, (layer, _) in plan.items() for k in layer.adapter_state()}
     problems += [f"tensor {k} in the file belongs to no adapter layer" for k in tensors if k not in known]
     if problems:
+        for p, flag in flags:
+            p.requires_grad_(flag)
         raise ValueError("load_adapters: the file does not match the model:\n  " + "\n  ".join(problems))
     for name, (layer, replace) in plan.items():
         with torch.no_grad():

@@ -97,6 +97,20 @@ def build_adapter(module: nn.Module, method: str, name: str, **method_kwargs) ->
     return layer
 
 
+def build_all(model: nn.Module, specs: dict) -> dict:
+    """``{name: build_adapter(module, method, name, **kwargs)}`` for ``specs = {name: (method, kwargs)}``.
+
+    Building freezes the base weights the new layers share with ``model``; if any build fails,
+    every ``requires_grad`` flag is restored before the error propagates."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        return {n: build_adapter(model.get_submodule(n), method, n, **kwargs) for n, (method, kwargs) in specs.items()}
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
 def freeze_all_but_adapters(model: nn.Module) -> None:
     """Only adapter tensors stay trainable."""
     keep = {id(p) for _, layer in adapter_layers(model) for p in layer.adapter_parameters()}
@@ -116,7 +130,7 @@ def inject(model: nn.Module, method: str, target_modules: TargetSpec = None, exc
     if method not in LAYERS:
         raise ValueError(f"unknown method {method!r}; expected one of {tuple(LAYERS)}")
     names = _select(model, target_modules, exclude_modules)
-    built = {n: build_adapter(model.get_submodule(n), method, n, **method_kwargs) for n in names}
+    built = build_all(model, {n: (method, method_kwargs) for n in names})
     for n, layer in built.items():
         replace_module(model, n, layer)
     freeze_all_but_adapters(model)

@@ -80,6 +80,15 @@ METHODS = [
 METHOD_IDS = [m[0] for m in METHODS]
 
 
+def applicable_strategies(method) -> tuple:
+    """The strategies that can run ``method`` (bypass: FLoRA, SSL, SSB)."""
+    return ("merged", "two_branch", "bypass") if method[1] in ("FLoRA", "SSL", "SSB") else ("merged", "two_branch")
+
+
+# every method with every strategy that can run it
+METHOD_STRATEGIES = [pytest.param(m, st, id=f"{m[0]}-{st}") for m in METHODS for st in applicable_strategies(m)]
+
+
 SUFFIX = {nn.Linear: "Linear", nn.Conv1d: "Conv1d", nn.Conv2d: "Conv2d", nn.Conv3d: "Conv3d"}
 
 # relative error tolerances against float64, for outputs and gradients
@@ -91,14 +100,14 @@ def adapter_class(prefix: str, base: type) -> type:
     return getattr(lk, prefix + SUFFIX[base])
 
 
-def build(geom, method, dtype, seed=0, randomize=True):
+def build(geom, method, dtype, seed=0, randomize=True, strategy="auto"):
     """The adapter layer of ``method`` with ``geom``'s geometry in ``dtype`` (float16/bfloat16 by
     ``.to(dtype)`` of a float32 layer), with random (non-zero) adapter tensors."""
     _, base, kwargs, _ = geom
     _, prefix, mkwargs = method
     torch.manual_seed(seed)
     build_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    layer = adapter_class(prefix, base)(**kwargs, **mkwargs, dtype=build_dtype)
+    layer = adapter_class(prefix, base)(**kwargs, **mkwargs, dtype=build_dtype, strategy=strategy)
     if build_dtype != dtype:
         layer = layer.to(dtype)
     if randomize:
@@ -156,11 +165,16 @@ def oracle_forward(geom, layer, x64, w, b, t):
 # output and every gradient against the oracle
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", list(TOL), ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+@pytest.mark.parametrize("method, strategy", METHOD_STRATEGIES)
 @pytest.mark.parametrize("geom", GEOMETRIES, ids=GEOM_IDS)
-def test_output_and_gradients_match_oracle(geom, method, dtype):
+def test_output_and_gradients_match_oracle(geom, method, strategy, dtype):
+    """Every strategy, with the base weight and bias made trainable again (the frozen default is
+    the same computation without their gradients; test_strategies checks it)."""
     with lk.use_backend("reference"):
-        layer = build(geom, method, dtype)
+        layer = build(geom, method, dtype, strategy=strategy)
+        layer.weight.requires_grad_(True)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(True)
         x = random_input(geom[3], dtype).requires_grad_()
         y = layer(x)
         g = random_input(y.shape, dtype, seed=7)
@@ -182,10 +196,33 @@ def test_output_and_gradients_match_oracle(geom, method, dtype):
         assert rel_err(layer.bias.grad, b.grad) <= tol, "grad bias"
     state = layer.adapter_state()
     assert sorted(state) == sorted(t) and len(state) >= 1
+    conditioning = adapter_grad_conditioning(geom, layer, x64, g) if strategy == "bypass" and dtype in (
+        torch.float16, torch.bfloat16) else {}
     for name, p in state.items():
         assert p.grad is not None, f"no gradient for {name}"
         assert p.grad.dtype == p.dtype
-        assert rel_err(p.grad, t[name].grad) <= tol, f"grad {name}: {rel_err(p.grad, t[name].grad):.2e}"
+        bound = tol * conditioning.get(name, 1.0)
+        assert rel_err(p.grad, t[name].grad) <= bound, f"grad {name}: {rel_err(p.grad, t[name].grad):.2e} > {bound:.1e}"
+
+
+def adapter_grad_conditioning(geom, layer, x64, g) -> dict:
+    """Per adapter tensor, the condition number ``||gradient of the absolute values|| / ||gradient||``
+    (at least 1) of its float64 gradient: the factor by which cancellation in the gradient's sums
+    amplifies rounding. The bypass strategy reduces over activations rounded to the op's 16-bit
+    dtype (merged reduces over the weight gradient, accumulated in float32), so in 16-bit dtypes
+    its adapter gradients are held to the dtype's tolerance times this number."""
+    grads = []
+    for absolute in (False, True):
+        w, b, t = oracle_leaves(layer)
+        leaves = {n: (v.detach().abs().requires_grad_() if absolute else v) for n, v in t.items()}
+        inp = x64.detach().abs() if absolute else x64.detach()
+        weight = w.detach().abs() if absolute else w.detach()
+        bias = None if b is None else (b.detach().abs() if absolute else b.detach())
+        out = oracle_forward(geom, layer, inp, weight, bias, leaves)
+        grads.append(torch.autograd.grad((out * (g.to(F64).abs() if absolute else g.to(F64))).sum(),
+                                         list(leaves.values())))
+    names = list(layer.adapter_state())
+    return {n: max(1.0, (m.norm() / r.norm().clamp_min(1e-300)).item()) for n, r, m in zip(names, *grads)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DTYPE_IDS.get)
@@ -220,10 +257,10 @@ GRADCHECK_GEOMS = [
 ]
 
 
-@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+@pytest.mark.parametrize("method, strategy", METHOD_STRATEGIES)
 @pytest.mark.parametrize("geom", GRADCHECK_GEOMS, ids=lambda g: g[0])
-def test_gradcheck(geom, method):
-    layer = build(geom, method, torch.float64)
+def test_gradcheck(geom, method, strategy):
+    layer = build(geom, method, torch.float64, strategy=strategy)
     names = list(layer.adapter_state())
     x = random_input(geom[3], F64).requires_grad_()
     params = tuple(p.detach().clone().requires_grad_() for p in layer.adapter_state().values())
@@ -239,23 +276,23 @@ def test_gradcheck(geom, method):
 # fresh layers, defaults, initialisation
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("method", METHODS, ids=METHOD_IDS)
+@pytest.mark.parametrize("method, strategy", METHOD_STRATEGIES)
 @pytest.mark.parametrize("geom", [g for g in GEOMETRIES if g[0] in
                                   ("linear-3d-input", "conv1d-circular", "conv2d-same-dil", "conv2d-depthwise",
                                    "conv3d-replicate-stride", "conv2d-unbatched")], ids=lambda g: g[0])
-def test_fresh_layer_equals_plain_layer_exactly(geom, method, dtype):
+def test_fresh_layer_equals_plain_layer_exactly(geom, method, strategy, dtype):
     """A freshly built layer (zero core / zero lora_B / unit scales) computes the plain layer bit for bit,
-    both when constructed directly (same seed) and via from_module."""
+    both when constructed directly (same seed) and via from_module, whatever the strategy."""
     _, base, kwargs, shape = geom
     torch.manual_seed(5)
     plain = base(**kwargs, dtype=dtype)
     torch.manual_seed(5)
-    layer = adapter_class(method[1], base)(**kwargs, **method[2], dtype=dtype)
+    layer = adapter_class(method[1], base)(**kwargs, **method[2], dtype=dtype, strategy=strategy)
     assert torch.equal(layer.weight, plain.weight)
     x = random_input(shape, dtype)
     with lk.use_backend("reference"):
         assert torch.equal(layer(x), plain(x))
-        wrapped = adapter_class(method[1], base).from_module(plain, **method[2])
+        wrapped = adapter_class(method[1], base).from_module(plain, **method[2], strategy=strategy)
         assert torch.equal(wrapped(x), plain(x))
     # and a random adapter makes a difference (the check above can fail)
     randomize_adapter(wrapped, 3)

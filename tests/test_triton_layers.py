@@ -40,12 +40,17 @@ def _input(layer, dtype, seed):
     return torch.randn(shape, generator=g, dtype=F64).to(dtype).to(DEVICE)
 
 
-def _build(name, dtype, seed):
+def _build(name, dtype, seed, strategy="auto"):
     layer = randomize_adapter(LAYERS[name](), seed)
-    layer.weight.requires_grad_(False)
-    if layer.bias is not None:
-        layer.bias.requires_grad_(False)
+    layer.strategy = strategy
     return layer.to(DEVICE).to(dtype) if dtype != torch.float32 else layer.to(DEVICE)
+
+
+def _strategies(name) -> list:
+    return ["merged", "two_branch"] + (["bypass"] if name.split("_")[0] in ("flora", "ssl", "ssb") else [])
+
+
+LAYER_STRATEGIES = [pytest.param(n, st, id=f"{n}-{st}") for n in LAYERS for st in _strategies(n)]
 
 
 def _run(layer, x, backend, grad_out, input_grad=True):
@@ -87,10 +92,12 @@ def _swap(layer, dotted, value):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", list(LAYERS))
-def test_layer_forward_backward_matches_oracle(name, dtype):
+@pytest.mark.parametrize("name, strategy", LAYER_STRATEGIES)
+def test_layer_forward_backward_matches_oracle(name, strategy, dtype):
+    """Each strategy on the fused backend against the same strategy on the reference backend
+    (plain PyTorch in the same dtype) and the float64 oracle."""
     seed = hash((name, str(dtype))) % 2**31
-    layer = _build(name, dtype, seed)
+    layer = _build(name, dtype, seed, strategy)
     x = _input(layer, dtype, seed + 1)
     with torch.no_grad():
         grad_out = torch.randn_like(layer(x), dtype=F64).to(dtype)
@@ -105,7 +112,7 @@ def test_layer_forward_backward_matches_oracle(name, dtype):
 
 
 def test_input_gradient_is_skipped_when_not_needed(monkeypatch):
-    layer = _build("flora_conv2d_groups", torch.float32, 0)
+    layer = _build("flora_conv2d_groups", torch.float32, 0, "merged")
     x = _input(layer, torch.float32, 1)
     calls = []
     real = torch.ops.aten.convolution_backward
@@ -121,8 +128,9 @@ def test_input_gradient_is_skipped_when_not_needed(monkeypatch):
     assert all(p.grad is not None for p in layer.adapter_parameters())
 
 
-def test_trainable_bias_gets_its_gradient():
-    layer = _build("flora_conv2d_groups", torch.float32, 0)
+@pytest.mark.parametrize("strategy", _strategies("flora"))
+def test_trainable_bias_gets_its_gradient(strategy):
+    layer = _build("flora_conv2d_groups", torch.float32, 0, strategy)
     layer.bias.requires_grad_(True)
     x = _input(layer, torch.float32, 1)
     grads = []
@@ -135,7 +143,7 @@ def test_trainable_bias_gets_its_gradient():
 
 
 def test_no_adapter_gradient_skips_weight_gradient(monkeypatch):
-    layer = _build("liera_exp_conv2d", torch.float32, 0)
+    layer = _build("liera_exp_conv2d", torch.float32, 0, "merged")
     for p in layer.adapter_parameters():
         p.requires_grad_(False)
     x = _input(layer, torch.float32, 1).requires_grad_()
@@ -158,9 +166,11 @@ def _outputs_with_same_dropout(layer, x, seed, autocast_dtype=None):
     return outs
 
 
-@pytest.mark.parametrize("name", ["flora_conv2d_groups", "liera_linear", "ssb_linear"])
-def test_dropout_two_branch_form(name):
-    layer = _build(name, torch.float32, 2)
+@pytest.mark.parametrize("name, strategy", [p for p in LAYER_STRATEGIES if p.values[0] in (
+    "flora_conv2d_groups", "liera_linear", "ssb_linear")])
+def test_dropout_two_branch_form(name, strategy):
+    """With adapter dropout every strategy computes ``op(x, W) + op(dropout(x), W' - W)``."""
+    layer = _build(name, torch.float32, 2, strategy)
     layer.dropout = 0.3
     x = _input(layer, torch.float32, 3)
     outs = _outputs_with_same_dropout(layer, x, 11)
@@ -187,25 +197,28 @@ def _saved_tensors(layer, x, backend):
     return y, saved
 
 
-@pytest.mark.parametrize("name", ["flora_conv2d_groups", "liera_exp_conv2d", "liera_linear", "ssb_linear"])
-def test_no_weight_sized_tensor_saved_for_backward(name):
-    layer = _build(name, torch.float32, 4)
+@pytest.mark.parametrize("name, strategy", [p for p in LAYER_STRATEGIES if p.values[0] in (
+    "flora_conv2d_groups", "liera_exp_conv2d", "liera_linear", "ssb_linear")])
+def test_no_weight_sized_tensor_saved_for_backward(name, strategy):
+    layer = _build(name, torch.float32, 4, strategy)
     x = _input(layer, torch.float32, 5).requires_grad_()
     n = layer.weight.numel()
     _, saved = _saved_tensors(layer, x, "triton")
     extra = [t for t in saved if t.numel() >= n and t.data_ptr() != layer.weight.data_ptr()
              and t.data_ptr() != x.data_ptr()]
     assert not extra, [tuple(t.shape) for t in extra]
-    # the check can fail: the reference path keeps W' for backward
+    # the check can fail: the reference path's merged strategy keeps W' for backward
+    layer.strategy = "merged"
     _, saved_ref = _saved_tensors(layer, x, "reference")
     assert any(t.numel() >= n and t.data_ptr() != layer.weight.data_ptr() for t in saved_ref)
 
 
-@pytest.mark.parametrize("name", ["flora_conv2d_groups", "liera_exp_conv2d", "liera_first_order_depthwise",
-                                  "ssb_linear"])
+@pytest.mark.parametrize("name, strategy", [p for p in LAYER_STRATEGIES if p.values[0] in (
+    "flora_conv2d_groups", "liera_exp_conv2d", "liera_first_order_depthwise", "ssb_linear")])
 @pytest.mark.parametrize("dropout", [0.0, 0.4])
-def test_trainable_base_weight_gets_its_gradient(name, dropout):
-    layer = _build(name, torch.float32, 12)
+def test_trainable_base_weight_gets_its_gradient(name, strategy, dropout):
+    """A base weight made trainable again gets the same gradient on both backends, every strategy."""
+    layer = _build(name, torch.float32, 12, strategy)
     layer.weight.requires_grad_(True)
     layer.dropout = dropout
     x = _input(layer, torch.float32, 13)
@@ -290,11 +303,12 @@ def test_interpreter_is_on_without_cuda():
 AUTOCAST_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 
 
-@pytest.mark.parametrize("name", ["flora_conv2d_groups", "liera_exp_conv2d", "liera_linear", "ssb_linear"])
-def test_autocast_runs_the_op_in_the_autocast_dtype(name):
+@pytest.mark.parametrize("name, strategy", [p for p in LAYER_STRATEGIES if p.values[0] in (
+    "flora_conv2d_groups", "liera_exp_conv2d", "liera_linear", "ssb_linear")])
+def test_autocast_runs_the_op_in_the_autocast_dtype(name, strategy):
     """Mixed precision: float32 weights and adapters, the conv/matmul in the autocast dtype, the
     adapter math in float32; outputs and gradients within the accuracy rule against float64."""
-    layer = _build(name, torch.float32, 14)
+    layer = _build(name, torch.float32, 14, strategy)
     x = _input(layer, torch.float32, 15)
     with torch.no_grad():
         grad_out = torch.randn_like(layer(x))
@@ -311,9 +325,10 @@ def test_autocast_runs_the_op_in_the_autocast_dtype(name):
         assert_accuracy(f"{name} autocast grad {i}", g, p, r, floor)
 
 
-@pytest.mark.parametrize("name", ["flora_conv2d_groups", "liera_linear"])
-def test_autocast_with_dropout_matches_reference(name):
-    layer = _build(name, torch.float32, 16)
+@pytest.mark.parametrize("name, strategy", [p for p in LAYER_STRATEGIES if p.values[0] in (
+    "flora_conv2d_groups", "liera_linear")])
+def test_autocast_with_dropout_matches_reference(name, strategy):
+    layer = _build(name, torch.float32, 16, strategy)
     layer.dropout = 0.3
     x = _input(layer, torch.float32, 17)
     outs = _outputs_with_same_dropout(layer, x, 5, AUTOCAST_DTYPE)

@@ -1,0 +1,92 @@
+"""Execution strategies: which convolutions and matmuls compute an adapted layer.
+
+The math is :mod:`lrtensor_kernels.methods`'; a strategy only decides how ``op(x, W')`` is
+computed, never its value (up to rounding), the parameters or what is saved to adapter files.
+
+- ``"merged"`` (any method): ``W'`` built in one weight-sized pass, one op on it; the backward
+  takes the full weight gradient ``dL/dW'`` and projects it onto the adapter tensors.
+- ``"two_branch"`` (any method): ``op(x, W) + op(x, W' - W)``; keeps a small update's precision in
+  bfloat16/float16 at the cost of one more op forward and backward.
+- ``"bypass"`` (FLoRA, SSL, SSB): the frozen op on ``W`` plus an exact cheap path for the update,
+  with no full weight gradient: FLoRA's Tucker chain (:mod:`.tucker_bypass`), SSL/SSB's scaled
+  activations (:mod:`.scale_bypass`).
+- ``"auto"`` (default): chosen per call by the cost model (:mod:`.cost`).
+
+Each strategy runs on every backend: in plain PyTorch on "reference", through custom ops on the
+fused backends. Layers hold a strategy name and hand it here with their tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import backend, methods
+from . import cost, merged, scale_bypass, tucker_bypass
+from .call import AdaptedCall
+
+STRATEGIES = ("auto", "merged", "two_branch", "bypass")
+
+
+def check_strategy(strategy, math: methods.AdapterMath) -> str:
+    """``strategy`` if it names a strategy that can run ``math``; else a ValueError saying why."""
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy != "auto" and strategy not in cost.applicable(math):
+        raise ValueError(f"strategy {strategy!r} cannot run a {math.combine!r} update of a {math.delta!r} delta "
+                         f"(it has no low-rank bypass); expected one of {('auto',) + cost.applicable(math)}")
+    return strategy
+
+
+def _run_bypass(call: AdaptedCall, decision: cost.Decision) -> Tensor:
+    if call.math.delta == "tucker":
+        return tucker_bypass.run(call, decision.input_grad_via_weight)
+    return scale_bypass.run(call)
+
+
+_RUN = {
+    "merged": lambda call, decision: merged.run_merged(call),
+    "two_branch": lambda call, decision: merged.run_two_branch(call),
+    "bypass": _run_bypass,
+}
+
+
+def adapted_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    adapter: Sequence[Tensor],
+    math: methods.AdapterMath,
+    scale: float,
+    geometry: tuple = ((), (), (), 1),
+    dropped_x: Optional[Tensor] = None,
+    strategy: str = "auto",
+) -> Tensor:
+    """The adapted layer's output ``op(x, W', bias)`` by ``strategy`` on the backend in force.
+
+    ``geometry`` is ``(stride, padding, dilation, groups)`` of a convolution (ignored for linear);
+    ``x`` is batched (conv) or 2-D (linear) and already padded as the layer's padding mode asks.
+    ``dropped_x``: adapter dropout applied to ``x``; the update then acts on it alone,
+    ``op(x, W, bias) + op(dropped_x, W' - W)``.
+
+    Under autocast the adapter math still runs in float32; the ops run in the autocast dtype,
+    as autocast would run the plain layer.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        with torch.autocast(device_type, enabled=False):
+            return adapted_forward(cast(x), weight, cast(bias), adapter, math, scale, geometry, cast(dropped_x),
+                                   strategy)
+    stride, padding, dilation, groups = geometry
+    call = AdaptedCall(x, weight, bias, adapter, math, float(scale), list(stride), list(padding), list(dilation),
+                       groups, dropped_x, backend.resolve(weight.device))
+    decision = decide(call, strategy)
+    return _RUN[decision.strategy](call, decision)
+
+
+def decide(call: AdaptedCall, strategy: str = "auto") -> cost.Decision:
+    """The strategy ``call`` runs under ``strategy`` (the cost model's choice for "auto")."""
+    return cost.decide(cost.Workload.of(call), strategy)

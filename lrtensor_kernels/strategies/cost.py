@@ -1,0 +1,351 @@
+"""The cost model behind strategy "auto": the estimated time of each strategy for one layer call.
+
+    time = flops / flop_rate(dtype) + bytes / bandwidth + ops * op_overhead
+
+counted from the call's shapes alone (nothing runs): the FLOPs of every convolution or matmul a
+strategy calls in the forward and in the backward autograd will run for this call (only the
+gradients it needs), the bytes of every activation- or weight-sized tensor those ops and the
+elementwise passes read or write, and the number of ops. The per-device constants are in
+``DEVICES``, the one place to calibrate them.
+
+"auto" takes the cheapest applicable strategy, with two rules before cost:
+- LieRA (multiplicative ``exp``/``first_order``) runs merged: it has no bypass, its floor is full
+  fine-tuning; two_branch is offered for precision, not picked.
+- FLoRA and SSL/SSB in bfloat16/float16 never run merged: rounding ``W'`` to the op's dtype loses
+  most of a small update (see the README's precision table), which bypass and two_branch keep.
+"""
+from __future__ import annotations
+
+import functools
+import math as pymath
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import methods
+from .call import AdaptedCall
+
+REDUCED_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """Throughputs of one device type. ``flops``: dense conv/matmul FLOP/s per dtype;
+    ``bandwidth``: bytes/s of a large elementwise pass (read + write); ``op_overhead``: seconds
+    per op launched from Python (dispatch, launch, small-op latency)."""
+
+    flops: dict
+    bandwidth: float
+    op_overhead: float
+
+    def flop_rate(self, dtype: torch.dtype) -> float:
+        return self.flops.get(dtype, self.flops[torch.float32])
+
+
+DEVICES = {
+    # 2-core AMD EPYC CI machine, one torch thread: fp32 convolutions 40-80 GFLOP/s, copies of
+    # tensors above the last-level cache 15-20 GB/s, about 5 us per small op; oneDNN's bf16/fp16
+    # convolutions run at 1.4/2.4 GFLOP/s there (no native 16-bit units).
+    "cpu": DeviceModel(flops={torch.float32: 60e9, torch.float64: 30e9, torch.bfloat16: 1.5e9,
+                              torch.float16: 2.5e9},
+                       bandwidth=15e9, op_overhead=6e-6),
+    # H100 SXM by its specification sheet, derated to what cuDNN/cuBLAS reach on mid-size layers;
+    # not yet calibrated by measurement on this package's ops.
+    "cuda": DeviceModel(flops={torch.float32: 50e12, torch.float64: 50e12, torch.bfloat16: 450e12,
+                               torch.float16: 450e12},
+                        bandwidth=2.6e12, op_overhead=6e-6),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the cost model needs of one call: shapes, dtypes, geometry, ranks, needed gradients."""
+
+    weight_shape: tuple
+    input_shape: tuple
+    output_shape: tuple
+    groups: int
+    dtype: torch.dtype
+    weight_dtype: torch.dtype
+    device_type: str
+    math: methods.AdapterMath
+    adapter_shapes: tuple
+    need_input: bool
+    need_weight: bool
+    need_bias: bool
+    need_adapter: bool
+    dropout: bool
+    fused: bool
+
+    @classmethod
+    def of(cls, call: AdaptedCall) -> "Workload":
+        needs = call.needs()
+        return cls(tuple(call.weight.shape), tuple(call.x.shape), _output_shape(call), call.groups, call.x.dtype,
+                   call.weight.dtype, call.weight.device.type, call.math, tuple(tuple(t.shape) for t in call.adapter),
+                   needs["input"], needs["weight"], needs["bias"], needs["adapter"], call.dropped_x is not None,
+                   call.impl != "reference")
+
+    @property
+    def ranks(self) -> tuple:
+        """Tucker: the core's shape; lora: (r,); scales: ()."""
+        if self.math.delta == "tucker":
+            return self.adapter_shapes[0]
+        return (self.adapter_shapes[0][1],) if self.math.delta == "lora" else ()
+
+
+def _output_shape(call: AdaptedCall) -> tuple:
+    if call.is_linear:
+        return (call.x.shape[0], call.weight.shape[0])
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+               zip(call.x.shape[2:], call.weight.shape[2:], call.stride, call.padding, call.dilation)]
+    return (call.x.shape[0], call.weight.shape[0], *spatial)
+
+
+@dataclass
+class Cost:
+    """FLOPs, bytes and ops of one strategy's forward + backward; ``notes`` say how it runs."""
+
+    flops: float = 0.0
+    bytes: float = 0.0
+    ops: int = 0
+    notes: list = field(default_factory=list)
+
+    def add(self, flops: float = 0.0, nbytes: float = 0.0, ops: int = 1) -> "Cost":
+        self.flops += flops
+        self.bytes += nbytes
+        self.ops += ops
+        return self
+
+    def seconds(self, device: DeviceModel, dtype: torch.dtype) -> float:
+        return self.flops / device.flop_rate(dtype) + self.bytes / device.bandwidth + self.ops * device.op_overhead
+
+
+class _Sizes:
+    """Element counts and sizes of one workload, named as the formulas use them."""
+
+    def __init__(self, w: Workload):
+        self.w = w
+        self.batch = w.input_shape[0]
+        self.c_in, self.c_out = w.input_shape[1], w.weight_shape[0]
+        self.c_group = w.weight_shape[1]
+        self.kernel = pymath.prod(w.weight_shape[2:])
+        self.pixels_in = pymath.prod(w.input_shape[2:])
+        self.pixels_out = pymath.prod(w.output_shape[2:])
+        self.x = self.batch * self.c_in * self.pixels_in
+        self.y = self.batch * self.c_out * self.pixels_out
+        self.weight = pymath.prod(w.weight_shape)
+        self.e = torch.finfo(w.dtype).bits // 8
+        self.e_acc = torch.finfo(methods.compute_dtype(w.weight_dtype)).bits // 8
+        self.conv = 2.0 * self.batch * self.pixels_out * self.c_out * self.c_group * self.kernel
+
+    def op(self, cost: Cost, flops: float, *elements: float) -> Cost:
+        """An op of ``flops`` reading/writing tensors of ``elements`` elements in the op's dtype."""
+        return cost.add(flops, self.e * sum(elements))
+
+    def conv_pass(self, cost: Cost) -> Cost:
+        """One pass of the layer's op (forward, input gradient or weight gradient)."""
+        return self.op(cost, self.conv, self.x, self.weight, self.y)
+
+    def transform(self, cost: Cost) -> Cost:
+        """``W'`` (or ``W' - W``) built in the op's dtype: one fused pass, or the reference's
+        delta, combine and cast passes in the compute dtype."""
+        rank = self.w.ranks[0] if self.w.ranks else 1
+        if self.w.fused:
+            return cost.add(2.0 * rank * self.weight, self.weight * (self.e + self.e))
+        return cost.add(2.0 * rank * self.weight, self.weight * (5 * self.e_acc + self.e), ops=4)
+
+    def project(self, cost: Cost) -> Cost:
+        """``dL/dW'`` projected onto the adapter tensors."""
+        rank = self.w.ranks[0] if self.w.ranks else 1
+        reads = 1 if self.w.math.combine == "add" else 2
+        if self.w.fused:
+            return cost.add(4.0 * rank * self.weight, reads * self.weight * self.e, ops=2)
+        return cost.add(4.0 * rank * self.weight, self.weight * (reads * self.e + 4 * self.e_acc), ops=6)
+
+
+def frozen_cost(w: Workload) -> Cost:
+    """The frozen layer: the op forward and, when the input needs it, its input gradient."""
+    s = _Sizes(w)
+    cost = s.conv_pass(Cost())
+    return s.conv_pass(cost) if w.need_input else cost
+
+
+def merged_cost(w: Workload) -> Cost:
+    if w.dropout:
+        return two_branch_cost(w)
+    s = _Sizes(w)
+    cost = s.conv_pass(s.transform(Cost(notes=["W' built, one op"])))
+    if w.need_input:
+        s.conv_pass(s.transform(cost) if w.fused else cost)
+    if w.need_adapter or w.need_weight:
+        s.conv_pass(cost)
+        cost.notes.append("full weight gradient")
+    if w.need_adapter:
+        s.project(cost)
+    return cost
+
+
+def two_branch_cost(w: Workload) -> Cost:
+    s = _Sizes(w)
+    cost = s.conv_pass(s.transform(s.conv_pass(Cost(notes=["op(x, W) + op(x, W' - W)"]))))
+    s.op(cost, 0, s.y, s.y, s.y)
+    if w.need_input:
+        s.conv_pass(cost)
+    if w.need_input or w.dropout:
+        s.conv_pass(s.transform(cost) if w.fused else cost)
+        s.op(cost, 0, s.x, s.x, s.x)
+    if w.need_adapter or w.need_weight:
+        s.conv_pass(cost)
+    if w.need_adapter:
+        s.project(cost)
+    return cost
+
+
+def _chain_parts(s: _Sizes, w: Workload) -> tuple:
+    """FLOPs and element counts of the Tucker chain's three ops: ``(in, mid, out)`` FLOPs, ``u`` and
+    ``z`` elements (see tucker_bypass)."""
+    r1, r2 = w.ranks[0], w.ranks[1]
+    g = w.groups
+    u = s.batch * g * r2 * s.pixels_in
+    z = s.batch * g * r1 * s.pixels_out
+    flops_in = 2.0 * s.batch * s.pixels_in * s.c_in * r2
+    flops_mid = 2.0 * s.batch * s.pixels_out * g * r1 * r2 * s.kernel
+    flops_out = 2.0 * s.batch * s.pixels_out * s.c_out * r1
+    return flops_in, flops_mid, flops_out, u, z
+
+
+def tucker_bypass_cost(w: Workload) -> Cost:
+    from .tucker_bypass import SAVE_U_FRACTION
+
+    s = _Sizes(w)
+    f_in, f_mid, f_out, u, z = _chain_parts(s, w)
+    cost = s.conv_pass(Cost(notes=["op(x, W) + Tucker chain"]))
+    s.op(cost, f_in, s.x, u)
+    s.op(cost, f_mid, u, z)
+    s.op(cost, f_out, z, s.y, s.y)
+    keeps_u = u <= SAVE_U_FRACTION * s.x
+    if w.need_adapter:
+        if not keeps_u:
+            s.op(cost, f_in, s.x, u)
+        s.op(cost, f_mid, u, z)
+        s.op(cost, f_out, s.y, z)  # grad z
+        s.op(cost, f_out, s.y, z)  # grad U_1
+        s.op(cost, f_mid, z, u)  # grad u
+        s.op(cost, f_mid, z, u)  # grad K
+        s.op(cost, f_in, u, s.x)  # grad U_2
+    if w.need_input or w.dropout:
+        s.conv_pass(cost)
+        through_chain = Cost()
+        s.op(through_chain, f_in, u, s.x, s.x, s.x)
+        if not w.need_adapter:
+            s.op(through_chain, f_out + f_mid, s.y, z, u)
+        through_weight = s.transform(Cost())
+        dev = DEVICES[w.device_type]
+        if w.dropout or through_chain.seconds(dev, w.dtype) <= through_weight.seconds(dev, w.dtype):
+            cost.add(through_chain.flops, through_chain.bytes, through_chain.ops)
+            cost.notes.append("input gradient through W and the chain")
+        else:
+            cost.add(through_weight.flops, through_weight.bytes, through_weight.ops)
+            cost.notes.append("input gradient through W'")
+    if w.need_weight:
+        s.conv_pass(cost)
+    cost.notes.append("u kept" if keeps_u else "u recomputed")
+    return cost
+
+
+def scale_bypass_cost(w: Workload) -> Cost:
+    from .scale_bypass import splits
+
+    s = _Sizes(w)
+    ssb = len(w.adapter_shapes) == 2
+    split = splits(w.dtype)
+    cost = Cost()
+    if w.dropout:
+        cost.notes.append("op(x, W) + op(xd, W' - W) under autograd")
+        for _ in range(3 if ssb else 2):
+            s.conv_pass(cost)
+        s.op(cost, 0, *(s.x,) * 6, *(s.y,) * 6)
+    elif split:
+        cost.notes.append("x * d_in split: update as its own op")
+        s.conv_pass(s.conv_pass(cost))
+        s.op(cost, 0, s.x, s.x, *(s.y,) * (6 if ssb else 3))
+    else:
+        cost.notes.append("x * d_in")
+        s.conv_pass(s.op(cost, 0, s.x, s.x))
+        if ssb:
+            s.op(cost, 0, s.y, s.y, s.y)
+    if w.need_adapter or w.need_input:
+        s.conv_pass(cost)
+        if ssb:
+            s.op(cost, 0, s.y, s.y)
+        if w.need_input:
+            s.op(cost, 0, s.x, s.x)
+        if w.need_adapter:
+            s.op(cost, 0, s.x, s.x, *((s.y, s.y) if ssb else ()))
+    if w.need_weight:
+        s.conv_pass(cost)
+    return cost
+
+
+@dataclass
+class Decision:
+    """The strategy a call runs, why, and every candidate's estimated cost."""
+
+    strategy: str
+    reason: str
+    costs: dict
+    input_grad_via_weight: bool = False
+
+
+APPLICABLE = {
+    "tucker:add": ("merged", "two_branch", "bypass"),
+    "scales:mul": ("merged", "two_branch", "bypass"),
+}
+_COSTS = {"merged": merged_cost, "two_branch": two_branch_cost}
+_BYPASS_COSTS = {"tucker": tucker_bypass_cost, "scales": scale_bypass_cost}
+
+
+def applicable(math: methods.AdapterMath) -> tuple:
+    """The strategies that can run ``math`` (bypass needs an additive Tucker or a scaling update)."""
+    return APPLICABLE.get(math.key, ("merged", "two_branch"))
+
+
+def strategy_cost(w: Workload, strategy: str) -> Cost:
+    if strategy == "bypass":
+        return _BYPASS_COSTS[w.math.delta](w)
+    return _COSTS[strategy](w)
+
+
+def decide(w: Workload, requested: str) -> Decision:
+    """The strategy for ``w``: ``requested`` itself, or for "auto" the rule of the module doc.
+
+    Memoised in eager mode; traced through (constant-folded) under torch.compile."""
+    if torch.compiler.is_compiling():
+        return _decide(w, requested)
+    return _decide_cached(w, requested)
+
+
+def _decide(w: Workload, requested: str) -> Decision:
+    device = DEVICES.get(w.device_type, DEVICES["cuda"])
+    candidates = applicable(w.math)
+    costs = {name: strategy_cost(w, name) for name in candidates}
+    times = {name: cost.seconds(device, w.dtype) for name, cost in costs.items()}
+    if requested != "auto":
+        strategy, reason = requested, "set on the layer"
+    elif w.math.combine in ("exp", "first_order"):
+        strategy, reason = "merged", "multiplicative update: no bypass; merged is the cheapest exact form"
+    else:
+        allowed = [c for c in candidates if not (c == "merged" and w.dtype in REDUCED_PRECISION)]
+        strategy = min(allowed, key=times.__getitem__)
+        reason = "cheapest estimate"
+        if len(allowed) < len(candidates):
+            reason += f"; merged excluded: {str(w.dtype).replace('torch.', '')} would round a small update away"
+    via_weight = strategy == "bypass" and "input gradient through W'" in costs["bypass"].notes
+    return Decision(strategy, reason, costs, via_weight)
+
+
+_decide_cached = functools.lru_cache(maxsize=4096)(_decide)
+
+
+def frozen_seconds(w: Workload) -> float:
+    return frozen_cost(w).seconds(DEVICES.get(w.device_type, DEVICES["cuda"]), w.dtype)

@@ -1,0 +1,251 @@
+"""FLoRA's "bypass" strategy: the frozen op plus the Tucker chain; no full weight gradient.
+
+FLoRA's update is ``dW[o, i, k] = sum_{a,b} U_1[o, a] U_2[i, b] K[a, b, k]`` with the kernel
+core ``K = core x_3 U_3 ... x_N U_N`` of shape (r_1, r_2, k_1..k_n). For a convolution with
+``g`` groups (C_g = C_in / g input channels per group)::
+
+    op(x, W') = op(x, W) + P_out(op_K(P_in(x)))
+    u = P_in(x)     1x1 conv, C_in -> g r_2 channels, g groups, weight U_2^T per group
+    z = op_K(u)     the layer's stride, padding and dilation, kernel K, g r_2 -> g r_1, g groups
+    P_out(z)        1x1 conv, g r_1 -> C_out channels, g groups, weight scale * U_1
+
+and for a linear layer ``u = x U_2``, ``z = u core^T``, ``P_out(z) = scale * z U_1^T``. It is exact:
+a 1x1 channel projection commutes with padding of any mode. Per output pixel the chain costs
+``C_in r_2 (input pixels per output pixel) + g r_1 r_2 k + C_out r_1`` multiply-adds, against the
+frozen op's ``C_out C_g k`` (k: kernel numel).
+
+Backward: the input gradient is one op on the materialised ``W'`` (exactly the frozen layer's
+op; ``input_grad_via_weight``) or ``op^T(grad, W)`` plus the chain transposed, whichever the cost
+model finds cheaper; with adapter dropout the chain's input is the dropped ``x`` and receives the
+chain's part. The adapter gradients are the chain's weight gradients (ops on activations of
+r_1 or r_2 channels), mapped back to the core and factors. Saved for backward: ``x``, the
+adapter tensors and ``u`` when it has at most ``SAVE_U_FRACTION`` of ``x``'s elements (it is
+recomputed otherwise); ``z`` is recomputed from ``u``.
+
+Two registrations of the same functions: an autograd.Function on the reference backend, the
+custom ops ``lrtensor::tucker_bypass``/``tucker_bypass_backward`` on the fused backends (which
+build ``W'`` with their transform kernel).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import methods, ops
+from .call import AdaptedCall
+
+SAVE_U_FRACTION = 0.25
+
+
+def chain_weights(adapter, scale: float, groups: int, spatial_dims: int, dtype: torch.dtype) -> list:
+    """``[w_in, w_mid, w_out]`` of the chain in ``dtype``, as ``ops.base_op`` weights: conv
+    (g r_2, C_g, 1..), (g r_1, r_2, *k), (C_out, r_1, 1..); linear U_2^T, core, scale * U_1."""
+    core, u1, u2, *kernel_factors = adapter
+    kernel = methods.tucker_product(core, kernel_factors, first_mode=2) if kernel_factors else core
+    w_in, w_mid, w_out = u2.t(), kernel, scale * u1
+    if spatial_dims:
+        ones = (1,) * spatial_dims
+        w_in = w_in.repeat(groups, 1).reshape(groups * u2.shape[1], u2.shape[0], *ones)
+        w_mid = w_mid.repeat(groups, *ones, 1)
+        w_out = w_out.reshape(*u1.shape, *ones)
+    return [w.to(dtype).contiguous() for w in (w_in, w_mid, w_out)]
+
+
+def _pointwise(spatial_dims: int) -> tuple:
+    """The geometry of a 1x1 conv (stride, padding, dilation) with ``spatial_dims`` dims."""
+    return [1] * spatial_dims, [0] * spatial_dims, [1] * spatial_dims
+
+
+def chain_input_projection(x_chain: Tensor, weights: list, groups: int) -> Tensor:
+    """``u = P_in(x)``."""
+    return ops.base_op(x_chain, weights[0], None, *_pointwise(weights[1].dim() - 2), groups)
+
+
+def forward(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], adapter, scale: float,
+            geometry: tuple) -> tuple:
+    """``(y, u)``: ``y = op(x, W, bias) + P_out(op_K(P_in(x_chain)))`` (``x_chain`` None: ``x``)."""
+    stride, padding, dilation, groups = geometry
+    weights = chain_weights(adapter, scale, groups, weight.dim() - 2, x.dtype)
+    u = chain_input_projection(x if x_chain is None else x_chain, weights, groups)
+    z = ops.base_op(u, weights[1], None, stride, padding, dilation, groups)
+    y = ops.base_op(x, weight.to(x.dtype), bias, stride, padding, dilation, groups)
+    y += ops.base_op(z, weights[2], None, *_pointwise(weight.dim() - 2), groups)
+    return y, u
+
+
+def keeps_u(u: Tensor, x_chain: Tensor) -> bool:
+    return u.numel() <= SAVE_U_FRACTION * x_chain.numel()
+
+
+def backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tensor, adapter, u: Optional[Tensor],
+             scale: float, geometry: tuple, input_grad_via_weight: bool, effective_weight, need_input: bool,
+             need_chain_input: bool, need_weight: bool, need_bias: bool, need_adapter: bool) -> tuple:
+    """``(grad_x, grad_x_chain, grad_weight, grad_bias, adapter_grads)``, None for what is not needed.
+
+    ``effective_weight()`` returns ``W'`` in ``x``'s dtype; it is called only when the input
+    gradient goes through it (``input_grad_via_weight`` and no separate chain input)."""
+    stride, padding, dilation, groups = geometry
+    n = weight.dim() - 2
+    pointwise = _pointwise(n)
+    chain_in = x if x_chain is None else x_chain
+    via_weight = input_grad_via_weight and x_chain is None
+    chain_input_grad = need_chain_input if x_chain is not None else need_input and not via_weight
+    base_weight = effective_weight() if need_input and via_weight else weight.to(x.dtype)
+    grad_x, grad_w, grad_b = ops.op_backward(grad_y, x, base_weight, stride, padding, dilation, groups,
+                                             need_input, need_weight, need_bias)
+    grad_chain_x, adapter_grads = None, None
+    if need_adapter or chain_input_grad:
+        w_in, w_mid, w_out = weights = chain_weights(adapter, scale, groups, n, x.dtype)
+        if u is None:
+            u = chain_input_projection(chain_in, weights, groups)
+        z = ops.base_op(u, w_mid, None, stride, padding, dilation, groups)
+        grad_z, grad_w_out, _ = ops.op_backward(grad_y, z, w_out, *pointwise, groups, True, need_adapter)
+        grad_u, grad_w_mid, _ = ops.op_backward(grad_z, u, w_mid, stride, padding, dilation, groups, True,
+                                                need_adapter)
+        grad_chain_x, grad_w_in, _ = ops.op_backward(grad_u, chain_in, w_in, *pointwise, groups, chain_input_grad,
+                                                     need_adapter)
+        if need_adapter:
+            adapter_grads = _adapter_grads(adapter, scale, groups, (grad_w_in, grad_w_mid, grad_w_out))
+    if x_chain is None:
+        if grad_chain_x is not None:
+            grad_x = grad_x + grad_chain_x
+        grad_chain_x = None
+    return grad_x, grad_chain_x, grad_w, grad_b, adapter_grads
+
+
+def _adapter_grads(adapter, scale: float, groups: int, chain_grads) -> list:
+    """Gradients of ``[core, U_1, U_2, U_3...]`` from those of the chain weights."""
+    core, u1, u2, *kernel_factors = adapter
+    acc = core.dtype
+    grad_in, grad_mid, grad_out = (g.to(acc) for g in chain_grads)
+    grad_u1 = scale * grad_out.reshape(u1.shape)
+    if grad_in.dim() == 2:
+        grad_u2, grad_kernel = grad_in.t(), grad_mid
+    else:
+        grad_u2 = grad_in.reshape(groups, u2.shape[1], u2.shape[0]).sum(0).t()
+        grad_kernel = grad_mid.reshape(groups, core.shape[0], *grad_mid.shape[1:]).sum(0)
+    if kernel_factors:
+        factors = [f.detach() for f in kernel_factors]
+        grad_core, *grad_kernel_factors = methods.tucker_product_grads(core.detach(), factors, grad_kernel, 2)
+    else:
+        grad_core, grad_kernel_factors = grad_kernel, []
+    return [g.contiguous() for g in (grad_core, grad_u1, grad_u2, *grad_kernel_factors)]
+
+
+# -- reference backend: an autograd.Function -------------------------------------------------
+
+
+class _ReferenceBypass(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_chain, weight, bias, call, input_grad_via_weight, *adapter):
+        y, u = forward(x, x_chain, weight, bias, adapter, call.scale, call.geometry)
+        kept_u = u if keeps_u(u, x if x_chain is None else x_chain) else None
+        ctx.save_for_backward(x, x_chain, weight, kept_u, *adapter)
+        ctx.config = (call.math, call.scale, call.geometry, input_grad_via_weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, x_chain, weight, u, *adapter = ctx.saved_tensors
+        math, scale, geometry, via_weight = ctx.config
+        need_x, need_chain, need_w, need_b = ctx.needs_input_grad[:4]
+
+        def effective_weight():
+            return methods.effective_weight(weight, adapter, math, scale).to(x.dtype)
+
+        with ops.autocast_off(x):
+            grad_x, grad_chain, grad_w, grad_b, grads = backward(
+                grad_y, x, x_chain, weight, adapter, u, scale, geometry, via_weight, effective_weight,
+                need_x, need_chain, need_w, need_b, any(ctx.needs_input_grad[6:]))
+        return (grad_x, grad_chain, grad_w, grad_b, None, None, *(grads or [None] * len(adapter)))
+
+
+# -- fused backends: custom ops --------------------------------------------------------------
+
+
+@torch.library.custom_op("lrtensor::tucker_bypass", mutates_args=())
+def tucker_bypass_op(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+                     adapter: list[Tensor], math: str, scale: float, stride: list[int], padding: list[int],
+                     dilation: list[int], groups: int, input_grad_via_weight: bool, impl: str) -> tuple[Tensor, Tensor]:
+    """``(y, u)`` of :func:`forward`; ``u`` is returned only for the backward to keep."""
+    with ops.autocast_off(x):
+        return forward(x, x_chain, weight, bias, adapter, scale, (stride, padding, dilation, groups))
+
+
+@tucker_bypass_op.register_fake
+def _(x, x_chain, weight, bias, adapter, math, scale, stride, padding, dilation, groups, input_grad_via_weight,
+      impl):
+    y = ops.base_op(x, weight.to(x.dtype), bias, stride, padding, dilation, groups)
+    u_channels = groups * adapter[2].shape[1]
+    u = x.new_empty((x.shape[0], u_channels, *x.shape[2:]))
+    return y, u
+
+
+@torch.library.custom_op("lrtensor::tucker_bypass_backward", mutates_args=())
+def tucker_bypass_backward_op(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tensor,
+                              adapter: list[Tensor], u: Optional[Tensor], math: str, scale: float, stride: list[int],
+                              padding: list[int], dilation: list[int], groups: int, input_grad_via_weight: bool,
+                              impl: str, need_input: bool, need_chain_input: bool, need_weight: bool,
+                              need_bias: bool, need_adapter: bool) -> list[Tensor]:
+    """The gradients of ``tucker_bypass`` that are needed, in input order."""
+    with ops.autocast_off(x):
+        def effective_weight():
+            return ops.transform_to(ops.kernels_for(impl), weight, adapter, math, scale, False, x.dtype)
+
+        grad_x, grad_chain, grad_w, grad_b, grads = backward(
+            grad_y, x, x_chain, weight, adapter, u, scale, (stride, padding, dilation, groups),
+            input_grad_via_weight, effective_weight, need_input, need_chain_input, need_weight, need_bias,
+            need_adapter)
+    return [g for g in (grad_x, grad_chain, grad_w, grad_b) if g is not None] + (grads or [])
+
+
+@tucker_bypass_backward_op.register_fake
+def _(grad_y, x, x_chain, weight, adapter, u, math, scale, stride, padding, dilation, groups, input_grad_via_weight,
+      impl, need_input, need_chain_input, need_weight, need_bias, need_adapter):
+    out = []
+    if need_input:
+        out.append(torch.empty_like(x))
+    if need_chain_input:
+        out.append(torch.empty_like(x_chain))
+    if need_weight:
+        out.append(torch.empty_like(weight))
+    if need_bias:
+        out.append(grad_y.new_empty(weight.shape[0]))
+    if need_adapter:
+        out.extend(torch.empty_like(t) for t in adapter)
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    x, x_chain, weight, bias, adapter, *config = inputs
+    u = output[1]
+    kept_u = u if keeps_u(u, x if x_chain is None else x_chain) else None
+    ctx.save_for_backward(x, x_chain, weight, kept_u, *adapter)
+    ctx.config = config  # math, scale, stride, padding, dilation, groups, input_grad_via_weight, impl
+
+
+def _backward(ctx, grad_y, _grad_u):
+    x, x_chain, weight, u, *adapter = ctx.saved_tensors
+    need_x, need_chain, need_w, need_b, need_adapter = ctx.needs_input_grad[:5]
+    need_chain = need_chain and x_chain is not None
+    need_adapter = any(need_adapter)
+    grads = iter(tucker_bypass_backward_op(grad_y, x, x_chain, weight, adapter, u, *ctx.config, need_x, need_chain,
+                                           need_w, need_b, need_adapter))
+    picked = [next(grads) if need else None for need in (need_x, need_chain, need_w, need_b)]
+    grad_adapter = list(grads) if need_adapter else [None] * len(adapter)
+    return (*picked, grad_adapter, None, None, *ops.no_grad_for_lists(ctx.config[2:5]), None, None, None)
+
+
+tucker_bypass_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run(call: AdaptedCall, input_grad_via_weight: bool) -> Tensor:
+    if call.impl == "reference":
+        return _ReferenceBypass.apply(call.x, call.dropped_x, call.weight, call.bias, call, input_grad_via_weight,
+                                      *call.adapter)
+    y, _ = tucker_bypass_op(call.x, call.dropped_x, call.weight, call.bias, list(call.adapter), call.math.key,
+                            float(call.scale), list(call.stride), list(call.padding), list(call.dilation),
+                            call.groups, input_grad_via_weight, call.impl)
+    return y
