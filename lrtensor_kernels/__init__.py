@@ -32,6 +32,8 @@ from .layers import (
 from .methods import AdapterMath, effective_weight, tucker_product
 from .regularizers import mpc_loss
 from .serialization import load_adapters, save_adapters
+from .strategies import STRATEGIES
+from .strategies.plan import Plan, plan
 from .surgery import adapter_layers, inject, merge, unload, unmerge
 
 __all__ = [
@@ -40,5 +42,5 @@ __all__ = [
     "LieRAConv1d", "LieRAConv2d", "LieRAConv3d", "LieRALinear",
     "SSLConv1d", "SSLConv2d", "SSLConv3d", "SSLLinear", "SSBConv1d", "SSBConv2d", "SSBConv3d", "SSBLinear",
     "AdapterMath", "effective_weight", "tucker_product", "mpc_loss", "save_adapters", "load_adapters",
-    "adapter_layers", "inject", "merge", "unmerge", "unload",
+    "adapter_layers", "inject", "merge", "unmerge", "unload", "STRATEGIES", "Plan", "plan",
 ]

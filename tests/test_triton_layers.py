@@ -30,6 +30,7 @@ LAYERS = {
     "liera_linear": lambda: lk.LieRALinear(40, 24, rank=4),
     "ssl_conv2d": lambda: lk.SSLConv2d(6, 10, 3, padding="same", padding_mode="circular"),
     "ssb_linear": lambda: lk.SSBLinear(40, 24),
+    "ssb_conv2d_groups": lambda: lk.SSBConv2d(6, 8, 3, padding=1, groups=2, padding_mode="reflect"),
 }
 
 

@@ -84,7 +84,12 @@ def adapted_forward(
     call = AdaptedCall(x, weight, bias, adapter, math, float(scale), list(stride), list(padding), list(dilation),
                        groups, dropped_x, backend.resolve(weight.device))
     decision = decide(call, strategy)
+    for observer in _observers:
+        observer(call, decision)
     return _RUN[decision.strategy](call, decision)
+
+
+_observers: list = []  # callables (call, decision) told of every decision; see plan.py
 
 
 def decide(call: AdaptedCall, strategy: str = "auto") -> cost.Decision:

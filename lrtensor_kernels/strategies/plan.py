@@ -1,0 +1,83 @@
+"""``plan(model, *example_inputs)``: which strategy every adapter layer runs on an example, and why."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import _observers, cost
+
+_STRATEGY_COLUMNS = ("merged", "two_branch", "bypass")
+
+
+@dataclass
+class PlanRow:
+    """One adapter layer's call on the example: its shapes, the strategy asked for and the one run,
+    every applicable strategy's estimated time relative to the frozen layer's, and why."""
+
+    name: str
+    layer: str
+    weight_shape: tuple
+    input_shape: tuple
+    dtype: str
+    backend: str
+    requested: str
+    strategy: str
+    relative_cost: dict = field(default_factory=dict)
+    reason: str = ""
+    notes: list = field(default_factory=list)
+
+
+class Plan(list):
+    """A list of :class:`PlanRow`; ``str(plan)`` is a Markdown table."""
+
+    def __str__(self) -> str:
+        head = ["layer", "type", "weight", "input", "dtype", "strategy"] + [f"{s} (x frozen)" for s in
+                                                                            _STRATEGY_COLUMNS] + ["why"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in self:
+            chosen = r.strategy if r.requested == "auto" else f"{r.strategy} (set)"
+            costs = [f"{r.relative_cost[s]:.2f}" if s in r.relative_cost else "-" for s in _STRATEGY_COLUMNS]
+            why = "; ".join([r.reason] + r.notes)
+            lines.append("| " + " | ".join([r.name or "(root)", r.layer, "x".join(map(str, r.weight_shape)),
+                                            "x".join(map(str, r.input_shape)), r.dtype, chosen, *costs, why]) + " |")
+        return "\n".join(lines)
+
+
+def plan(model: nn.Module, *example_inputs, **example_kwargs) -> Plan:
+    """Runs ``model(*example_inputs, **example_kwargs)`` once (forward only, autograd on, as in
+    training) and returns, per adapter layer call, the strategy chosen and the cost model's
+    estimates. Merged layers (``lk.merge``) run the plain layer and are listed as such."""
+    from ..layers import AdapterLayer
+
+    rows, current, hooks = Plan(), [None], []
+
+    def observe(call, decision):
+        layer_name, layer = current[0]
+        work = cost.Workload.of(call)
+        frozen = cost.frozen_seconds(work)
+        device = cost.DEVICES.get(work.device_type, cost.DEVICES["cuda"])
+        relative = {s: c.seconds(device, work.dtype) / frozen for s, c in decision.costs.items()}
+        rows.append(PlanRow(layer_name, type(layer).__name__, tuple(call.weight.shape), tuple(call.x.shape),
+                            str(call.x.dtype).replace("torch.", ""), call.impl, layer.strategy, decision.strategy,
+                            relative, decision.reason, list(decision.costs[decision.strategy].notes)))
+
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            def pre_hook(mod, args, name=name):
+                current[0] = (name, mod)
+                if mod.merged:
+                    rows.append(PlanRow(name, type(mod).__name__, tuple(mod.weight.shape), (), "", "",
+                                        mod.strategy, "merged into the weight", reason="lk.merge: the plain layer"))
+            hooks.append(module.register_forward_pre_hook(pre_hook))
+    _observers.append(observe)
+    try:
+        with torch.enable_grad(), contextlib.ExitStack():
+            model(*example_inputs, **example_kwargs)
+    finally:
+        _observers.remove(observe)
+        for h in hooks:
+            h.remove()
+    return rows
