@@ -66,7 +66,7 @@ def _picked(model: nn.Module, named: dict, spec: TargetSpec, what: str) -> Optio
     return hits
 
 
-def _select(model: nn.Module, target_modules: TargetSpec, exclude_modules: TargetSpec) -> list:
+def _select(model: nn.Module, method: str, target_modules: TargetSpec, exclude_modules: TargetSpec) -> list:
     """Names of the modules to adapt, one per module (its first name); raises before anything changes."""
     named = dict(model.named_modules(remove_duplicate=False))
     named.pop("", None)
@@ -86,11 +86,11 @@ def _select(model: nn.Module, target_modules: TargetSpec, exclude_modules: Targe
                                        "Conv2d, Conv3d, Linear")
     kept = [n for n in names if id(named[n]) not in excluded]
     if not kept:
-        raise AdapterConfigError(_nothing_to_adapt(model, names))
+        raise AdapterConfigError(_nothing_to_adapt(model, method, names))
     return kept
 
 
-def _nothing_to_adapt(model: nn.Module, names: list) -> str:
+def _nothing_to_adapt(model: nn.Module, method: str, names: list) -> str:
     if names:
         return f"no module to adapt: exclude_modules removed every target ({', '.join(names)})"
     message = f"no module to adapt: {type(model).__name__} has no Conv1d, Conv2d, Conv3d or Linear submodule"
@@ -98,8 +98,8 @@ def _nothing_to_adapt(model: nn.Module, names: list) -> str:
     if adapted:
         message += f" that is not adapted already (adapted: {', '.join(adapted)})"
     elif adaptable_type(model) is not None:
-        message += (f"; the model itself is a {type(model).__name__}, which inject cannot replace: use the layer "
-                    f"class's from_module, e.g. lk.FLoRA{adaptable_type(model).__name__}.from_module(model)")
+        message += (f"; the model itself is a {type(model).__name__}, which inject cannot replace: use "
+                    f"lk.{LAYERS[method][adaptable_type(model)].__name__}.from_module(model)")
     return message
 
 
@@ -161,7 +161,7 @@ def inject(model: nn.Module, method: str, target_modules: TargetSpec = None, exc
     before any is installed, so a bad argument leaves the model unchanged.
     """
     _check_method(method)
-    names = _select(model, target_modules, exclude_modules)
+    names = _select(model, method, target_modules, exclude_modules)
     built = {n: build_adapter(model.get_submodule(n), method, n, **method_kwargs) for n in names}
     aliases = names_by_module(model)
     for n, layer in built.items():
