@@ -135,9 +135,7 @@ class AdapterLayer(nn.Module):
         return isinstance(self, nn.Linear)
 
     def _check_input(self, x: torch.Tensor):
-        if not isinstance(x, torch.Tensor):
-            raise self._error(AdapterTypeError, f"expected a tensor input, got {type(x).__name__}")
-        validation.input_dtype(x, self.weight.dtype, self._label())
+        validation.input_tensor(x, self.weight, self._label())
         if self._is_linear():
             if x.dim() < 1 or x.shape[-1] != self.in_features:
                 raise self._error(AdapterInputError, f"expected input with {self.in_features} features in its "

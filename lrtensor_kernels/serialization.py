@@ -23,6 +23,7 @@ from ._version import __version__
 from .errors import AdapterConfigError, AdapterError, AdapterFileError, AdapterTypeError, NonFiniteError
 from .layers import LAYERS, AdapterLayer
 from .surgery import adaptable_type, adapter_layers, build_adapter, freeze_all_but_adapters, install, names_by_module
+from . import validation
 from .validation import count_nonfinite
 
 TENSORS_FILE = "adapters.safetensors"
@@ -53,6 +54,7 @@ def save_adapters(model: nn.Module, directory: str) -> None:
     Refuses (NonFiniteError, nothing written) adapter tensors holding inf or NaN. Each file is
     written to a temporary name and renamed, so a reader never sees half a file.
     """
+    validation.model(model, "save_adapters")
     layers = adapter_layers(model)
     if not layers:
         raise AdapterConfigError(f"save_adapters: {type(model).__name__} has no adapter layer; call inject first")
@@ -346,6 +348,7 @@ def load_adapters(model: nn.Module, directory: str) -> list:
     layer under all of them. The tensors may be stored in any floating dtype; they are
     converted to the layer's adapter dtype. Returns the layer names.
     """
+    validation.model(model, "load_adapters")
     try:
         directory = os.fspath(directory)
     except TypeError:

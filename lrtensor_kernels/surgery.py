@@ -111,6 +111,7 @@ def replace_module(model: nn.Module, name: str, module: nn.Module):
 
 def adapter_layers(model: nn.Module) -> Iterable:
     """``(name, layer)`` for every adapter layer of ``model``."""
+    validation.model(model, "adapter_layers")
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
 
 
@@ -160,6 +161,7 @@ def inject(model: nn.Module, method: str, target_modules: TargetSpec = None, exc
     Freezes everything but the adapter tensors; returns the adapted names. Every layer is built
     before any is installed, so a bad argument leaves the model unchanged.
     """
+    validation.model(model, "inject")
     _check_method(method)
     names = _select(model, method, target_modules, exclude_modules)
     built = {n: build_adapter(model.get_submodule(n), method, n, **method_kwargs) for n in names}
@@ -194,6 +196,7 @@ def merge(model: nn.Module) -> None:
     All or nothing: a weight Parameter that another module also holds (tied weights) raises
     SharedWeightError, a ``W'`` holding inf or NaN raises NonFiniteError, before any layer changes.
     """
+    validation.model(model, "merge")
     layers = [(n, layer) for n, layer in adapter_layers(model) if not layer.merged]
     _refuse_tied_weights(model, layers)
     merged = [layer.checked_effective_weight("merge") for _, layer in layers]
@@ -203,6 +206,7 @@ def merge(model: nn.Module) -> None:
 
 def unmerge(model: nn.Module) -> None:
     """Restore every merged layer's exact base weight; unmerged layers are left as they are."""
+    validation.model(model, "unmerge")
     for _, layer in adapter_layers(model):
         layer.unmerge()
 
@@ -214,6 +218,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     All or nothing: with ``merge``, a ``W'`` holding inf or NaN raises NonFiniteError before any
     layer is replaced.
     """
+    validation.model(model, "unload")
     layers = adapter_layers(model)
     if not merge:
         unmerge(model)

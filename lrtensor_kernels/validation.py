@@ -78,19 +78,28 @@ def choice(value, name: str, options: tuple, owner: str) -> str:
     return value
 
 
-def input_dtype(x: torch.Tensor, weight_dtype: torch.dtype, owner: str) -> None:
-    """nn's rule: a floating input of the weight's dtype; under autocast, which casts every floating
-    tensor but a float64 one, any floating input unless exactly one of input and weight is float64."""
+def model(value, owner: str) -> None:
+    if not isinstance(value, torch.nn.Module):
+        raise AdapterTypeError(f"{owner}: expected an nn.Module, got {type(value).__name__}")
+
+
+def input_tensor(x, weight: torch.Tensor, owner: str) -> None:
+    """nn's rule: a floating tensor on the weight's device, of the weight's dtype; under autocast,
+    which casts every floating tensor but a float64 one, unless exactly one of the two is float64."""
+    if not isinstance(x, torch.Tensor):
+        raise AdapterTypeError(f"{owner}: expected a tensor input, got {type(x).__name__}")
     if not x.is_floating_point():
         raise AdapterTypeError(f"{owner}: expected a floating-point input, got dtype {x.dtype}")
-    if x.dtype == weight_dtype:
+    if x.device != weight.device:
+        raise AdapterTypeError(f"{owner}: input on {x.device}, weight on {weight.device}; move one of them")
+    if x.dtype == weight.dtype:
         return
     device = x.device.type
     if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
-        raise AdapterTypeError(f"{owner}: input dtype {x.dtype} differs from the weight's {weight_dtype}; "
+        raise AdapterTypeError(f"{owner}: input dtype {x.dtype} differs from the weight's {weight.dtype}; "
                                f"convert the input or the layer, or run under torch.autocast")
-    if (x.dtype == torch.float64) != (weight_dtype == torch.float64):
-        raise AdapterTypeError(f"{owner}: input dtype {x.dtype} differs from the weight's {weight_dtype}, and "
+    if (x.dtype == torch.float64) != (weight.dtype == torch.float64):
+        raise AdapterTypeError(f"{owner}: input dtype {x.dtype} differs from the weight's {weight.dtype}, and "
                                f"autocast leaves float64 tensors as they are; convert the input or the layer")
 
 

@@ -492,17 +492,11 @@ def load_gives_clear_error_or_exact_result(files, base_state, directory, target)
 TARGETS = st.sampled_from(["plain", "injected", "merged"])
 
 
+@pytest.mark.parametrize("damage", [edited_config, corrupted], ids=["config-edits", "file-corruptions"])
 @RANDOM
 @given(data=st.data(), target=TARGETS)
-def test_random_config_edits(saved_directory, tmp_path_factory, data, target):
+def test_random_damage_gives_a_clear_error_and_changes_nothing(saved_directory, tmp_path_factory, damage, data,
+                                                               target):
     files, base_state = saved_directory
-    load_gives_clear_error_or_exact_result(data.draw(edited_config(files)), base_state,
-                                           tmp_path_factory.mktemp("edited"), target)
-
-
-@RANDOM
-@given(data=st.data(), target=TARGETS)
-def test_random_file_corruptions(saved_directory, tmp_path_factory, data, target):
-    files, base_state = saved_directory
-    load_gives_clear_error_or_exact_result(data.draw(corrupted(files)), base_state,
-                                           tmp_path_factory.mktemp("corrupt"), target)
+    load_gives_clear_error_or_exact_result(data.draw(damage(files)), base_state, tmp_path_factory.mktemp("damaged"),
+                                           target)

@@ -448,3 +448,16 @@ def test_inject_accepts_any_sequence_or_set_of_names():
 def test_inject_unknown_method_of_any_type(method):
     inject_fails(make_net(), lk.AdapterConfigError, rf"^unknown method {re.escape(repr(method))}; expected one of",
                  method)
+
+
+@pytest.mark.parametrize("name, call", [
+    ("inject", lambda m, d: lk.inject(m, "flora")), ("merge", lambda m, d: lk.merge(m)),
+    ("unmerge", lambda m, d: lk.unmerge(m)), ("unload", lambda m, d: lk.unload(m)),
+    ("adapter_layers", lambda m, d: lk.adapter_layers(m)), ("save_adapters", lambda m, d: lk.save_adapters(m, d)),
+    ("load_adapters", lambda m, d: lk.load_adapters(m, d)),
+])
+@pytest.mark.parametrize("model", [None, {"head": nn.Linear(2, 2)}, [nn.Linear(2, 2)]], ids=["none", "dict", "list"])
+def test_surgery_and_files_refuse_what_is_not_a_module(tmp_path, name, call, model):
+    with pytest.raises(lk.AdapterTypeError, match=rf"^{name}: expected an nn\.Module, got {type(model).__name__}$"):
+        call(model, str(tmp_path))
+    assert list(tmp_path.iterdir()) == []

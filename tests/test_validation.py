@@ -190,7 +190,7 @@ def variants_of_layer(cls, base, weight_dtype=torch.float32):
 
 
 @classes()
-def test_non_floating_input_refused(method, base, cls):
+def test_non_floating_or_misplaced_input_refused(method, base, cls):
     for layer, x in variants_of_layer(cls, base):
         for dtype in (torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64):
             with pytest.raises(lk.AdapterTypeError, match=rf"^{cls.__name__}: expected a floating-point input, got "
@@ -198,6 +198,9 @@ def test_non_floating_input_refused(method, base, cls):
                 layer((x.abs() * 3).to(dtype))
     with pytest.raises(lk.AdapterTypeError, match=rf"^{cls.__name__}: expected a tensor input, got list$"):
         layer(x.tolist())
+    on_meta = cls(*GEOMETRY[base][0], device="meta")
+    with pytest.raises(lk.AdapterTypeError, match=rf"^{cls.__name__}: input on cpu, weight on meta; move one of them$"):
+        on_meta(x.float())
 
 
 @classes()
