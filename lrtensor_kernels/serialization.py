@@ -237,34 +237,40 @@ def _meta_layer(module: nn.Module, entry: dict) -> AdapterLayer:
 
 
 def _plan_layer(name: str, entry: dict, modules: dict, model: nn.Module, header: dict):
-    """``(module, layer in place or None, {tensor key: (file key, shape)})``, or a list of problems."""
+    """``((module, layer in place or None, {tensor name: file key}), [])``, or ``(None, problems)``."""
     module = modules.get(name)
     if module is None:
-        return [f"layer '{name}': no such module in {type(model).__name__}"]
+        return None, [f"layer '{name}': no such module in {type(model).__name__}"]
     adapter, base_type = isinstance(module, AdapterLayer), MODULE_TYPES[entry["module_type"]]
     held = module._nn_base() if adapter else adaptable_type(module)
     if held is not base_type:
-        return [f"layer '{name}': a {type(module).__name__} in the model, an adapted {entry['module_type']} "
-                f"({entry['method']}) in {CONFIG_FILE}"]
+        return None, [f"layer '{name}': a {type(module).__name__} in the model, an adapted {entry['module_type']} "
+                      f"({entry['method']}) in {CONFIG_FILE}"]
     if list(module.weight.shape) != entry["weight_shape"]:
-        return [f"layer '{name}': weight shape {list(module.weight.shape)} in the model, {entry['weight_shape']} in "
-                f"{CONFIG_FILE}"]
+        return None, [f"layer '{name}': weight shape {list(module.weight.shape)} in the model, "
+                      f"{entry['weight_shape']} in {CONFIG_FILE}"]
     if not name and not adapter:
         cls = LAYERS[entry["method"]][base_type].__name__
-        return [f"layer '': the file holds a root-level adapter, and the model itself is a {type(module).__name__}, "
-                f"which load_adapters cannot replace: load into lk.{cls}.from_module(model, **kwargs) instead"]
+        return None, [f"layer '': the file holds a root-level adapter, and the model itself is a "
+                      f"{type(module).__name__}, which load_adapters cannot replace: load into "
+                      f"lk.{cls}.from_module(model, **kwargs) instead"]
     try:
         meta = _meta_layer(module, entry)
     except (AdapterError, TypeError) as err:
-        return [f"layer '{name}': field 'kwargs' {_shown(entry['kwargs'])}: {err}"]
+        return None, [f"layer '{name}': field 'kwargs' {_shown(entry['kwargs'])}: {err}"]
     except (RuntimeError, OverflowError) as err:  # sizes too large even to describe
-        return [f"layer '{name}': field 'kwargs' {_shown(entry['kwargs'])} describes tensors too large to build: "
-                f"{str(err)[:120]}"]
-    if adapter:
-        problems = _in_place_problems(name, module, meta)
-        if problems:
-            return problems
-    shapes = {key: tuple(t.shape) for key, t in meta.adapter_state().items()}
+        return None, [f"layer '{name}': field 'kwargs' {_shown(entry['kwargs'])} describes tensors too large to "
+                      f"build: {str(err)[:120]}"]
+    problems = _in_place_problems(name, module, meta) if adapter else []
+    problems = problems or _tensor_problems(name, entry, {k: tuple(t.shape) for k, t in meta.adapter_state().items()},
+                                            header)
+    if problems:
+        return None, problems
+    return (module, module if adapter else None, {key: tensor_key(name, key) for key in meta.adapter_state()}), []
+
+
+def _tensor_problems(name: str, entry: dict, shapes: dict, header: dict) -> list:
+    """The config's ``tensors`` field and the header against the shapes the layer really has."""
     problems = []
     if {k: list(s) for k, s in shapes.items()} != entry["tensors"]:
         problems.append(f"layer '{name}': field 'tensors' {_shown(entry['tensors'])} in {CONFIG_FILE}, but the "
@@ -279,7 +285,7 @@ def _plan_layer(name: str, entry: dict, modules: dict, model: nn.Module, header:
         elif header[file_key][0] not in LOADED_DTYPES:
             problems.append(f"layer '{name}': tensor {file_key} has dtype {header[file_key][0]} in {TENSORS_FILE}, "
                             f"expected a floating dtype (one of {list(LOADED_DTYPES)})")
-    return problems or (module, module if adapter else None, {key: tensor_key(name, key) for key in shapes})
+    return problems
 
 
 def _in_place_problems(name: str, module: AdapterLayer, meta: AdapterLayer) -> list:
@@ -302,9 +308,9 @@ def _plan(model: nn.Module, layers: dict, header: dict, directory: str) -> dict:
     modules = dict(model.named_modules(remove_duplicate=False))
     problems, plan, owner = [], {}, {}
     for name, entry in layers.items():
-        result = _plan_layer(name, entry, modules, model, header)
-        if isinstance(result, list):
-            problems += result
+        result, found = _plan_layer(name, entry, modules, model, header)
+        if found:
+            problems += found
             continue
         module = result[0]
         if id(module) in owner:
