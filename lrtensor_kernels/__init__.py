@@ -10,6 +10,15 @@ Quick use::
 """
 from ._version import __version__
 from .backend import BACKENDS, get_backend, set_backend, use_backend
+from .errors import (
+    AdapterConfigError,
+    AdapterError,
+    AdapterFileError,
+    AdapterInputError,
+    AdapterTypeError,
+    NonFiniteError,
+    SharedWeightError,
+)
 from .layers import (
     AdapterLayer,
     FLoRAConv1d,
@@ -35,6 +44,7 @@ from .serialization import load_adapters, save_adapters
 from .strategies import STRATEGIES
 from .strategies.plan import Plan, plan
 from .surgery import adapter_layers, inject, merge, unload, unmerge
+from .validation import detect_nonfinite, is_detect_nonfinite_enabled, set_detect_nonfinite
 
 __all__ = [
     "__version__", "BACKENDS", "get_backend", "set_backend", "use_backend", "AdapterLayer",
@@ -43,4 +53,6 @@ __all__ = [
     "SSLConv1d", "SSLConv2d", "SSLConv3d", "SSLLinear", "SSBConv1d", "SSBConv2d", "SSBConv3d", "SSBLinear",
     "AdapterMath", "effective_weight", "tucker_product", "mpc_loss", "save_adapters", "load_adapters",
     "adapter_layers", "inject", "merge", "unmerge", "unload", "STRATEGIES", "Plan", "plan",
+    "AdapterError", "AdapterConfigError", "AdapterTypeError", "AdapterInputError", "AdapterFileError",
+    "NonFiniteError", "SharedWeightError", "detect_nonfinite", "set_detect_nonfinite", "is_detect_nonfinite_enabled",
 ]

@@ -14,9 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import methods, strategies
+from . import methods, strategies, validation
+from .errors import AdapterConfigError, AdapterInputError, AdapterTypeError
 
 AdaptableBase = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# the state dict key of a merged layer's base weight (its ``weight`` key then holds W')
+BASE_WEIGHT_KEY = "base_weight"
 
 
 class AdapterLayer(nn.Module):
@@ -25,7 +28,10 @@ class AdapterLayer(nn.Module):
     ``weight`` and ``bias`` are frozen (``requires_grad=False``) however the layer is built; a user
     may re-enable them and gets correct gradients. ``strategy`` names how the forward and backward
     are computed (:mod:`lrtensor_kernels.strategies`; checked on assignment); it never changes
-    the result. Subclasses set ``adapter_method`` and implement ``_configure``,
+    the result. Adapter tensors stay float32 (float64 beside a float64 weight) through
+    ``.half()``, ``.bfloat16()`` and ``.to(dtype)``. The state dict of a merged layer holds ``W'``
+    under ``weight`` and the base weight under ``base_weight``; loading a state dict sets the
+    merged state it describes. Subclasses set ``adapter_method`` and implement ``_configure``,
     ``_create_adapter(device)``, ``adapter_tensors()``, ``adapter_config()``, ``adapter_math``
     and ``scale``.
     """
@@ -36,9 +42,7 @@ class AdapterLayer(nn.Module):
 
     # -- construction ------------------------------------------------------------------
     def _init_adapter(self, device, dropout: float, strategy: str, **config):
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise self._error(ValueError, f"dropout must be in [0, 1), got {dropout!r}")
-        self.dropout = float(dropout)
+        self.dropout = validation.probability(dropout, "dropout", self._label())
         self._merged_base: Optional[torch.Tensor] = None
         self._configure(**config)
         self.strategy = strategy
@@ -59,10 +63,20 @@ class AdapterLayer(nn.Module):
         try:
             self._strategy = strategies.check_strategy(value, self.adapter_math)
         except ValueError as err:
-            raise self._error(ValueError, str(err)) from None
+            raise self._error(AdapterConfigError, str(err)) from None
 
     def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
+        # a conversion to a 16-bit (or narrower) float leaves the adapter tensors (and their
+        # gradients) in float32, converted once from the originals
+        keep = {id(t) for p in self.adapter_parameters() for t in (p, p.grad) if t is not None}
+
+        def keep_adapters_wide(t):
+            out = fn(t)
+            if id(t) in keep and out.is_floating_point() and out.dtype not in (torch.float32, torch.float64):
+                out = t.to(device=out.device, dtype=torch.float32)
+            return out
+
+        super()._apply(keep_adapters_wide, *args, **kwargs)
         if self._merged_base is not None:
             self._merged_base = fn(self._merged_base)
         return self
@@ -82,7 +96,8 @@ class AdapterLayer(nn.Module):
         """An adapter layer around ``module``'s own weight and bias (shared, not copied; frozen)."""
         base = cls._nn_base()
         if not isinstance(module, base) or isinstance(module, AdapterLayer):
-            raise TypeError(f"{cls.__name__}.from_module expects a plain {base.__name__}, got {type(module).__name__}")
+            raise AdapterTypeError(f"{cls.__name__}.from_module expects a plain {base.__name__}, "
+                                   f"got {type(module).__name__}")
         layer = cls(**cls._base_kwargs(module), device="meta", dtype=module.weight.dtype, **adapter_kwargs)
         layer.weight = module.weight
         layer.bias = module.bias
@@ -141,18 +156,19 @@ class AdapterLayer(nn.Module):
         return isinstance(self, nn.Linear)
 
     def _check_input(self, x: torch.Tensor):
+        validation.input_tensor(x, self.weight, self._label())
         if self._is_linear():
             if x.dim() < 1 or x.shape[-1] != self.in_features:
-                raise self._error(ValueError, f"expected input with {self.in_features} features in its last "
-                                  f"dimension, got shape {tuple(x.shape)}")
+                raise self._error(AdapterInputError, f"expected input with {self.in_features} features in its "
+                                  f"last dimension, got shape {tuple(x.shape)}")
             return
         n = self.weight.dim() - 2
         if x.dim() not in (n + 1, n + 2):
-            raise self._error(ValueError, f"expected a {n + 1}-d (unbatched) or {n + 2}-d (batched) input, "
+            raise self._error(AdapterInputError, f"expected a {n + 1}-d (unbatched) or {n + 2}-d (batched) input, "
                               f"got shape {tuple(x.shape)}")
         channels = x.shape[-n - 1]
         if channels != self.in_channels:
-            raise self._error(ValueError, f"expected input with {self.in_channels} channels, got {channels} "
+            raise self._error(AdapterInputError, f"expected input with {self.in_channels} channels, got {channels} "
                               f"(input shape {tuple(x.shape)})")
 
     def _conv_input(self, x):
@@ -192,14 +208,25 @@ class AdapterLayer(nn.Module):
 
     # -- merge ------------------------------------------------------------------
     @torch.no_grad()
+    def checked_effective_weight(self, action: str = "merge") -> torch.Tensor:
+        """``W'``, detached; NonFiniteError (naming ``action``) if it holds inf or NaN."""
+        merged = self.effective_weight().detach()
+        validation.finite_weight(merged, self._merged_base if self.merged else self.weight, self._label(), action)
+        return merged
+
+    @torch.no_grad()
     def merge(self) -> None:
         """Write ``W'`` into ``weight``; forward then runs the plain layer. A no-op when merged.
 
-        The base weight is kept (not copied) so that ``unmerge`` restores it bit for bit.
+        The base weight is kept (not copied) so that ``unmerge`` restores it bit for bit. A ``W'``
+        holding inf or NaN is refused (NonFiniteError) and the layer left as it was. The weight
+        Parameter itself is updated: every module holding it sees ``W'`` (``lk.merge`` on a model
+        refuses weights tied to other modules).
         """
-        if self.merged:
-            return
-        merged = self.effective_weight().detach()
+        if not self.merged:
+            self._set_merged(self.checked_effective_weight("merge"))
+
+    def _set_merged(self, merged: torch.Tensor) -> None:
         self._merged_base = self.weight.data
         self.weight.data = merged
 
@@ -212,14 +239,55 @@ class AdapterLayer(nn.Module):
         self._merged_base = None
 
     def to_plain(self, merge: bool = True) -> nn.Module:
-        """A plain nn layer holding ``W'`` (``merge``) or the base weight, and this layer's bias."""
-        weight = self.effective_weight().detach() if merge else (self._merged_base if self.merged else self.weight.data)
+        """A plain nn layer holding ``W'`` (``merge``; a new Parameter, refused if non-finite) or the
+        base weight (this layer's own Parameter when unmerged), and this layer's bias."""
         base = self._nn_base()
-        plain = base(**self._base_kwargs(self), device="meta", dtype=weight.dtype)
-        plain.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
+        plain = base(**self._base_kwargs(self), device="meta", dtype=self.weight.dtype)
+        if merge or self.merged:
+            weight = self.checked_effective_weight("unload(merge=True)") if merge else self._merged_base
+            plain.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
+        else:
+            plain.weight = self.weight
         plain.bias = self.bias
         plain.train(self.training)
         return plain
+
+    # -- state dict: it says whether the layer is merged ------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:
+            destination[prefix + BASE_WEIGHT_KEY] = self._merged_base
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """``weight`` alone: an unmerged layer holding it. ``weight`` and ``base_weight``: a merged
+        layer holding ``W' = weight`` over the base ``base_weight``. Neither: the merged state is kept."""
+        weight_key, base_key = prefix + "weight", prefix + BASE_WEIGHT_KEY
+        base = state_dict.pop(base_key, None)
+        merged = None
+        if weight_key not in state_dict:
+            if base is not None:
+                error_msgs.append(f"{base_key} (the base weight of a merged layer) given without {weight_key}")
+        else:
+            if base is not None:
+                merged, state_dict[weight_key] = state_dict[weight_key], base
+            given = {weight_key: state_dict[weight_key] if merged is None else merged, base_key: base}
+            wrong = {k: tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for k, t in given.items()
+                     if t is not None and not (isinstance(t, torch.Tensor) and t.shape == self.weight.shape)}
+            if wrong:
+                del state_dict[weight_key]
+                merged = None
+                error_msgs.extend(f"{k}: expected a tensor of shape {tuple(self.weight.shape)} (the shape in the "
+                                  f"current model), got {got}" for k, got in wrong.items())
+            else:
+                self.unmerge()
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if merged is not None and len(error_msgs) == errors:
+            with torch.no_grad():
+                assign = local_metadata.get("assign_to_params_buffers", False)
+                self._set_merged(merged if assign else torch.empty_like(self.weight).copy_(merged))
 
     def extra_repr(self) -> str:
         cfg = ", ".join(f"{k}={v}" for k, v in self.adapter_config().items())
@@ -227,28 +295,21 @@ class AdapterLayer(nn.Module):
         return f"{super().extra_repr()}, {self.adapter_method}({cfg}), strategy={self.strategy}{merged}"
 
 
-def _check_rank(layer: AdapterLayer, value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise layer._error(ValueError, f"{what} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def tucker_ranks(layer: AdapterLayer, ranks: Union[int, Sequence[int], None], default: int) -> tuple:
     """Per-mode Tucker ranks: an int sets both channel modes (kernel modes get min(k, 2)), a
     sequence sets every mode; each is clipped to its mode size."""
-    shape = tuple(layer.weight.shape)
+    shape, owner = tuple(layer.weight.shape), layer._label()
     if ranks is None:
         ranks = default
-    if not isinstance(ranks, (list, tuple)):
-        _check_rank(layer, ranks, "ranks")
-        ranks = (ranks, ranks) + tuple(min(k, 2) for k in shape[2:])
+    if not validation.is_sequence(ranks):
+        r = validation.rank(ranks, "ranks", owner)
+        ranks = (r, r) + tuple(min(k, 2) for k in shape[2:])
     else:
-        ranks = tuple(ranks)
+        given = ranks
+        ranks = validation.rank_list(ranks, "ranks", owner)
         if len(ranks) != len(shape):
-            raise layer._error(ValueError, f"ranks needs one entry per weight mode {shape} "
-                               f"({len(shape)} entries), got {ranks!r}")
-        for r in ranks:
-            _check_rank(layer, r, "every rank")
+            raise layer._error(AdapterConfigError, f"ranks needs one entry per weight mode {shape} "
+                               f"({len(shape)} entries), got {given!r}")
     return tuple(min(r, d) for r, d in zip(ranks, shape))
 
 
@@ -288,7 +349,7 @@ class FLoRAMixin(TuckerDelta, AdapterLayer):
     def _configure(self, ranks, scale):
         linear = self._is_linear()
         self.ranks = tucker_ranks(self, ranks, 8 if linear else 16)
-        self.scale = float((2.0 if linear else 4.0) if scale is None else scale)
+        self.scale = (2.0 if linear else 4.0) if scale is None else validation.real_number(scale, "scale", self._label())
 
     def _create_adapter(self, device):
         self._create_tucker(device, self.ranks)
@@ -320,13 +381,11 @@ class LieRAMixin(TuckerDelta, AdapterLayer):
         self._init_adapter(kwargs.get("device"), dropout, strategy, rank=rank, alpha=alpha, mode=mode, delta=delta)
 
     def _configure(self, rank, alpha, mode, delta):
-        if mode not in LIERA_MODES:
-            raise self._error(ValueError, f"unknown mode {mode!r}; expected one of {LIERA_MODES}")
-        if delta not in LIERA_DELTAS:
-            raise self._error(ValueError, f"unknown delta {delta!r}; expected one of {LIERA_DELTAS}")
-        self.rank = _check_rank(self, rank, "rank")
-        self.alpha = float(alpha)
-        self.mode, self.delta = mode, delta
+        owner = self._label()
+        self.mode = validation.choice(mode, "mode", LIERA_MODES, owner)
+        self.delta = validation.choice(delta, "delta", LIERA_DELTAS, owner)
+        self.rank = validation.rank(rank, "rank", owner)
+        self.alpha = validation.real_number(alpha, "alpha", owner)
         self.scale = self.alpha / self.rank
         self.adapter_math = methods.AdapterMath(delta, mode)
         if delta == "tucker":

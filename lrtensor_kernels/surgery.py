@@ -6,6 +6,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 from torch import nn
 
+from . import validation
+from .errors import AdapterConfigError, AdapterError, AdapterTypeError, SharedWeightError
 from .layers import LAYERS, AdapterLayer
 
 TargetSpec = Union[str, Sequence[str], None]
@@ -25,47 +27,80 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def _select(model: nn.Module, target_modules: TargetSpec, exclude_modules: TargetSpec) -> list:
-    """Names of the modules to adapt; raises before anything changes."""
-    named = dict(model.named_modules())
-    named.pop("", None)
+def names_by_module(model: nn.Module) -> dict:
+    """Every name of every module of ``model`` by module id, in the model's order: a module
+    registered under two names (``s.a = s.b = nn.Linear(4, 4)``) has both."""
+    names = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(n)
+    return names
 
-    def picked(spec, what):
-        if spec is None:
-            return None
-        if isinstance(spec, str):
-            try:
-                regex = re.compile(spec)
-            except re.error as err:
-                raise ValueError(f"{what} regex {spec!r} does not compile: {err}") from None
-            hits = [n for n in named if regex.fullmatch(n)]
-            if not hits:
-                raise ValueError(f"{what} regex {spec!r} matched no module")
-            return hits
-        hits = []
-        for pattern in spec:
-            found = [n for n in named if _matches(n, pattern)]
-            if not found:
-                raise ValueError(f"{what} entry {pattern!r} matched no module of {type(model).__name__}")
-            hits.extend(found)
+
+def _picked(model: nn.Module, named: dict, spec: TargetSpec, what: str) -> Optional[list]:
+    """The names ``spec`` selects: one regex matched in full, or names matched exactly or as a dotted suffix."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        try:
+            regex = re.compile(spec)
+        except re.error as err:
+            raise AdapterConfigError(f"{what} regex {spec!r} does not compile: {err}") from None
+        hits = [n for n in named if regex.fullmatch(n)]
+        if not hits:
+            raise AdapterConfigError(f"{what} regex {spec!r} matched no module")
         return hits
+    if not validation.is_sequence(spec) and not isinstance(spec, (set, frozenset)):
+        raise AdapterTypeError(f"{what} must be a list of module names or one regex string, got {spec!r}")
+    spec = list(spec)
+    if not spec:
+        raise AdapterConfigError(f"{what} is an empty list; pass None for "
+                                 + ("every adaptable module" if what == "target_modules" else "no exclusion"))
+    hits = []
+    for pattern in spec:
+        if not isinstance(pattern, str):
+            raise AdapterTypeError(f"{what} entries must be module names (str), got {pattern!r}")
+        found = [n for n in named if _matches(n, pattern)]
+        if not found:
+            raise AdapterConfigError(f"{what} entry {pattern!r} matched no module of {type(model).__name__}")
+        hits.extend(found)
+    return hits
 
-    targets = picked(target_modules, "target_modules")
-    excluded = set(picked(exclude_modules, "exclude_modules") or ())
+
+def _select(model: nn.Module, method: str, target_modules: TargetSpec, exclude_modules: TargetSpec) -> list:
+    """Names of the modules to adapt, one per module (its first name); raises before anything changes."""
+    named = dict(model.named_modules(remove_duplicate=False))
+    named.pop("", None)
+    first_name = {id(m): n for n, m in reversed(list(named.items()))}
+    targets = _picked(model, named, target_modules, "target_modules")
+    # a module registered under several names is excluded by any of them
+    excluded = {id(named[n]) for n in _picked(model, named, exclude_modules, "exclude_modules") or ()}
     if targets is None:
-        names = [n for n, m in named.items() if adaptable_type(m) is not None]
+        names = [n for n, m in model.named_modules() if n and adaptable_type(m) is not None]
     else:
-        names = list(dict.fromkeys(targets))
+        names = list(dict.fromkeys(first_name[id(named[n])] for n in targets))
         for n in names:
             if isinstance(named[n], AdapterLayer):
-                raise ValueError(f"module '{n}' is already a {type(named[n]).__name__}")
+                raise AdapterConfigError(f"module '{n}' is already a {type(named[n]).__name__}")
             if adaptable_type(named[n]) is None:
-                raise TypeError(f"module '{n}' is a {type(named[n]).__name__}; expected one of Conv1d, Conv2d, "
-                                "Conv3d, Linear")
-    names = [n for n in names if n not in excluded]
-    if not names:
-        raise ValueError("no module to adapt: the targets left nothing after exclude_modules")
-    return names
+                raise AdapterTypeError(f"module '{n}' is a {type(named[n]).__name__}; expected one of Conv1d, "
+                                       "Conv2d, Conv3d, Linear")
+    kept = [n for n in names if id(named[n]) not in excluded]
+    if not kept:
+        raise AdapterConfigError(_nothing_to_adapt(model, method, names))
+    return kept
+
+
+def _nothing_to_adapt(model: nn.Module, method: str, names: list) -> str:
+    if names:
+        return f"no module to adapt: exclude_modules removed every target ({', '.join(names)})"
+    message = f"no module to adapt: {type(model).__name__} has no Conv1d, Conv2d, Conv3d or Linear submodule"
+    adapted = [n or "the model itself" for n, _ in adapter_layers(model)]
+    if adapted:
+        message += f" that is not adapted already (adapted: {', '.join(adapted)})"
+    elif adaptable_type(model) is not None:
+        message += (f"; the model itself is a {type(model).__name__}, which inject cannot replace: use "
+                    f"lk.{LAYERS[method][adaptable_type(model)].__name__}.from_module(model)")
+    return message
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module):
@@ -76,23 +111,28 @@ def replace_module(model: nn.Module, name: str, module: nn.Module):
 
 def adapter_layers(model: nn.Module) -> Iterable:
     """``(name, layer)`` for every adapter layer of ``model``."""
+    validation.model(model, "adapter_layers")
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def _check_method(method) -> None:
+    if not isinstance(method, str) or method not in LAYERS:
+        raise AdapterConfigError(f"unknown method {method!r}; expected one of {tuple(LAYERS)}")
 
 
 def build_adapter(module: nn.Module, method: str, name: str, **method_kwargs) -> AdapterLayer:
     """The adapter layer of ``method`` around ``module`` (which is left untouched)."""
-    if method not in LAYERS:
-        raise ValueError(f"unknown method {method!r}; expected one of {tuple(LAYERS)}")
+    _check_method(method)
     base = adaptable_type(module)
     if base is None:
-        raise TypeError(f"module '{name}' is a {type(module).__name__}, which cannot be adapted")
+        raise AdapterTypeError(f"module '{name}' is a {type(module).__name__}, which cannot be adapted")
     cls = LAYERS[method][base]
     try:
         layer = cls.from_module(module, **method_kwargs)
-    except TypeError as err:
-        raise TypeError(f"module '{name}' ({cls.__name__}): {err}") from None
-    except ValueError as err:
-        raise ValueError(f"module '{name}': {err}") from None
+    except AdapterError as err:
+        raise type(err)(f"module '{name}': {err}") from None
+    except TypeError as err:  # an unknown keyword argument
+        raise AdapterTypeError(f"module '{name}' ({cls.__name__}): {err}") from None
     layer.adapter_name = name
     return layer
 
@@ -118,39 +158,86 @@ def freeze_all_but_adapters(model: nn.Module) -> None:
         p.requires_grad_(id(p) in keep)
 
 
+def install(model: nn.Module, module: nn.Module, replacement: nn.Module, names: dict) -> None:
+    """Put ``replacement`` wherever ``module`` sits in ``model`` (under each of its ``names``)."""
+    for name in names[id(module)]:
+        replace_module(model, name, replacement)
+
+
 def inject(model: nn.Module, method: str, target_modules: TargetSpec = None, exclude_modules: TargetSpec = None,
            **method_kwargs) -> list:
     """Replace Conv1d/2d/3d and Linear layers of ``model`` in place by adapter layers of ``method``.
 
-    method: "flora", "liera", "ssl" or "ssb". target_modules: names matched exactly or as a
-    dotted suffix, or one regex string matched in full against the whole name; by default every
-    adaptable layer. Freezes everything but the adapter tensors; returns the adapted names.
-    Every layer is built before any is installed, so a bad argument leaves the model unchanged.
+    method: "flora", "liera", "ssl" or "ssb". target_modules: a list of names matched exactly or
+    as a dotted suffix, or one regex string matched in full against the whole name; by default
+    every adaptable layer. A module registered under several names gets one adapter layer under
+    all of them (it is listed once, under its first name; excluding any name excludes it).
+    Freezes everything but the adapter tensors; returns the adapted names. Every layer is built
+    before any is installed, so a bad argument leaves the model unchanged.
     """
-    if method not in LAYERS:
-        raise ValueError(f"unknown method {method!r}; expected one of {tuple(LAYERS)}")
-    names = _select(model, target_modules, exclude_modules)
+    validation.model(model, "inject")
+    _check_method(method)
+    names = _select(model, method, target_modules, exclude_modules)
     built = build_all(model, {n: (method, method_kwargs) for n in names})
+    aliases = names_by_module(model)
     for n, layer in built.items():
-        replace_module(model, n, layer)
+        install(model, model.get_submodule(n), layer, aliases)
     freeze_all_but_adapters(model)
     return names
 
 
+def _refuse_tied_weights(model: nn.Module, layers: list) -> None:
+    """Merging writes W' into the weight Parameter: refuse when another module holds the same Parameter."""
+    holders = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, p in module.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((module, f"{module_name}.{param_name}" if module_name else param_name))
+    tied = []
+    for name, layer in layers:
+        others = sorted({q for m, q in holders.get(id(layer.weight), []) if m is not layer})
+        if others:
+            tied.append(f"the weight of {layer._label()} is also {', '.join(repr(q) for q in others)}")
+    if tied:
+        raise SharedWeightError(
+            "merge refused: " + "; ".join(tied) + ". Merging writes W' into that Parameter and would change the "
+            "other modules too. Untie it (layer.weight = nn.Parameter(layer.weight.detach().clone())), use "
+            "lk.unload(model, merge=True) (W' in a new Parameter), or keep the layer unmerged. Nothing was merged.")
+
+
 def merge(model: nn.Module) -> None:
-    """Merge every adapter layer (``W <- W'``); merged layers are left as they are."""
-    for _, layer in adapter_layers(model):
-        layer.merge()
+    """Merge every adapter layer (``W <- W'``); merged layers are left as they are.
+
+    All or nothing: a weight Parameter that another module also holds (tied weights) raises
+    SharedWeightError, a ``W'`` holding inf or NaN raises NonFiniteError, before any layer changes.
+    """
+    validation.model(model, "merge")
+    layers = [(n, layer) for n, layer in adapter_layers(model) if not layer.merged]
+    _refuse_tied_weights(model, layers)
+    merged = [layer.checked_effective_weight("merge") for _, layer in layers]
+    for (_, layer), weight in zip(layers, merged):
+        layer._set_merged(weight)
 
 
 def unmerge(model: nn.Module) -> None:
     """Restore every merged layer's exact base weight; unmerged layers are left as they are."""
+    validation.model(model, "unmerge")
     for _, layer in adapter_layers(model):
         layer.unmerge()
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every adapter layer by its plain nn layer, holding ``W'`` (``merge``) or ``W``."""
-    for name, layer in adapter_layers(model):
-        replace_module(model, name, layer.to_plain(merge=merge))
+    """Replace every adapter layer (under each of its names) by its plain nn layer, holding ``W'``
+    in a new Parameter (``merge``) or the layer's own base weight Parameter.
+
+    All or nothing: with ``merge``, a ``W'`` holding inf or NaN raises NonFiniteError before any
+    layer is replaced.
+    """
+    validation.model(model, "unload")
+    layers = adapter_layers(model)
+    if not merge:
+        unmerge(model)
+    plains = [layer.to_plain(merge=merge) for _, layer in layers]
+    aliases = names_by_module(model)
+    for (_, layer), plain in zip(layers, plains):
+        install(model, layer, plain, aliases)
     return model

@@ -45,10 +45,10 @@ def inject_fails(model, error, match, *args, **kwargs):
     (-3, r"FLoRAConv2d: ranks must be an integer >= 1, got -3"),
     ((2, 2, 2), r"FLoRAConv2d: ranks needs one entry per weight mode \(4, 3, 3, 3\) \(4 entries\), got \(2, 2, 2\)"),
     ((2, 2, 2, 2, 2), r"ranks needs one entry per weight mode .*got \(2, 2, 2, 2, 2\)"),
-    ((2, 0, 1, 1), r"every rank must be an integer >= 1, got 0"),
-    ((2, -1, 1, 1), r"every rank must be an integer >= 1, got -1"),
-    ((2, 1.5, 1, 1), r"every rank must be an integer >= 1, got 1\.5"),
-    ((2, True, 1, 1), r"every rank must be an integer >= 1, got True"),
+    ((2, 0, 1, 1), r"every entry of ranks must be an integer >= 1, got 0"),
+    ((2, -1, 1, 1), r"every entry of ranks must be an integer >= 1, got -1"),
+    ((2, 1.5, 1, 1), r"every entry of ranks must be an integer >= 1, got 1\.5"),
+    ((2, True, 1, 1), r"every entry of ranks must be an integer >= 1, got True"),
 ], ids=["zero", "negative", "tuple-short", "tuple-long", "tuple-zero", "tuple-negative", "tuple-float",
         "tuple-bool"])
 def test_bad_flora_ranks(ranks, match):

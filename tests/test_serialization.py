@@ -229,7 +229,7 @@ def check_fails_unchanged(model, directory, match, error=ValueError):
 def test_wrong_weight_shape(saved_flora):
     directory, base_state = saved_flora
     model = make_net(head_out=6)  # the last layer differs: the earlier ones must not be replaced
-    check_fails_unchanged(model, directory, r"layer 'head': weight shape \[6, 4\] in the model, \[5, 4\] in the file")
+    check_fails_unchanged(model, directory, r"layer 'head': weight shape \[6, 4\] in the model, \[5, 4\] in adapter_config\.json")
     assert type(model.pre) is nn.Conv3d
 
 
@@ -265,7 +265,7 @@ def test_layer_name_held_by_other_module_type(saved_flora):
 def test_extra_tensor(saved_flora):
     directory, base_state = saved_flora
     rewrite_tensors(directory, lambda t: t.__setitem__("head.extra", torch.zeros(3)))
-    check_fails_unchanged(fresh_like(base_state), directory, r"tensor head\.extra in the file belongs to no adapter")
+    check_fails_unchanged(fresh_like(base_state), directory, r"tensor head\.extra in adapters\.safetensors belongs to no adapter")
 
 
 def test_missing_tensor(saved_flora):
@@ -279,7 +279,7 @@ def test_wrong_tensor_shape(saved_flora):
     rewrite_tensors(directory, lambda t: t.__setitem__("block.conv1.core", torch.zeros(2, 2, 2, 2)))
     model = fresh_like(base_state)
     check_fails_unchanged(model, directory,
-                          r"layer 'block\.conv1': tensor block\.conv1\.core has shape \[2, 2, 2, 2\] in the file, "
+                          r"layer 'block\.conv1': tensor block\.conv1\.core has shape \[2, 2, 2, 2\] in adapters\.safetensors, "
                           r"expected \[4, 3, 2, 2\]")
     # the same file problem with a model that already has the adapters
     lk.inject(model, "flora")
@@ -324,7 +324,7 @@ def test_bad_kwargs_in_config(saved_flora):
 def test_format_version_and_missing_files(saved_flora, tmp_path_factory):
     directory, base_state = saved_flora
     empty = tmp_path_factory.mktemp("empty")
-    check_fails_unchanged(fresh_like(base_state), empty, CONFIG, error=FileNotFoundError)
+    check_fails_unchanged(fresh_like(base_state), empty, CONFIG + " does not exist", error=lk.AdapterFileError)
     config = json.loads((directory / CONFIG).read_text())
     config["format_version"] = 2
     (directory / CONFIG).write_text(json.dumps(config))

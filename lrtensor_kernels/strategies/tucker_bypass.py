@@ -39,18 +39,40 @@ from .call import AdaptedCall
 SAVE_U_FRACTION = 0.25
 
 
-def chain_weights(adapter, scale: float, groups: int, spatial_dims: int, dtype: torch.dtype) -> list:
-    """``[w_in, w_mid, w_out]`` of the chain in ``dtype``, as ``ops.base_op`` weights: conv
-    (g r_2, C_g, 1..), (g r_1, r_2, *k), (C_out, r_1, 1..); linear U_2^T, core, scale * U_1."""
+def chain_weights(adapter, scale: float, groups: int, spatial_dims: int, dtype: torch.dtype) -> tuple:
+    """``([w_in, w_mid, w_out], exponents)``: the chain's weights in ``dtype``, as ``ops.base_op``
+    weights: conv (g r_2, C_g, 1..), (g r_1, r_2, *k), (C_out, r_1, 1..); linear U_2^T, core,
+    scale * U_1. Each is ``2^e`` times the factor it stands for (``exponents``, summing to 0).
+
+    In 16-bit dtypes the three are first balanced by powers of two to the same magnitude (exact):
+    a core that is still small next to its factors (it starts at zero) would otherwise round to
+    float16's subnormals and lose its precision."""
     core, u1, u2, *kernel_factors = adapter
     kernel = methods.tucker_product(core, kernel_factors, first_mode=2) if kernel_factors else core
-    w_in, w_mid, w_out = u2.t(), kernel, scale * u1
+    weights = [u2.t(), kernel, scale * u1]
+    exponents = None
+    if dtype in (torch.float16, torch.bfloat16):
+        weights, exponents = _balanced(weights)
+    w_in, w_mid, w_out = weights
     if spatial_dims:
         ones = (1,) * spatial_dims
         w_in = w_in.repeat(groups, 1).reshape(groups * u2.shape[1], u2.shape[0], *ones)
         w_mid = w_mid.repeat(groups, *ones, 1)
         w_out = w_out.reshape(*u1.shape, *ones)
-    return [w.to(dtype).contiguous() for w in (w_in, w_mid, w_out)]
+    return [w.to(dtype).contiguous() for w in (w_in, w_mid, w_out)], exponents
+
+
+def _balanced(weights: list) -> tuple:
+    """``weights`` scaled by powers of two ``2^e_i`` (``sum e_i = 0``, so their product is unchanged)
+    to about the same largest magnitude; the exponents as a float tensor. Branch-free, so that
+    torch.compile traces it whole."""
+    peaks = torch.stack([w.detach().abs().amax() for w in weights])
+    usable = (torch.isfinite(peaks) & (peaks > 0)).all()  # else no scaling (a zero core, say)
+    logs = torch.where(usable, torch.log2(peaks), torch.zeros_like(peaks))
+    exponents = torch.round(logs.mean() - logs)
+    exponents = exponents - torch.nn.functional.one_hot(torch.tensor(len(weights) - 1, device=peaks.device),
+                                                        len(weights)).to(peaks.dtype) * exponents.sum()
+    return [w * torch.exp2(e) for w, e in zip(weights, exponents)], exponents
 
 
 def _pointwise(spatial_dims: int) -> tuple:
@@ -67,7 +89,7 @@ def forward(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional
             geometry: tuple) -> tuple:
     """``(y, u)``: ``y = op(x, W, bias) + P_out(op_K(P_in(x_chain)))`` (``x_chain`` None: ``x``)."""
     stride, padding, dilation, groups = geometry
-    weights = chain_weights(adapter, scale, groups, weight.dim() - 2, x.dtype)
+    weights, _ = chain_weights(adapter, scale, groups, weight.dim() - 2, x.dtype)
     u = chain_input_projection(x if x_chain is None else x_chain, weights, groups)
     z = ops.base_op(u, weights[1], None, stride, padding, dilation, groups)
     y = ops.base_op(x, weight.to(x.dtype), bias, stride, padding, dilation, groups)
@@ -97,7 +119,8 @@ def backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tenso
                                              need_input, need_weight, need_bias)
     grad_chain_x, adapter_grads = None, None
     if need_adapter or chain_input_grad:
-        w_in, w_mid, w_out = weights = chain_weights(adapter, scale, groups, n, x.dtype)
+        weights, exponents = chain_weights(adapter, scale, groups, n, x.dtype)
+        w_in, w_mid, w_out = weights
         if u is None:
             u = chain_input_projection(chain_in, weights, groups)
         z = ops.base_op(u, w_mid, None, stride, padding, dilation, groups)
@@ -107,7 +130,7 @@ def backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tenso
         grad_chain_x, grad_w_in, _ = ops.op_backward(grad_u, chain_in, w_in, *pointwise, groups, chain_input_grad,
                                                      need_adapter)
         if need_adapter:
-            adapter_grads = _adapter_grads(adapter, scale, groups, (grad_w_in, grad_w_mid, grad_w_out))
+            adapter_grads = _adapter_grads(adapter, scale, groups, (grad_w_in, grad_w_mid, grad_w_out), exponents)
     if x_chain is None:
         if grad_chain_x is not None:
             grad_x = grad_x + grad_chain_x
@@ -115,11 +138,15 @@ def backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tenso
     return grad_x, grad_chain_x, grad_w, grad_b, adapter_grads
 
 
-def _adapter_grads(adapter, scale: float, groups: int, chain_grads) -> list:
-    """Gradients of ``[core, U_1, U_2, U_3...]`` from those of the chain weights."""
+def _adapter_grads(adapter, scale: float, groups: int, chain_grads, exponents) -> list:
+    """Gradients of ``[core, U_1, U_2, U_3...]`` from those of the chain weights (which stand for
+    their factors times ``2^exponents``)."""
     core, u1, u2, *kernel_factors = adapter
     acc = core.dtype
     grad_in, grad_mid, grad_out = (g.to(acc) for g in chain_grads)
+    if exponents is not None:
+        grad_in, grad_mid, grad_out = (g * torch.exp2(e).to(acc) for g, e in zip((grad_in, grad_mid, grad_out),
+                                                                                  exponents))
     grad_u1 = scale * grad_out.reshape(u1.shape)
     if grad_in.dim() == 2:
         grad_u2, grad_kernel = grad_in.t(), grad_mid
