@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-TABLE_COLUMNS = (("shape", 34, "<"), ("provider", 17, "<"), ("ms fwd", 9, ">"), ("ms bwd", 9, ">"),
+TABLE_COLUMNS = (("shape", 34, "<"), ("provider", 28, "<"), ("strategy", 10, "<"), ("ms fwd", 9, ">"),
+                 ("ms bwd", 9, ">"),
                  ("ms fwd+bwd", 10, ">"), ("x frozen", 8, ">"), ("saved MiB", 9, ">"), ("peak MiB", 9, ">"),
                  ("note", 0, "<"))
 
@@ -19,6 +20,7 @@ class Row:
     shape: str
     provider: str
     status: str = "ok"  # "ok", "error" or "skipped"
+    strategy: str = ""  # the strategy an adapter layer ran (the cost model's choice for "auto" providers)
     note: str = ""
     ms: dict = field(default_factory=dict)  # fwd, bwd, fwd_bwd medians
     ratio_to_frozen: dict = field(default_factory=dict)
@@ -55,7 +57,8 @@ def format_row(row: Row) -> str:
         saved = "-" if row.saved_mib is None else f"{row.saved_mib:.2f}"
     ratio = row.ratio_to_frozen.get("fwd_bwd")
     note = row.note if row.status == "ok" else f"{row.status}: {row.note}"
-    cells = (row.shape, row.provider, _ms(row.ms.get("fwd")), _ms(row.ms.get("bwd")), _ms(row.ms.get("fwd_bwd")),
+    cells = (row.shape, row.provider, row.strategy or "-", _ms(row.ms.get("fwd")), _ms(row.ms.get("bwd")),
+             _ms(row.ms.get("fwd_bwd")),
              "-" if ratio is None else f"{ratio:.2f}", saved, memory, note)
     return " ".join(_cell(text, width, align) for text, (_, width, align) in zip(cells, TABLE_COLUMNS)).rstrip()
 
@@ -88,7 +91,7 @@ def markdown_table(rows: list, meta: dict) -> str:
     cells = {(r.shape, r.provider): r for r in rows}
     lines = [f"{meta['mode']} mode, {meta['device']}, {meta['dtype']}, torch {meta['torch']}, "
              f"median of {meta['repeats']} runs after {meta['warmup']} warm-up runs; shapes: {meta['shape_scaling']}.",
-             "Cells: fwd+bwd ms (ratio to frozen).", "",
+             "Cells: fwd+bwd ms (ratio to frozen) [strategy auto chose]; `<provider>:<strategy>` forces one.", "",
              "| shape | " + " | ".join(providers) + " |", "|---" * (len(providers) + 1) + "|"]
     for shape in dict.fromkeys(r.shape for r in rows):
         line = []
@@ -100,7 +103,8 @@ def markdown_table(rows: list, meta: dict) -> str:
                 line.append(row.status)
             else:
                 ratio = row.ratio_to_frozen.get("fwd_bwd")
-                line.append(f"{row.ms['fwd_bwd']:.3f}" + ("" if ratio is None else f" ({ratio:.2f}x)"))
+                chosen = f" [{row.strategy}]" if row.strategy and ":" not in provider else ""
+                line.append(f"{row.ms['fwd_bwd']:.3f}" + ("" if ratio is None else f" ({ratio:.2f}x)") + chosen)
         lines.append(f"| {shape} | " + " | ".join(line) + " |")
     return "\n".join(lines) + "\n"
 

@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shapes", help="comma-separated substrings; run the shapes whose name contains any")
     parser.add_argument("--providers", help="comma-separated substrings; run the providers whose name contains "
                         "any (frozen always runs: every ratio is to it)")
+    parser.add_argument("--strategies", default=",".join(lk.STRATEGIES),
+                        help="comma-separated strategies to run the adapter providers with (default: all; "
+                        "auto runs as <method>_<route>, a forced one as <method>_<route>:<strategy>)")
     parser.add_argument("--quick", action="store_true", help="one shape per family and fewer runs")
     parser.add_argument("--verify", action="store_true", help="check every provider against its oracle, then time")
     parser.add_argument("--verify-only", action="store_true", help="check, do not time")
@@ -56,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-plot", action="store_true", help="do not draw the ratio plot")
     parser.add_argument("--list", action="store_true", help="list the selected shapes and providers, then exit")
     args = parser.parse_args(argv)
+    unknown = set(_patterns(args.strategies) or ()) - set(lk.STRATEGIES)
+    if unknown:
+        parser.error(f"--strategies: unknown {sorted(unknown)}; expected some of {lk.STRATEGIES}")
     if args.warmup is not None and args.warmup < 0 or args.repeats is not None and args.repeats < 1:
         parser.error("--warmup must be >= 0 and --repeats >= 1")
     return args
@@ -166,6 +172,8 @@ def measure(shape: suite.Shape, name: str, setup, ctx: suite.Context, inputs: tu
     try:
         prepared = setup(shape, ctx)
         failure = prepared.failure
+        if prepared.strategy_of is not None:
+            row.strategy = prepared.strategy_of(inputs[0])
         step = timing.Step(prepared.forward, *inputs, prepared.trainable)
         times = timing.time_step(step, timing.clock_for(ctx.device), warmup, repeats)
         row.ms, row.samples_ms = times.medians(), asdict(times)
@@ -263,7 +271,8 @@ def main(argv=None) -> int:
     ctx = suite.Context(device, DTYPES[args.dtype])
     full_shapes = suite.select_shapes(_patterns(args.shapes), args.quick)
     shapes = full_shapes if device.type == "cuda" else [suite.scaled_for_cpu(s) for s in full_shapes]
-    providers = suite.select_providers(suite.providers_for(device), _patterns(args.providers))
+    providers = suite.select_providers(suite.providers_for(device, tuple(_patterns(args.strategies) or ())),
+                                       _patterns(args.providers))
     warmup, repeats = RUNS[device.type][args.quick]
     warmup = warmup if args.warmup is None else args.warmup
     repeats = repeats if args.repeats is None else args.repeats

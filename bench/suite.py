@@ -195,13 +195,16 @@ class Prepared:
     ``forward(x)`` is what is timed (the backward is autograd from its output); ``trainable`` are
     the tensors that receive gradients besides the input; ``oracle(x)`` computes the same function
     from the same tensors by another route; ``failure`` is the row status and note prefix given to an
-    exception raised while running (``("skipped", ...)`` where it means the provider is not usable here)."""
+    exception raised while running (``("skipped", ...)`` where it means the provider is not usable here);
+    ``strategy_of(x)``: for an adapter layer, the strategy it runs on ``x`` (the cost model's choice
+    under "auto")."""
 
     forward: Callable[[Tensor], Tensor]
     trainable: list
     oracle: Optional[Callable[[Tensor], Tensor]] = None
     oracle_name: str = ""
     failure: tuple = ("error", "")
+    strategy_of: Optional[Callable[[Tensor], str]] = None  # the strategy an adapter layer runs on an input
 
 
 @contextlib.contextmanager
@@ -325,20 +328,31 @@ def setup_peft_lora(shape: Shape, ctx: Context) -> Prepared:
     return Prepared(lora, perturb(lora.adapter_parameters(), ctx), lora.merged_forward, "merged LoRA weight")
 
 
-def adapter_layer(shape: Shape, ctx: Context, method: str) -> lk.AdapterLayer:
+def adapter_layer(shape: Shape, ctx: Context, method: str, strategy: str = "auto") -> lk.AdapterLayer:
     """The lrtensor_kernels layer of ``method`` around the frozen base layer, adapter tensors randomised."""
     base = freeze(base_module(shape, ctx))
     with _seeded(ctx.seed + 3):
-        layer = LAYERS[method][type(base)].from_module(base, **METHOD_OPTIONS[method])
+        layer = LAYERS[method][type(base)].from_module(base, strategy=strategy, **METHOD_OPTIONS[method])
     perturb(layer.adapter_parameters(), ctx)
     return layer
 
 
-def setup_reference(shape: Shape, ctx: Context, method: str) -> Prepared:
+def strategy_of(layer: lk.AdapterLayer, backend: str) -> Callable[[Tensor], str]:
+    """``x -> the strategy layer runs on x`` (by lk.plan, one forward)."""
+
+    def resolve(x: Tensor) -> str:
+        with lk.use_backend(backend):
+            return lk.plan(nn.Sequential(layer), x)[0].strategy
+
+    return resolve
+
+
+def setup_reference(shape: Shape, ctx: Context, method: str, strategy: str = "auto") -> Prepared:
     """The adapter layer on backend "reference" (plain-PyTorch math under autograd)."""
-    layer = adapter_layer(shape, ctx, method)
+    layer = adapter_layer(shape, ctx, method, strategy)
     oracle = functional_forward(shape, layer.effective_weight, layer.bias)
-    return Prepared(on_backend(layer, "reference"), layer.adapter_parameters(), oracle, "functional op on W'")
+    return Prepared(on_backend(layer, "reference"), layer.adapter_parameters(), oracle, "functional op on W'",
+                    strategy_of=strategy_of(layer, "reference"))
 
 
 def require_triton(device: torch.device) -> None:
@@ -348,23 +362,24 @@ def require_triton(device: torch.device) -> None:
         raise ProviderUnavailable("triton needs CUDA, or TRITON_INTERPRET=1 on the CPU")
 
 
-def setup_triton(shape: Shape, ctx: Context, method: str) -> Prepared:
+def setup_triton(shape: Shape, ctx: Context, method: str, strategy: str = "auto") -> Prepared:
     """The adapter layer on backend "triton" (fused weight transform and backward projection)."""
     require_triton(ctx.device)
-    layer = adapter_layer(shape, ctx, method)
+    layer = adapter_layer(shape, ctx, method, strategy)
     return Prepared(on_backend(layer, "triton"), layer.adapter_parameters(), on_backend(layer, "reference"),
-                    f"{method}_reference")
+                    f"{method}_reference", strategy_of=strategy_of(layer, "triton"))
 
 
-def setup_compiled(shape: Shape, ctx: Context, method: str) -> Prepared:
+def setup_compiled(shape: Shape, ctx: Context, method: str, strategy: str = "auto") -> Prepared:
     """``torch.compile`` (static shapes, fresh cache) of the adapter layer on backend "reference".
 
     Compilation happens on the first call, i.e. in the warm-up; a failure there skips the row."""
-    layer = adapter_layer(shape, ctx, method)
+    layer = adapter_layer(shape, ctx, method, strategy)
     torch._dynamo.reset()
     compiled = torch.compile(layer, dynamic=False)
     return Prepared(on_backend(compiled, "reference"), layer.adapter_parameters(), on_backend(layer, "reference"),
-                    f"{method}_reference", failure=("skipped", "torch.compile failed: "))
+                    f"{method}_reference", failure=("skipped", "torch.compile failed: "),
+                    strategy_of=strategy_of(layer, "reference"))
 
 
 BASELINE_PROVIDERS = {"frozen": setup_frozen, "full_ft": setup_full_ft, "peft_lora": setup_peft_lora}
@@ -373,20 +388,36 @@ CPU_ROUTES = ("reference",)
 FLOOR = "frozen"
 
 
-def providers_for(device: torch.device) -> dict:
+def method_strategies(method: str) -> tuple:
+    """The strategies that can run ``method``, "auto" first."""
+    probe = LAYERS[method][nn.Linear](2, 2, device="meta", **METHOD_OPTIONS[method])
+    return ("auto",) + lk.strategies.cost.applicable(probe.adapter_math)
+
+
+def provider_name(method: str, route: str, strategy: str) -> str:
+    """``<method>_<route>`` under "auto", ``<method>_<route>:<strategy>`` for a forced strategy."""
+    return f"{method}_{route}" if strategy == "auto" else f"{method}_{route}:{strategy}"
+
+
+def providers_for(device: torch.device, strategies: tuple = lk.STRATEGIES) -> dict:
     """Provider name -> setup function, in table order: the baselines, then every method on every
-    route this device runs (CPU: reference only; CUDA: reference, triton, compiled)."""
+    route this device runs (CPU: reference only; CUDA: reference, triton, compiled), under each of
+    ``strategies`` that can run it."""
     routes = ADAPTER_ROUTES if device.type == "cuda" else {r: ADAPTER_ROUTES[r] for r in CPU_ROUTES}
     providers = dict(BASELINE_PROVIDERS)
     for method in METHODS:
         for route, setup in routes.items():
-            providers[f"{method}_{route}"] = functools.partial(setup, method=method)
+            for strategy in method_strategies(method):
+                if strategy in strategies:
+                    providers[provider_name(method, route, strategy)] = functools.partial(
+                        setup, method=method, strategy=strategy)
     return providers
 
 
 def triton_providers() -> dict:
-    """The "<method>_triton" providers alone (verified on the CPU under TRITON_INTERPRET=1)."""
-    return {f"{m}_triton": functools.partial(setup_triton, method=m) for m in METHODS}
+    """The "<method>_triton" providers alone (verified on the CPU under TRITON_INTERPRET=1), every strategy."""
+    return {provider_name(m, "triton", st): functools.partial(setup_triton, method=m, strategy=st)
+            for m in METHODS for st in method_strategies(m)}
 
 
 def select_providers(providers: dict, patterns: Optional[list]) -> dict:

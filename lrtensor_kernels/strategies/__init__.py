@@ -74,7 +74,7 @@ def adapted_forward(
     as autocast would run the plain layer.
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:  # autocast leaves float64 alone
         dtype = torch.get_autocast_dtype(device_type)
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         with torch.autocast(device_type, enabled=False):
