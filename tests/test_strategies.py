@@ -17,6 +17,8 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench import costs
+
 import lrtensor_kernels as lk
 from lrtensor_kernels.strategies import cost
 from models import ResNet18, make_net
@@ -224,90 +226,46 @@ def test_merged_and_bypass_agree_on_random_geometries(g):
 # ----------------------------------------------------------------------------------------------
 # cost: FLOPs and bytes kept for backward, as ratios to the frozen layer in the same process
 # ----------------------------------------------------------------------------------------------
-# the issue's table, batch cut for the CPU (the ratios depend on the batch only through the
-# weight-sized passes, which stay small at these batches)
-COST_SHAPES = [
-    ("3x3_64-64_56", lambda: nn.Conv2d(64, 64, 3, padding=1, bias=False), (2, 64, 56, 56)),
-    ("3x3_256-256_14", lambda: nn.Conv2d(256, 256, 3, padding=1, bias=False), (8, 256, 14, 14)),
-    ("3x3_512-512_7", lambda: nn.Conv2d(512, 512, 3, padding=1, bias=False), (8, 512, 7, 7)),
-    ("3x3_640-640_32", lambda: nn.Conv2d(640, 640, 3, padding=1), (1, 640, 32, 32)),
-    ("1x1_1024-256_14", lambda: nn.Conv2d(1024, 256, 1, bias=False), (8, 1024, 14, 14)),
-    ("linear_1024-2816_t512", lambda: nn.Linear(1024, 2816), (512, 1024)),
-]
 FLORA_FLOP_LIMIT = {"3x3_64-64_56": 1.30}  # every other shape: 1.10
-
-
-def _frozen(make):
-    torch.manual_seed(0)
-    base = make()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    return base
-
-
-def _step_flops(module, x):
-    with FlopCounterMode(display=False) as counter:
-        module(x.detach().requires_grad_()).sum().backward()
-    return counter.get_total_flops()
-
-
-def _adapted(base, method):
-    cls = lk.layers.LAYERS[method][nn.Linear if isinstance(base, nn.Linear) else nn.Conv2d]
-    return randomize_adapter(cls.from_module(base), 2)
 
 
 @pytest.fixture(scope="module")
 def cost_inputs():
-    return {name: (_frozen(make), torch.randn(shape)) for name, make, shape in COST_SHAPES}
+    return {name: (costs.frozen_layer(make), torch.randn(shape)) for name, make, shape in costs.COST_SHAPES}
 
 
-@pytest.mark.parametrize("name", [s[0] for s in COST_SHAPES])
+@pytest.mark.parametrize("name", [s[0] for s in costs.COST_SHAPES])
 def test_flop_ratios_of_the_default_strategy(name, cost_inputs, reference_backend):
     base, x = cost_inputs[name]
-    frozen = _step_flops(base, x)
-    full_ft = copy.deepcopy(base).requires_grad_(True)
-    full = _step_flops(full_ft, x) / frozen
-    ratios = {m: _step_flops(_adapted(base, m), x) / frozen for m in ("flora", "ssl", "ssb", "liera")}
+    frozen = costs.step_flops(base, x)
+    full = costs.step_flops(costs.full_fine_tuning(base), x) / frozen
+    ratios = {m: costs.step_flops(costs.adapted(base, m), x) / frozen for m in costs.METHODS}
     assert ratios["flora"] <= FLORA_FLOP_LIMIT.get(name, 1.10), ratios
     assert ratios["ssl"] <= 1.02 and ratios["ssb"] <= 1.02, ratios
     assert ratios["liera"] <= 1.05 * full, (ratios, full)
     # the check can fail: merged pays the full weight gradient
-    merged = _adapted(base, "flora")
-    merged.strategy = "merged"
-    assert _step_flops(merged, x) / frozen >= 1.45
+    assert costs.step_flops(costs.adapted(base, "flora", "merged"), x) / frozen >= 1.45
 
 
-def _saved_bytes(module, x):
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x.detach().requires_grad_())
-    return sum(storages.values())
-
-
-@pytest.mark.parametrize("name", [s[0] for s in COST_SHAPES if s[0] != "3x3_640-640_32"])
+@pytest.mark.parametrize("name", [s[0] for s in costs.COST_SHAPES if s[0] != "3x3_640-640_32"])
 def test_bytes_kept_for_backward(name, cost_inputs):
     """FLoRA <= 1.25x the frozen layer's bytes on the reference backend; every method <= 1.25x on
     the fused path, but SSB's bypass, which keeps op(x * d_in, W) (as many bytes as the output)
     for d_out's gradient."""
     base, x = cost_inputs[name]
-    frozen = _saved_bytes(base, x)
+    frozen = costs.saved_bytes(base, x)
     with lk.use_backend("reference"):
-        assert _saved_bytes(_adapted(base, "flora"), x) <= 1.25 * frozen
+        assert costs.saved_bytes(costs.adapted(base, "flora"), x) <= 1.25 * frozen
     output_bytes = base(x[:1]).numel() * x.shape[0] * x.element_size()
     # LieRA's forward runs the fused transform, which the Triton interpreter runs slowly on large weights
     fused_methods = ("flora", "ssl", "liera") if base.weight.numel() < 300_000 else ("flora", "ssl")
     with lk.use_backend("triton"):
         for method in fused_methods:
-            assert _saved_bytes(_adapted(base, method), x) <= 1.25 * frozen, method
-        assert _saved_bytes(_adapted(base, "ssb"), x) <= 1.25 * frozen + output_bytes
+            assert costs.saved_bytes(costs.adapted(base, method), x) <= 1.25 * frozen, method
+        assert costs.saved_bytes(costs.adapted(base, "ssb"), x) <= 1.25 * frozen + output_bytes
     # the check can fail: the reference path of LieRA keeps weight-sized tensors
     with lk.use_backend("reference"):
-        assert _saved_bytes(_adapted(base, "liera"), x) > frozen + base.weight.numel() * 4 * 0.9
+        assert costs.saved_bytes(costs.adapted(base, "liera"), x) > frozen + base.weight.numel() * 4 * 0.9
 
 
 def test_whole_resnet18_flops(reference_backend):
