@@ -2,10 +2,11 @@
 
 ``W' = d_out * W * d_in`` (``d_out = 1`` for SSL), broadcast over the other modes, so::
 
-    op(x, W', b) = d_out * op(x * d_in, W) + b
+    op(x, W', b) = d_out * op(x * d_in, W) + b,  computed as  zb + (d_out - 1) * (zb - b),  zb = op(x * d_in, W, b)
 
-with ``d_in`` (C_in/g entries) scaling each group's input channels and ``d_out`` the output
-channels; the scaling commutes with padding of any mode. No weight gradient is needed:
+(so that a fresh layer, ``d = 1``, computes the plain layer bit for bit) with ``d_in`` (C_in/g
+entries) scaling each group's input channels and ``d_out`` the output channels; the scaling
+commutes with padding of any mode. No weight gradient is needed:
 ``grad_xs = op^T(d_out * grad, W)`` (the frozen layer's input-gradient op), ``grad_x = d_in *
 grad_xs``, ``grad_d_in`` = channel sums of ``x * grad_xs`` (summed over the groups) and
 ``grad_d_out`` = channel sums of ``grad * z`` with ``z = op(x * d_in, W)``, which SSB keeps from
