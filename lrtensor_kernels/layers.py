@@ -19,6 +19,33 @@ from . import methods, ops
 AdaptableBase = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
+class GradInParameterLayout(torch.autograd.Function):
+    """Identity on tensors whose gradients come back with exactly the strides of the tensors
+    themselves.
+
+    Backends return adapter gradients in whatever layout their last op leaves, e.g. a stride of
+    256 on a size-1 mode of a 1x1 conv's FLoRA core. Autograd accepts such a gradient (strides of
+    size-1 modes do not count for its layout check), DDP does not: its bucket views have the
+    parameter's exact strides and it warns on every step. A copy of these small tensors, made
+    only where the strides differ, fixes that for every backend at once.
+    """
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        ctx.layouts = [(t.shape, t.stride()) for t in tensors]
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return tuple(_in_layout(g, shape, stride) for g, (shape, stride) in zip(grads, ctx.layouts))
+
+
+def _in_layout(grad, shape, stride):
+    if grad is None or grad.stride() == stride:
+        return grad
+    return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
 class AdapterLayer(nn.Module):
     """What every adapter layer shares: forward dispatch, input checks, merge/unmerge, naming.
 
@@ -98,6 +125,11 @@ class AdapterLayer(nn.Module):
     def adapter_parameters(self):
         return [p for _, p in self.adapter_state().items()]
 
+    def _adapter_inputs(self) -> list:
+        """``adapter_tensors()`` as the forward hands them to a backend: the same values, with
+        gradients that come back in each parameter's own layout (see ``GradInParameterLayout``)."""
+        return list(GradInParameterLayout.apply(*self.adapter_tensors()))
+
     # -- names and errors ------------------------------------------------------------------
     def _label(self) -> str:
         name = self.adapter_name
@@ -154,7 +186,7 @@ class AdapterLayer(nn.Module):
         dropped = F.dropout(x, self.dropout, True) if self.dropout > 0 and self.training else None
         if self._is_linear():
             flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
-            y = ops.adapted_forward(flat(x), self.weight, self.bias, self.adapter_tensors(), self.adapter_math,
+            y = ops.adapted_forward(flat(x), self.weight, self.bias, self._adapter_inputs(), self.adapter_math,
                                     self.scale, dropped_x=flat(dropped))
             return y.reshape(*x.shape[:-1], y.shape[-1])
         unbatched = x.dim() == self.weight.dim() - 1
@@ -165,7 +197,7 @@ class AdapterLayer(nn.Module):
         if dropped is not None:
             dropped, _ = self._conv_input(dropped)
         geometry = (list(self.stride), padding, list(self.dilation), self.groups)
-        y = ops.adapted_forward(x, self.weight, self.bias, self.adapter_tensors(), self.adapter_math, self.scale,
+        y = ops.adapted_forward(x, self.weight, self.bias, self._adapter_inputs(), self.adapter_math, self.scale,
                                 geometry, dropped)
         return y.squeeze(0) if unbatched else y
 

@@ -1,0 +1,73 @@
+"""Every adapter gradient comes back with exactly its parameter's strides (DDP's bucket views need
+that; size-1 modes included), on every backend that runs here, for contiguous and channels_last
+parameters."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lrtensor_kernels as lk
+from oracle import randomize_adapter
+
+BACKENDS = ["reference", "triton"]
+
+LAYERS = {
+    "flora_conv2d_1x1": lambda: lk.FLoRAConv2d(64, 128, 1),  # core (16, 16, 1, 1): the case DDP warned on
+    "flora_conv2d_1x1_one_in": lambda: lk.FLoRAConv2d(1, 16, 1),
+    "flora_conv1d_k1": lambda: lk.FLoRAConv1d(8, 16, 1),
+    "flora_conv3d_k1": lambda: lk.FLoRAConv3d(8, 16, 1),
+    "flora_conv2d_3x3": lambda: lk.FLoRAConv2d(8, 16, 3, padding=1),
+    "flora_linear": lambda: lk.FLoRALinear(8, 16),
+    "liera_tucker_1x1": lambda: lk.LieRAConv2d(8, 16, 1, rank=4, delta="tucker"),
+    "liera_lora_1x1": lambda: lk.LieRAConv2d(8, 16, 1, rank=4),
+    "ssb_depthwise": lambda: lk.SSBConv2d(8, 8, 3, groups=8),
+}
+
+
+def _input(layer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(layer, torch.nn.Linear):
+        return torch.randn(3, layer.in_features, generator=g)
+    n = layer.weight.dim() - 2
+    return torch.randn(2, layer.in_channels, *([5] * n), generator=g)
+
+
+def _grad_layouts(layer, backend):
+    layer.zero_grad(set_to_none=True)
+    with lk.use_backend(backend):
+        layer(_input(layer)).square().sum().backward()
+    return {name: (p.stride(), p.grad.stride()) for name, p in layer.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_adapter_gradients_have_the_parameter_strides(name, backend):
+    torch.manual_seed(0)
+    layer = randomize_adapter(LAYERS[name](), 3)
+    layouts = _grad_layouts(layer, backend)
+    assert set(layer.adapter_state()) <= set(layouts)  # every adapter tensor got a gradient
+    for param, (want, got) in layouts.items():
+        assert got == want, f"{name} on {backend}: {param}.grad strides {got}, parameter strides {want}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_parameters_get_channels_last_gradients(backend):
+    torch.manual_seed(0)
+    layer = randomize_adapter(lk.FLoRAConv2d(8, 16, 3, padding=1, ranks=(4, 4, 3, 3)), 4)
+    layer = layer.to(memory_format=torch.channels_last)
+    assert not layer.core.is_contiguous()  # the 4-d adapter tensors are channels_last now
+    for param, (want, got) in _grad_layouts(layer, backend).items():
+        assert got == want, f"{param}.grad strides {got}, parameter strides {want}"
+
+
+def test_gradient_values_are_unchanged_by_the_relayout():
+    torch.manual_seed(0)
+    layer = randomize_adapter(lk.FLoRAConv2d(64, 128, 1), 5)
+    x = _input(layer)
+    with lk.use_backend("reference"):
+        layer(x).square().sum().backward()
+        # the same function without the layer's forward, hence without the relayout
+        expected = torch.autograd.grad(torch.nn.functional.conv2d(x, layer.effective_weight(), layer.bias).square().sum(),
+                                       layer.core)[0]
+    assert expected.stride() != layer.core.stride()  # the case the relayout exists for
+    assert torch.equal(layer.core.grad, expected)
