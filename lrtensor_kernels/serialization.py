@@ -8,19 +8,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import trainable
 from ._version import __version__
 from .layers import AdapterLayer
 from .surgery import replace_module, adapter_layers, adaptable_type, build_adapter, freeze_all_but_adapters
 
 TENSORS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added "trainable_modules"
+READABLE_VERSIONS = (1, 2)
 
 
 def save_adapters(model: nn.Module, directory: str) -> None:
     """Write every adapter layer's tensors to ``directory/adapters.safetensors`` (keys
     ``"<layer>.<tensor>"``) and ``directory/adapter_config.json`` (per layer: method, keyword
-    arguments, base module type, weight shape and tensor shapes; package version)."""
+    arguments, base module type, weight shape and tensor shapes; package version), and the whole
+    state of every module trained in full (``inject(..., trainable_modules=...)``; keys
+    ``"<module>.<state key>"``, parameters and persistent buffers) with its type and shapes under
+    ``"trainable_modules"``."""
     layers = adapter_layers(model)
     if not layers:
         raise ValueError(f"save_adapters: {type(model).__name__} has no adapter layer; call inject first")
@@ -36,10 +41,13 @@ def save_adapters(model: nn.Module, directory: str) -> None:
             weight_shape=list(layer.weight.shape),
             tensors={key: list(t.shape) for key, t in state.items()},
         )
+    extra_tensors, extra_config = trainable.file_entries(model)
+    tensors.update(extra_tensors)
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, TENSORS_FILE), metadata={"format": "lrtensor_kernels"})
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(dict(format_version=FORMAT_VERSION, package_version=__version__, layers=config), f, indent=2)
+        json.dump(dict(format_version=FORMAT_VERSION, package_version=__version__, layers=config,
+                       trainable_modules=extra_config), f, indent=2)
 
 
 def _read(directory: str):
@@ -50,19 +58,21 @@ def _read(directory: str):
             raise FileNotFoundError(f"load_adapters: {path} does not exist")
     with open(config_path) as f:
         config = json.load(f)
-    if config.get("format_version") != FORMAT_VERSION:
+    if config.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"load_adapters: {config_path} has format_version {config.get('format_version')!r}, "
-                         f"expected {FORMAT_VERSION}")
-    return config["layers"], load_file(tensors_path)
+                         f"expected one of {READABLE_VERSIONS}")
+    return config["layers"], load_file(tensors_path), config.get("trainable_modules", {})
 
 
 def load_adapters(model: nn.Module, directory: str) -> list:
     """Load adapters saved by :func:`save_adapters` into ``model``, injecting layers where needed.
 
-    Every layer name, module type, weight shape, method and tensor shape is checked before the
-    model changes; any mismatch raises a ValueError listing all of them. Returns the layer names.
+    Every layer name, module type, weight shape, method and tensor shape, and the same of every
+    module trained in full, is checked before the model changes; any mismatch raises a ValueError
+    listing all of them. Modules trained in full get their saved state and stay trainable.
+    Returns the adapter layer names.
     """
-    layers, tensors = _read(directory)
+    layers, tensors, extras = _read(directory)
     modules = dict(model.named_modules())
     problems, plan = [], {}
     for name, entry in layers.items():
@@ -104,7 +114,11 @@ def load_adapters(model: nn.Module, directory: str) -> list:
                                 f"expected {shape}")
         plan[name] = (layer, replace)
     known = {f"{n}.{k}" for n, (layer, _) in plan.items() for k in layer.adapter_state()}
-    problems += [f"tensor {k} in the file belongs to no adapter layer" for k in tensors if k not in known]
+    extra_problems, extra_plan, extra_keys = trainable.plan_load(model, extras, tensors, list(layers))
+    problems += extra_problems
+    known |= extra_keys
+    problems += [f"tensor {k} in the file belongs to no adapter layer or trainable module"
+                 for k in tensors if k not in known]
     if problems:
         raise ValueError("load_adapters: the file does not match the model:\n  " + "\n  ".join(problems))
     for name, (layer, replace) in plan.items():
@@ -113,5 +127,6 @@ def load_adapters(model: nn.Module, directory: str) -> list:
                 t.copy_(tensors[f"{name}.{key}"])
         if replace:
             replace_module(model, name, layer)
+    trainable.apply_load(model, extra_plan, tensors)
     freeze_all_but_adapters(model)
     return list(plan)

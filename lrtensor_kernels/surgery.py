@@ -6,7 +6,9 @@ from typing import Iterable, Optional, Sequence, Union
 
 from torch import nn
 
+from . import trainable
 from .layers import LAYERS, AdapterLayer
+from .trainable import owner_of
 
 TargetSpec = Union[str, Sequence[str], None]
 
@@ -25,35 +27,41 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
-def _select(model: nn.Module, target_modules: TargetSpec, exclude_modules: TargetSpec) -> list:
-    """Names of the modules to adapt; raises before anything changes."""
+def match_modules(model: nn.Module, spec: TargetSpec, what: str) -> Optional[list]:
+    """Names of ``model``'s modules that ``spec`` picks (None for None): list entries match a name
+    exactly or as a dotted suffix, a string is a regex matched in full. Raises when an entry
+    matches nothing."""
+    if spec is None:
+        return None
+    named = [n for n, _ in model.named_modules() if n]
+    if isinstance(spec, str):
+        try:
+            regex = re.compile(spec)
+        except re.error as err:
+            raise ValueError(f"{what} regex {spec!r} does not compile: {err}") from None
+        hits = [n for n in named if regex.fullmatch(n)]
+        if not hits:
+            raise ValueError(f"{what} regex {spec!r} matched no module")
+        return hits
+    hits = []
+    for pattern in spec:
+        found = [n for n in named if _matches(n, pattern)]
+        if not found:
+            raise ValueError(f"{what} entry {pattern!r} matched no module of {type(model).__name__}")
+        hits.extend(found)
+    return hits
+
+
+def _select(model: nn.Module, target_modules: TargetSpec, exclude_modules: TargetSpec,
+            trained: Sequence[str] = ()) -> list:
+    """Names of the modules to adapt; raises before anything changes. Modules in or under
+    ``trained`` (trained in full) are left out of the default targets and refused as targets."""
     named = dict(model.named_modules())
     named.pop("", None)
-
-    def picked(spec, what):
-        if spec is None:
-            return None
-        if isinstance(spec, str):
-            try:
-                regex = re.compile(spec)
-            except re.error as err:
-                raise ValueError(f"{what} regex {spec!r} does not compile: {err}") from None
-            hits = [n for n in named if regex.fullmatch(n)]
-            if not hits:
-                raise ValueError(f"{what} regex {spec!r} matched no module")
-            return hits
-        hits = []
-        for pattern in spec:
-            found = [n for n in named if _matches(n, pattern)]
-            if not found:
-                raise ValueError(f"{what} entry {pattern!r} matched no module of {type(model).__name__}")
-            hits.extend(found)
-        return hits
-
-    targets = picked(target_modules, "target_modules")
-    excluded = set(picked(exclude_modules, "exclude_modules") or ())
+    targets = match_modules(model, target_modules, "target_modules")
+    excluded = set(match_modules(model, exclude_modules, "exclude_modules") or ())
     if targets is None:
-        names = [n for n, m in named.items() if adaptable_type(m) is not None]
+        names = [n for n, m in named.items() if adaptable_type(m) is not None and owner_of(n, trained) is None]
     else:
         names = list(dict.fromkeys(targets))
         for n in names:
@@ -62,6 +70,9 @@ def _select(model: nn.Module, target_modules: TargetSpec, exclude_modules: Targe
             if adaptable_type(named[n]) is None:
                 raise TypeError(f"module '{n}' is a {type(named[n]).__name__}; expected one of Conv1d, Conv2d, "
                                 "Conv3d, Linear")
+            if owner_of(n, trained) is not None:
+                raise ValueError(f"module '{n}' trains in full (trainable_modules: '{owner_of(n, trained)}'); it "
+                                 "cannot also get an adapter")
     names = [n for n in names if n not in excluded]
     if not names:
         raise ValueError("no module to adapt: the targets left nothing after exclude_modules")
@@ -98,27 +109,37 @@ def build_adapter(module: nn.Module, method: str, name: str, **method_kwargs) ->
 
 
 def freeze_all_but_adapters(model: nn.Module) -> None:
-    """Only adapter tensors stay trainable."""
+    """Only adapter tensors and the parameters of modules trained in full stay trainable."""
     keep = {id(p) for _, layer in adapter_layers(model) for p in layer.adapter_parameters()}
+    keep.update(id(p) for p in trainable.trained_parameters(model))
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
 
 
 def inject(model: nn.Module, method: str, target_modules: TargetSpec = None, exclude_modules: TargetSpec = None,
-           **method_kwargs) -> list:
+           trainable_modules: TargetSpec = None, **method_kwargs) -> list:
     """Replace Conv1d/2d/3d and Linear layers of ``model`` in place by adapter layers of ``method``.
 
-    method: "flora", "liera", "ssl" or "ssb". target_modules: names matched exactly or as a
-    dotted suffix, or one regex string matched in full against the whole name; by default every
-    adaptable layer. Freezes everything but the adapter tensors; returns the adapted names.
-    Every layer is built before any is installed, so a bad argument leaves the model unchanged.
+    method: "flora", "liera", "ssl" or "ssb". target_modules, exclude_modules and
+    trainable_modules: a list of names, each matched exactly or as a dotted suffix ("conv1"
+    matches "conv1" and "block.conv1", not "block.subconv1"), or one regex string matched in full
+    against the whole dotted name; targets default to every adaptable layer. trainable_modules:
+    modules that train in full beside the adapters (a new head, norm layers); they are left out
+    of the default targets, and ``save_adapters`` writes their whole state. Freezes everything
+    else; returns the adapted names. Every layer is built and every name checked before anything
+    changes, so a bad argument leaves the model unchanged.
     """
     if method not in LAYERS:
         raise ValueError(f"unknown method {method!r}; expected one of {tuple(LAYERS)}")
-    names = _select(model, target_modules, exclude_modules)
+    extras = trainable.outermost(list(dict.fromkeys(match_modules(model, trainable_modules, "trainable_modules")
+                                                    or ())))
+    trainable.check_trainable(model, extras)
+    trained = extras + [n for n, _ in trainable.marked_modules(model)]
+    names = _select(model, target_modules, exclude_modules, trained)
     built = {n: build_adapter(model.get_submodule(n), method, n, **method_kwargs) for n in names}
     for n, layer in built.items():
         replace_module(model, n, layer)
+    trainable.mark(model, extras)
     freeze_all_but_adapters(model)
     return names
 
