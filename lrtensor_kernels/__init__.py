@@ -9,6 +9,7 @@ Quick use::
     lk.merge(model)                              # zero-cost inference; lk.unmerge restores W exactly
 """
 from ._version import __version__
+from .budget import BudgetPlan, lora_parameter_count, ranks_for_budget
 from .backend import BACKENDS, get_backend, set_backend, use_backend
 from .layers import (
     AdapterLayer,
@@ -40,5 +41,6 @@ __all__ = [
     "LieRAConv1d", "LieRAConv2d", "LieRAConv3d", "LieRALinear",
     "SSLConv1d", "SSLConv2d", "SSLConv3d", "SSLLinear", "SSBConv1d", "SSBConv2d", "SSBConv3d", "SSBLinear",
     "AdapterMath", "effective_weight", "tucker_product", "mpc_loss", "save_adapters", "load_adapters",
-    "adapter_layers", "inject", "merge", "unmerge", "unload",
+    "adapter_layers", "inject", "merge", "unmerge", "unload", "BudgetPlan", "lora_parameter_count",
+    "ranks_for_budget",
 ]

@@ -79,6 +79,13 @@ def _select(model: nn.Module, target_modules: TargetSpec, exclude_modules: Targe
     return names
 
 
+def select_trainable(model: nn.Module, trainable_modules: TargetSpec) -> list:
+    """Names of the modules ``trainable_modules`` picks (outermost only), checked to be trainable in full."""
+    names = trainable.outermost(list(dict.fromkeys(match_modules(model, trainable_modules, "trainable_modules") or ())))
+    trainable.check_trainable(model, names)
+    return names
+
+
 def replace_module(model: nn.Module, name: str, module: nn.Module):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -131,9 +138,7 @@ def inject(model: nn.Module, method: str, target_modules: TargetSpec = None, exc
     """
     if method not in LAYERS:
         raise ValueError(f"unknown method {method!r}; expected one of {tuple(LAYERS)}")
-    extras = trainable.outermost(list(dict.fromkeys(match_modules(model, trainable_modules, "trainable_modules")
-                                                    or ())))
-    trainable.check_trainable(model, extras)
+    extras = select_trainable(model, trainable_modules)
     trained = extras + [n for n, _ in trainable.marked_modules(model)]
     names = _select(model, target_modules, exclude_modules, trained)
     built = {n: build_adapter(model.get_submodule(n), method, n, **method_kwargs) for n in names}
