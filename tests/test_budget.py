@@ -120,3 +120,11 @@ def test_table_lists_every_layer_and_the_total():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lk.ranks_for_budget(cnn(), "flora", **kwargs)
+
+
+def test_lora_count_per_layer_type():
+    model = cnn()
+    names = ["0", "2", "4", "6"]
+    assert [lk.lora_parameter_count(model.get_submodule(n), 3) for n in names] == [
+        lora_by_hand(model, 3, [n]) for n in names]
+    assert lk.ranks_for_budget(model, "ssl", match_lora_rank=3).budget == lora_by_hand(model, 3, names)
