@@ -37,13 +37,7 @@ class GradInParameterLayout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return tuple(_in_layout(g, shape, stride) for g, (shape, stride) in zip(grads, ctx.layouts))
-
-
-def _in_layout(grad, shape, stride):
-    if grad is None or grad.stride() == stride:
-        return grad
-    return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+        return tuple(ops.in_layout(g, shape, stride) for g, (shape, stride) in zip(grads, ctx.layouts))
 
 
 class AdapterLayer(nn.Module):
