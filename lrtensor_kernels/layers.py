@@ -182,7 +182,7 @@ class AdapterLayer(nn.Module):
             flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
             y = ops.adapted_forward(flat(x), self.weight, self.bias, self._adapter_inputs(), self.adapter_math,
                                     self.scale, dropped_x=flat(dropped))
-            return y.reshape(*x.shape[:-1], y.shape[-1])
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])  # no view for FSDP2 to warn on
         unbatched = x.dim() == self.weight.dim() - 1
         if unbatched:
             x = x.unsqueeze(0)
