@@ -31,6 +31,7 @@ from .layers import (
     SSLLinear,
 )
 from .methods import AdapterMath, effective_weight, tucker_product
+from .official import load_official_flora, load_official_liera
 from .regularizers import mpc_loss
 from .serialization import load_adapters, save_adapters
 from .surgery import adapter_layers, inject, merge, unload, unmerge
@@ -42,5 +43,5 @@ __all__ = [
     "SSLConv1d", "SSLConv2d", "SSLConv3d", "SSLLinear", "SSBConv1d", "SSBConv2d", "SSBConv3d", "SSBLinear",
     "AdapterMath", "effective_weight", "tucker_product", "mpc_loss", "save_adapters", "load_adapters",
     "adapter_layers", "inject", "merge", "unmerge", "unload", "BudgetPlan", "lora_parameter_count",
-    "ranks_for_budget",
+    "ranks_for_budget", "load_official_flora", "load_official_liera",
 ]
