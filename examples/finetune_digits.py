@@ -248,6 +248,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--timing-rounds", type=int, default=200, help="interleaved rounds for the step times")
     parser.add_argument("--out", type=Path, default=OUT, help="path prefix of the .json/.md/.png outputs")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -267,7 +268,7 @@ def main(argv=None):
             model, notes[method] = prepare(base, method, seed)
             runs[method].append(finetune(model, new_train, new_test, args.epochs, seed))
             progress.step(f"{method} seed {seed}")
-    rows = summarise(runs, notes, step_times(base, new_train, rounds=200))
+    rows = summarise(runs, notes, step_times(base, new_train, rounds=args.timing_rounds))
     meta = dict(seeds=args.seeds, epochs=args.epochs, train_images=TRAIN_IMAGES, test_images=len(new_test[1]),
                 lr=LR, batch=BATCH, lora_rank=LORA_RANK, pretrain_accuracy=pre_acc, torch=torch.__version__,
                 machine=f"{platform.machine()} CPU", wall_s=round(time.perf_counter() - start, 1),

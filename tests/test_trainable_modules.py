@@ -14,7 +14,7 @@ from torch import nn
 import lrtensor_kernels as lk
 from models import make_net
 from oracle import randomize_adapter
-from test_serialization import CONFIG, TENSORS, assert_unchanged, snapshot
+from test_serialization import CONFIG, TENSORS, assert_unchanged, check_fails_unchanged, snapshot
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
@@ -198,43 +198,36 @@ def saved(tmp_path):
     return tmp_path, base_state
 
 
-def load_fails(model, directory, match):
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=match):
-        lk.load_adapters(model, str(directory))
-    assert_unchanged(model, snap)
-
-
 def test_load_missing_trainable_module(saved):
     directory, base_state = saved
     model = fresh_base(base_state)
     del model.block.bn
     model.block.bn = nn.Identity()
-    load_fails(model, directory, r"trainable module 'block\.bn': a Identity in the model, a BatchNorm2d in the file")
+    check_fails_unchanged(model, directory, r"trainable module 'block\.bn': a Identity in the model, a BatchNorm2d in the file")
     del model.block.bn
-    load_fails(model, directory, r"trainable module 'block\.bn': no such module in Net")
+    check_fails_unchanged(model, directory, r"trainable module 'block\.bn': no such module in Net")
 
 
 def test_load_trainable_module_with_other_state(saved):
     directory, base_state = saved
     model = fresh_base(base_state)
     model.block.bn = nn.BatchNorm2d(4, affine=False)
-    load_fails(model, directory, r"trainable module 'block\.bn': state keys differ: the model has \[\] that the file "
+    check_fails_unchanged(model, directory, r"trainable module 'block\.bn': state keys differ: the model has \[\] that the file "
                r"lacks, the file has \['bias', 'weight'\]")
     model.block.bn = nn.BatchNorm2d(6)
-    load_fails(model, directory, r"tensor block\.bn\.weight has shape \[4\] in the file, expected \[6\]")
+    check_fails_unchanged(model, directory, r"tensor block\.bn\.weight has shape \[4\] in the file, expected \[6\]")
 
 
 def test_load_trainable_module_the_model_adapts(saved):
     directory, base_state = saved
     model = fresh_base(base_state)
     lk.inject(model, "ssl", target_modules=["head"])
-    load_fails(model, directory, r"trainable module 'head': an adapter layer \(SSLLinear\) in the model; the file "
+    check_fails_unchanged(model, directory, r"trainable module 'head': an adapter layer \(SSLLinear\) in the model; the file "
                r"trains it in full")
     config = json.loads((directory / CONFIG).read_text())
     config["trainable_modules"]["conv1"] = config["trainable_modules"].pop("head")
     (directory / CONFIG).write_text(json.dumps(config))
-    load_fails(fresh_base(base_state), directory, r"trainable module 'conv1': the file also adapts 'conv1'")
+    check_fails_unchanged(fresh_base(base_state), directory, r"trainable module 'conv1': the file also adapts 'conv1'")
 
 
 def test_load_trainable_module_tensor_problems(saved):
@@ -242,15 +235,15 @@ def test_load_trainable_module_tensor_problems(saved):
     tensors = load_file(str(directory / TENSORS))
     missing = {k: v for k, v in tensors.items() if k != "block.bn.running_var"}
     save_file(missing, str(directory / TENSORS))
-    load_fails(fresh_base(base_state), directory, r"trainable module 'block\.bn': tensor block\.bn\.running_var "
+    check_fails_unchanged(fresh_base(base_state), directory, r"trainable module 'block\.bn': tensor block\.bn\.running_var "
                r"missing from the file")
     wrong = dict(tensors, **{"block.bn.num_batches_tracked": torch.tensor(1.5)})
     save_file(wrong, str(directory / TENSORS))
-    load_fails(fresh_base(base_state), directory, r"tensor block\.bn\.num_batches_tracked has dtype torch\.float32 "
+    check_fails_unchanged(fresh_base(base_state), directory, r"tensor block\.bn\.num_batches_tracked has dtype torch\.float32 "
                r"in the file, the model's is torch\.int64")
     extra = dict(tensors, **{"block.bn.extra": torch.zeros(2)})
     save_file(extra, str(directory / TENSORS))
-    load_fails(fresh_base(base_state), directory, r"tensor block\.bn\.extra in the file belongs to no adapter layer or "
+    check_fails_unchanged(fresh_base(base_state), directory, r"tensor block\.bn\.extra in the file belongs to no adapter layer or "
                r"trainable module")
 
 
