@@ -145,9 +145,10 @@ def in_layout(t: Tensor, shape, stride) -> Tensor:
 
 
 def like(grad: Tensor, tensor: Tensor) -> Tensor:
-    """``grad`` in ``tensor``'s layout: the real op's outputs must have the strides its fake
-    implementation (``empty_like``) promises, or compiled graphs that trust them break."""
-    return in_layout(grad, tensor.shape, tensor.stride())
+    """``grad`` in the layout ``torch.empty_like(tensor)`` has (``tensor``'s own strides when it is
+    dense, else contiguous): the real op's outputs must have the strides its fake implementation
+    promises, or compiled graphs that trust them break."""
+    return in_layout(grad, tensor.shape, torch.empty_like(tensor, device="meta").stride())
 
 
 def _base_weight_grad(kernels, grad_w_eff, weight, adapter, math, scale, delta_only):
