@@ -114,7 +114,8 @@ def load_adapters(model: nn.Module, directory: str) -> list:
                                 f"expected {shape}")
         plan[name] = (layer, replace)
     known = {f"{n}.{k}" for n, (layer, _) in plan.items() for k in layer.adapter_state()}
-    extra_problems, extra_plan, extra_keys = trainable.plan_load(model, extras, tensors, list(layers))
+    stored = {k: (tuple(t.shape), t.is_floating_point()) for k, t in tensors.items()}
+    extra_problems, extra_plan, extra_keys = trainable.plan_load(model, extras, stored, list(layers))
     problems += extra_problems
     known |= extra_keys
     problems += [f"tensor {k} in the file belongs to no adapter layer or trainable module"

@@ -90,10 +90,11 @@ def file_entries(model: nn.Module) -> tuple:
     return tensors, config
 
 
-def plan_load(model: nn.Module, config: dict, tensors: dict, adapter_names: list) -> tuple:
+def plan_load(model: nn.Module, config: dict, stored: dict, adapter_names: list) -> tuple:
     """``(problems, plan, keys)`` for the ``trainable_modules`` section of an adapter file: every
     mismatch between the file and ``model`` as a message naming the module; the modules and the
-    state they get; the file keys this section accounts for. Changes nothing."""
+    state they get; the file keys this section accounts for. ``stored``: ``{file key: (shape,
+    is floating)}`` of the tensors file (from the tensors or from its header). Changes nothing."""
     problems, plan, keys = [], {}, set()
     if not isinstance(config, dict):
         return [f"trainable_modules: expected a mapping of module names, got {type(config).__name__}"], plan, keys
@@ -129,14 +130,16 @@ def plan_load(model: nn.Module, config: dict, tensors: dict, adapter_names: list
             continue
         for key, t in state.items():
             file_key = f"{name}.{key}"
-            if file_key not in tensors:
+            if file_key not in stored:
                 problems.append(f"{what}: tensor {file_key} missing from the file")
-            elif list(tensors[file_key].shape) != list(t.shape):
-                problems.append(f"{what}: tensor {file_key} has shape {list(tensors[file_key].shape)} in the file, "
-                                f"expected {list(t.shape)}")
-            elif tensors[file_key].is_floating_point() != t.is_floating_point():
-                problems.append(f"{what}: tensor {file_key} has dtype {tensors[file_key].dtype} in the file, the "
-                                f"model's is {t.dtype}")
+                continue
+            shape, floating = stored[file_key]
+            if list(shape) != list(t.shape):
+                problems.append(f"{what}: tensor {file_key} has shape {list(shape)} in the file, expected "
+                                f"{list(t.shape)}")
+            elif floating != t.is_floating_point():
+                problems.append(f"{what}: tensor {file_key} is {'a floating' if floating else 'an integer'} tensor "
+                                f"in the file, the model's is {t.dtype}")
         plan[name] = state
     return problems, plan, keys
 
