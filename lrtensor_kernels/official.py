@@ -49,8 +49,10 @@ def _group(state_dict: Mapping, pattern: re.Pattern, prefix: Optional[str], mode
     return {path[len(prefix):] if path.startswith(prefix) else path: tensors for path, tensors in groups.items()}
 
 
-def _install(model: nn.Module, built: dict, what: str, problems: list) -> list:
+def _install(model: nn.Module, built: dict, what: str, problems: list, flags: list) -> list:
     if problems:
+        for p, flag in flags:  # building a layer may freeze the base weight it shares
+            p.requires_grad_(flag)
         raise ValueError(f"{what}: the state dict does not match the model:\n  " + "\n  ".join(problems))
     for name, (layer, tensors) in built.items():
         with torch.no_grad():
@@ -95,7 +97,7 @@ def load_official_flora(model: nn.Module, state_dict: Mapping, scale: float, pre
     ``flora_cfg``. Returns the adapted layer names. See the module doc for the mapping."""
     what = "load_official_flora"
     groups = _group(state_dict, _FLORA_KEY, prefix, model, what)
-    problems, built = [], {}
+    problems, built, flags = [], {}, [(p, p.requires_grad) for p in model.parameters()]
     for name, tensors in groups.items():
         module = _module(model, name, problems, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
         if module is None:
@@ -128,7 +130,7 @@ def load_official_flora(model: nn.Module, state_dict: Mapping, scale: float, pre
                           "branch zero-pads, this layer pads W' as a whole: outputs differ at the borders",
                           stacklevel=2)
         built[name] = (layer, [core, *factors])
-    return _install(model, built, what, problems)
+    return _install(model, built, what, problems, flags)
 
 
 def load_official_liera(model: nn.Module, state_dict: Mapping, alpha: float, prefix: Optional[str] = None,
@@ -138,7 +140,7 @@ def load_official_liera(model: nn.Module, state_dict: Mapping, alpha: float, pre
     official ``lora_alpha`` (scale ``alpha / r``). Returns the adapted layer names."""
     what = "load_official_liera"
     groups = _group(state_dict, _LIERA_KEY, prefix, model, what)
-    problems, built = [], {}
+    problems, built, flags = [], {}, [(p, p.requires_grad) for p in model.parameters()]
     for name, tensors in groups.items():
         module = _module(model, name, problems, (nn.Linear,))
         if module is None:
@@ -160,4 +162,4 @@ def load_official_liera(model: nn.Module, state_dict: Mapping, alpha: float, pre
             problems.append(f"layer '{name}': {err}")
             continue
         built[name] = (layer, [b, a])
-    return _install(model, built, what, problems)
+    return _install(model, built, what, problems, flags)

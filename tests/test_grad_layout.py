@@ -70,7 +70,8 @@ def test_gradient_values_are_unchanged_by_the_relayout():
         expected = torch.autograd.grad(torch.nn.functional.conv2d(x, layer.effective_weight(), layer.bias).square().sum(),
                                        layer.core)[0]
     assert expected.stride() != layer.core.stride()  # the case the relayout exists for
-    assert torch.equal(layer.core.grad, expected)
+    # the layer may compute by another route (a strategy other than building W'): equal up to rounding
+    torch.testing.assert_close(layer.core.grad, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("case", ["expanded-linear-input", "channels_last-conv-input"])
