@@ -30,10 +30,15 @@ class GradInParameterLayout(torch.autograd.Function):
     only where the strides differ, fixes that for every backend at once.
     """
 
+    generate_vmap_rule = True  # torch.func transforms (per-sample gradients) work through it
+
     @staticmethod
-    def forward(ctx, *tensors):
-        ctx.layouts = [(t.shape, t.stride()) for t in tensors]
+    def forward(*tensors):
         return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.layouts = [(t.shape, t.stride()) for t in inputs]
 
     @staticmethod
     def backward(ctx, *grads):
