@@ -119,14 +119,15 @@ SUITE = [
 
 # The CPU variant of every shape (one step of any provider within ~50 ms on one CPU thread):
 # conv channels / 4 (never below 3, never above the original), spatial size / 2 (never below the
-# kernel), batch 2; linear features / 8, 64 tokens.
+# kernel), batch 2; linear features / 8, tokens / 64 (so the 4096- and 16384-token rows stay two
+# different layers: 64 and 256 tokens).
 CPU_CHANNEL_DIVISOR = 4
 CPU_FEATURE_DIVISOR = 8
 CPU_SPATIAL_DIVISOR = 2
 CPU_BATCH = 2
-CPU_TOKENS = 64
+CPU_TOKEN_DIVISOR = 64
 CPU_SCALING_NOTE = (f"conv channels / {CPU_CHANNEL_DIVISOR}, spatial size / {CPU_SPATIAL_DIVISOR}, "
-                    f"batch {CPU_BATCH}; linear features / {CPU_FEATURE_DIVISOR}, {CPU_TOKENS} tokens")
+                    f"batch {CPU_BATCH}; linear features / {CPU_FEATURE_DIVISOR}, tokens / {CPU_TOKEN_DIVISOR}")
 
 
 def _divided(channels: int, divisor: int) -> int:
@@ -137,7 +138,8 @@ def scaled_for_cpu(shape: Shape) -> Shape:
     """The same layer with fewer channels, a smaller input and a small batch (see CPU_SCALING_NOTE)."""
     if shape.kind == "linear":
         return replace(shape, in_features=_divided(shape.in_features, CPU_FEATURE_DIVISOR),
-                       out_features=_divided(shape.out_features, CPU_FEATURE_DIVISOR), batch=CPU_TOKENS)
+                       out_features=_divided(shape.out_features, CPU_FEATURE_DIVISOR),
+                       batch=max(1, shape.batch // CPU_TOKEN_DIVISOR))
     in_ch = _divided(shape.in_features, CPU_CHANNEL_DIVISOR)
     out_ch = _divided(shape.out_features, CPU_CHANNEL_DIVISOR)
     if shape.groups not in (1, shape.in_features):

@@ -9,6 +9,7 @@ Quick use::
     lk.merge(model)                              # zero-cost inference; lk.unmerge restores W exactly
 """
 from ._version import __version__
+from .budget import BudgetPlan, lora_parameter_count, ranks_for_budget
 from .backend import BACKENDS, get_backend, set_backend, use_backend
 from .errors import (
     AdapterConfigError,
@@ -39,6 +40,7 @@ from .layers import (
     SSLLinear,
 )
 from .methods import AdapterMath, effective_weight, tucker_product
+from .official import load_official_flora, load_official_liera
 from .regularizers import mpc_loss
 from .serialization import load_adapters, save_adapters
 from .strategies import STRATEGIES
@@ -55,4 +57,5 @@ __all__ = [
     "adapter_layers", "inject", "merge", "unmerge", "unload", "STRATEGIES", "Plan", "plan",
     "AdapterError", "AdapterConfigError", "AdapterTypeError", "AdapterInputError", "AdapterFileError",
     "NonFiniteError", "SharedWeightError", "detect_nonfinite", "set_detect_nonfinite", "is_detect_nonfinite_enabled",
+    "BudgetPlan", "lora_parameter_count", "ranks_for_budget", "load_official_flora", "load_official_liera",
 ]

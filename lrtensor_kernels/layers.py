@@ -14,12 +14,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import methods, strategies, validation
+from . import methods, ops, strategies, validation
 from .errors import AdapterConfigError, AdapterInputError, AdapterTypeError
 
 AdaptableBase = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # the state dict key of a merged layer's base weight (its ``weight`` key then holds W')
 BASE_WEIGHT_KEY = "base_weight"
+
+
+class GradInParameterLayout(torch.autograd.Function):
+    """Identity on tensors whose gradients come back with exactly the strides of the tensors
+    themselves.
+
+    Backends return adapter gradients in whatever layout their last op leaves, e.g. a stride of
+    256 on a size-1 mode of a 1x1 conv's FLoRA core. Autograd accepts such a gradient (strides of
+    size-1 modes do not count for its layout check), DDP does not: its bucket views have the
+    parameter's exact strides and it warns on every step. A copy of these small tensors, made
+    only where the strides differ, fixes that for every backend at once.
+    """
+
+    generate_vmap_rule = True  # torch.func transforms (per-sample gradients) work through it
+
+    @staticmethod
+    def forward(*tensors):
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.layouts = [(t.shape, t.stride()) for t in inputs]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return tuple(ops.in_layout(g, shape, stride) for g, (shape, stride) in zip(grads, ctx.layouts))
 
 
 class AdapterLayer(nn.Module):
@@ -134,6 +160,11 @@ class AdapterLayer(nn.Module):
     def adapter_parameters(self):
         return [p for _, p in self.adapter_state().items()]
 
+    def _adapter_inputs(self) -> list:
+        """``adapter_tensors()`` as the forward hands them to a backend: the same values, with
+        gradients that come back in each parameter's own layout (see ``GradInParameterLayout``)."""
+        return list(GradInParameterLayout.apply(*self.adapter_tensors()))
+
     # -- names and errors ------------------------------------------------------------------
     def _label(self) -> str:
         name = self.adapter_name
@@ -191,9 +222,9 @@ class AdapterLayer(nn.Module):
         dropped = F.dropout(x, self.dropout, True) if self.dropout > 0 and self.training else None
         if self._is_linear():
             flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731
-            y = strategies.adapted_forward(flat(x), self.weight, self.bias, self.adapter_tensors(), self.adapter_math,
+            y = strategies.adapted_forward(flat(x), self.weight, self.bias, self._adapter_inputs(), self.adapter_math,
                                            self.scale, dropped_x=flat(dropped), strategy=self.strategy)
-            return y.reshape(*x.shape[:-1], y.shape[-1])
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])  # no view for FSDP2 to warn on
         unbatched = x.dim() == self.weight.dim() - 1
         if unbatched:
             x = x.unsqueeze(0)
@@ -202,7 +233,7 @@ class AdapterLayer(nn.Module):
         if dropped is not None:
             dropped, _ = self._conv_input(dropped)
         geometry = (list(self.stride), padding, list(self.dilation), self.groups)
-        y = strategies.adapted_forward(x, self.weight, self.bias, self.adapter_tensors(), self.adapter_math,
+        y = strategies.adapted_forward(x, self.weight, self.bias, self._adapter_inputs(), self.adapter_math,
                                        self.scale, geometry, dropped, self.strategy)
         return y.squeeze(0) if unbatched else y
 

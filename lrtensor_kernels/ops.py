@@ -133,14 +133,28 @@ def adapted_op_backward(
             need_input, need_adapter or need_weight, need_bias)
         out = []
         if need_input:
-            out.append(grad_x)
+            out.append(like(grad_x, x))
         if need_weight:
-            out.append(_base_weight_grad(kernels, grad_w_eff, weight, adapter, math, scale, delta_only))
+            out.append(like(_base_weight_grad(kernels, grad_w_eff, weight, adapter, math, scale, delta_only), weight))
         if need_bias:
             out.append(grad_b)
         if need_adapter:
-            out.extend(kernels.project(grad_w_eff, weight, adapter, math, scale))
+            out.extend(like(g, t) for g, t in zip(kernels.project(grad_w_eff, weight, adapter, math, scale), adapter))
         return out
+
+
+def in_layout(t: Tensor, shape, stride) -> Tensor:
+    """``t`` with exactly ``stride`` (copied only where its strides differ, size-1 modes included)."""
+    if t is None or t.stride() == tuple(stride):
+        return t
+    return torch.empty_strided(shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def like(grad: Tensor, tensor: Tensor) -> Tensor:
+    """``grad`` in the layout ``torch.empty_like(tensor)`` has (``tensor``'s own strides when it is
+    dense, else contiguous): the real op's outputs must have the strides its fake implementation
+    promises, or compiled graphs that trust them break."""
+    return in_layout(grad, tensor.shape, torch.empty_like(tensor, device="meta").stride())
 
 
 def _base_weight_grad(kernels, grad_w_eff, weight, adapter, math, scale, delta_only):

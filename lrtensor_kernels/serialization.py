@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import trainable
 from ._version import __version__
 from .errors import AdapterConfigError, AdapterError, AdapterFileError, AdapterTypeError, NonFiniteError
 from .layers import LAYERS, AdapterLayer
@@ -28,7 +29,8 @@ from .validation import count_nonfinite
 
 TENSORS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added "trainable_modules"
+READABLE_VERSIONS = (1, 2)
 MODULE_TYPES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d, "Linear": nn.Linear}
 # bytes per element of every safetensors dtype; the floating ones are loaded (converted to the
 # layer's adapter dtype: exact from 16-bit floats, rounded to nearest from float64 into float32)
@@ -49,7 +51,10 @@ def tensor_key(layer_name: str, key: str) -> str:
 def save_adapters(model: nn.Module, directory: str) -> None:
     """Write every adapter layer's tensors to ``directory/adapters.safetensors`` (keys
     ``"<layer>.<tensor>"``) and ``directory/adapter_config.json`` (per layer: method, keyword
-    arguments, base module type, weight shape and tensor shapes; package version).
+    arguments, base module type, weight shape and tensor shapes; package version), and the whole
+    state of every module trained in full (``inject(..., trainable_modules=...)``; keys
+    ``"<module>.<state key>"``, parameters and persistent buffers) with its type, shapes and dtypes
+    under ``"trainable_modules"``.
 
     Refuses (NonFiniteError, nothing written) adapter tensors holding inf or NaN. Each file is
     written to a temporary name and renamed, so a reader never sees half a file.
@@ -73,8 +78,15 @@ def save_adapters(model: nn.Module, directory: str) -> None:
             weight_shape=list(layer.weight.shape),
             tensors={key: list(t.shape) for key, t in state.items()},
         )
+    extra_tensors, extra_config = trainable.file_entries(model)
+    for key, t in extra_tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(f"save_adapters: trainable module tensor {key} holds {count_nonfinite(t)} "
+                                 "non-finite values; nothing was written")
+    tensors.update(extra_tensors)
     os.makedirs(directory, exist_ok=True)
-    text = json.dumps(dict(format_version=FORMAT_VERSION, package_version=__version__, layers=config), indent=2)
+    text = json.dumps(dict(format_version=FORMAT_VERSION, package_version=__version__, layers=config,
+                           trainable_modules=extra_config), indent=2)
     _write_atomically(os.path.join(directory, TENSORS_FILE),
                       lambda path: save_file(tensors, path, metadata={"format": "lrtensor_kernels"}))
     _write_atomically(os.path.join(directory, CONFIG_FILE), lambda path: _write_text(path, text))
@@ -147,26 +159,30 @@ def _entry_problems(name: str, entry) -> list:
     return problems
 
 
-def _read_config(path: str) -> dict:
-    """The ``layers`` of the config, every field checked; AdapterFileError listing what is wrong."""
+def _read_config(path: str) -> tuple:
+    """The ``layers`` and ``trainable_modules`` of the config, every field checked; AdapterFileError
+    listing what is wrong."""
     config = _read_json(path, "the config")
     if not isinstance(config, dict):
         raise AdapterFileError(f"load_adapters: {path}: expected a JSON object at the top level, found "
                                f"{_shown(config)}", path)
     version = config.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         found = "no field 'format_version'" if "format_version" not in config else \
             f"format_version {json.dumps(version)[:60]}"
-        raise AdapterFileError(f"load_adapters: {path} has {found}, expected {FORMAT_VERSION}", path)
+        raise AdapterFileError(f"load_adapters: {path} has {found}, expected one of {READABLE_VERSIONS}", path)
     layers = config.get("layers")
     if not isinstance(layers, dict) or not layers:
         found = "no field 'layers'" if "layers" not in config else f"'layers' {_shown(layers)}"
         raise AdapterFileError(f"load_adapters: {path} has {found}; expected an object with one entry per adapter "
                                "layer", path)
     problems = [p for name, entry in layers.items() for p in _entry_problems(name, entry)]
+    extras = config.get("trainable_modules", {})
+    if not isinstance(extras, dict):
+        problems.append(f"field 'trainable_modules': expected an object, found {_shown(extras)}")
     if problems:
         raise AdapterFileError(f"load_adapters: {path} is malformed:\n  " + "\n  ".join(problems), path)
-    return layers
+    return layers, extras
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +321,7 @@ def _in_place_problems(name: str, module: AdapterLayer, meta: AdapterLayer) -> l
     return []
 
 
-def _plan(model: nn.Module, layers: dict, header: dict, directory: str) -> dict:
+def _plan(model: nn.Module, layers: dict, extras: dict, header: dict, directory: str) -> tuple:
     modules = dict(model.named_modules(remove_duplicate=False))
     problems, plan, owner = [], {}, {}
     for name, entry in layers.items():
@@ -320,14 +336,17 @@ def _plan(model: nn.Module, layers: dict, header: dict, directory: str) -> dict:
             continue
         owner[id(module)] = name
         plan[name] = result
-    known = {key for _, _, keys in plan.values() for key in keys.values()}
+    stored = {k: (shape, dtype in LOADED_DTYPES) for k, (dtype, shape) in header.items()}
+    extra_problems, extra_plan, extra_keys = trainable.plan_load(model, extras, stored, list(layers))
+    problems += extra_problems
+    known = {key for _, _, keys in plan.values() for key in keys.values()} | extra_keys
     described = {tensor_key(n, k) for n, e in layers.items() for k in e["tensors"]}
-    problems += [f"tensor {k} in {TENSORS_FILE} belongs to no adapter layer of {CONFIG_FILE}"
+    problems += [f"tensor {k} in {TENSORS_FILE} belongs to no adapter layer or trainable module of {CONFIG_FILE}"
                  for k in header if k not in known | described]
     if problems:
         raise AdapterFileError(f"load_adapters: the adapters in {directory} do not match {type(model).__name__}:\n  "
                                + "\n  ".join(problems), directory)
-    return plan
+    return plan, extra_plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,9 +370,10 @@ def load_adapters(model: nn.Module, directory: str) -> list:
 
     Every layer name, module type, weight shape, method, configuration, tensor name, shape and
     dtype is checked before anything is allocated or changed; any mismatch raises one
-    AdapterFileError listing all of them. A module registered under several names gets its
-    layer under all of them. The tensors may be stored in any floating dtype; they are
-    converted to the layer's adapter dtype. Returns the layer names.
+    AdapterFileError listing all of them; so is the state of every module trained in full
+    (``trainable_modules``), which is then loaded and stays trainable. A module registered under
+    several names gets its layer under all of them. The tensors may be stored in any floating
+    dtype; they are converted to the layer's adapter dtype. Returns the adapter layer names.
     """
     validation.model(model, "load_adapters")
     try:
@@ -367,9 +387,10 @@ def load_adapters(model: nn.Module, directory: str) -> list:
     for path in (config_path, tensors_path):
         if not os.path.isfile(path):
             raise AdapterFileError(f"load_adapters: {path} does not exist", path)
-    layers = _read_config(config_path)
-    plan = _plan(model, layers, _read_header(tensors_path), directory)
-    tensors = _read_tensors(tensors_path, [key for _, _, keys in plan.values() for key in keys.values()])
+    layers, extras = _read_config(config_path)
+    plan, extra_plan = _plan(model, layers, extras, _read_header(tensors_path), directory)
+    extra_keys = [f"{name}.{key}" for name, state in extra_plan.items() for key in state]
+    tensors = _read_tensors(tensors_path, [key for _, _, keys in plan.values() for key in keys.values()] + extra_keys)
     built = {name: layer for name, (_, layer, _) in plan.items() if layer is not None}
     built.update(build_all(model, {name: (layers[name]["method"], layers[name]["kwargs"])
                                    for name, (_, layer, _) in plan.items() if layer is None}))
@@ -381,5 +402,6 @@ def load_adapters(model: nn.Module, directory: str) -> list:
     for name, (module, in_place, _) in plan.items():
         if in_place is None:
             install(model, module, built[name], aliases)
+    trainable.apply_load(model, extra_plan, tensors)
     freeze_all_but_adapters(model)
     return list(plan)

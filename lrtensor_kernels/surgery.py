@@ -6,9 +6,10 @@ from typing import Iterable, Optional, Sequence, Union
 
 from torch import nn
 
-from . import validation
+from . import trainable, validation
 from .errors import AdapterConfigError, AdapterError, AdapterTypeError, SharedWeightError
 from .layers import LAYERS, AdapterLayer
+from .trainable import owner_of
 
 TargetSpec = Union[str, Sequence[str], None]
 
@@ -66,8 +67,11 @@ def _picked(model: nn.Module, named: dict, spec: TargetSpec, what: str) -> Optio
     return hits
 
 
-def _select(model: nn.Module, method: str, target_modules: TargetSpec, exclude_modules: TargetSpec) -> list:
-    """Names of the modules to adapt, one per module (its first name); raises before anything changes."""
+def _select(model: nn.Module, method: str, target_modules: TargetSpec, exclude_modules: TargetSpec,
+            trained: Sequence[str] = ()) -> list:
+    """Names of the modules to adapt, one per module (its first name); raises before anything changes.
+    Modules in or under ``trained`` (trained in full) are left out of the default targets and refused
+    as targets."""
     named = dict(model.named_modules(remove_duplicate=False))
     named.pop("", None)
     first_name = {id(m): n for n, m in reversed(list(named.items()))}
@@ -75,7 +79,8 @@ def _select(model: nn.Module, method: str, target_modules: TargetSpec, exclude_m
     # a module registered under several names is excluded by any of them
     excluded = {id(named[n]) for n in _picked(model, named, exclude_modules, "exclude_modules") or ()}
     if targets is None:
-        names = [n for n, m in model.named_modules() if n and adaptable_type(m) is not None]
+        names = [n for n, m in model.named_modules()
+                 if n and adaptable_type(m) is not None and owner_of(n, trained) is None]
     else:
         names = list(dict.fromkeys(first_name[id(named[n])] for n in targets))
         for n in names:
@@ -84,6 +89,9 @@ def _select(model: nn.Module, method: str, target_modules: TargetSpec, exclude_m
             if adaptable_type(named[n]) is None:
                 raise AdapterTypeError(f"module '{n}' is a {type(named[n]).__name__}; expected one of Conv1d, "
                                        "Conv2d, Conv3d, Linear")
+            if owner_of(n, trained) is not None:
+                raise AdapterConfigError(f"module '{n}' trains in full (trainable_modules: "
+                                         f"'{owner_of(n, trained)}'); it cannot also get an adapter")
     kept = [n for n in names if id(named[n]) not in excluded]
     if not kept:
         raise AdapterConfigError(_nothing_to_adapt(model, method, names))
@@ -101,6 +109,16 @@ def _nothing_to_adapt(model: nn.Module, method: str, names: list) -> str:
         message += (f"; the model itself is a {type(model).__name__}, which inject cannot replace: use "
                     f"lk.{LAYERS[method][adaptable_type(model)].__name__}.from_module(model)")
     return message
+
+
+def select_trainable(model: nn.Module, trainable_modules: TargetSpec) -> list:
+    """Names of the modules ``trainable_modules`` picks (outermost only), checked to be trainable in full."""
+    named = dict(model.named_modules(remove_duplicate=False))
+    named.pop("", None)
+    names = trainable.outermost(list(dict.fromkeys(_picked(model, named, trainable_modules, "trainable_modules")
+                                                   or ())))
+    trainable.check_trainable(model, names)
+    return names
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module):
@@ -152,8 +170,9 @@ def build_all(model: nn.Module, specs: dict) -> dict:
 
 
 def freeze_all_but_adapters(model: nn.Module) -> None:
-    """Only adapter tensors stay trainable."""
+    """Only adapter tensors and the parameters of modules trained in full stay trainable."""
     keep = {id(p) for _, layer in adapter_layers(model) for p in layer.adapter_parameters()}
+    keep.update(id(p) for p in trainable.trained_parameters(model))
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
 
@@ -165,23 +184,28 @@ def install(model: nn.Module, module: nn.Module, replacement: nn.Module, names: 
 
 
 def inject(model: nn.Module, method: str, target_modules: TargetSpec = None, exclude_modules: TargetSpec = None,
-           **method_kwargs) -> list:
+           trainable_modules: TargetSpec = None, **method_kwargs) -> list:
     """Replace Conv1d/2d/3d and Linear layers of ``model`` in place by adapter layers of ``method``.
 
     method: "flora", "liera", "ssl" or "ssb". target_modules: a list of names matched exactly or
     as a dotted suffix, or one regex string matched in full against the whole name; by default
     every adaptable layer. A module registered under several names gets one adapter layer under
     all of them (it is listed once, under its first name; excluding any name excludes it).
-    Freezes everything but the adapter tensors; returns the adapted names. Every layer is built
-    before any is installed, so a bad argument leaves the model unchanged.
+    trainable_modules: modules that train in full beside the adapters (a new head, norm layers),
+    selected the same way; they are left out of the default targets, and ``save_adapters`` writes
+    their whole state. Freezes everything else; returns the adapted names. Every layer is built
+    and every name checked before anything changes, so a bad argument leaves the model unchanged.
     """
     validation.model(model, "inject")
     _check_method(method)
-    names = _select(model, method, target_modules, exclude_modules)
+    extras = select_trainable(model, trainable_modules)
+    trained = extras + [n for n, _ in trainable.marked_modules(model)]
+    names = _select(model, method, target_modules, exclude_modules, trained)
     built = build_all(model, {n: (method, method_kwargs) for n in names})
     aliases = names_by_module(model)
     for n, layer in built.items():
         install(model, model.get_submodule(n), layer, aliases)
+    trainable.mark(model, extras)
     freeze_all_but_adapters(model)
     return names
 

@@ -96,11 +96,11 @@ def test_unparseable_config(tmp_path, kind):
 
 
 CONFIG_EDITS = {
-    "no-format-version": (lambda c: c.pop("format_version"), r"has no field 'format_version', expected 1"),
-    "format-version-str": (lambda c: c.update(format_version="1"), r"has format_version \"1\", expected 1"),
-    "format-version-bool": (lambda c: c.update(format_version=True), r"has format_version true, expected 1"),
-    "format-version-float": (lambda c: c.update(format_version=1.0), r"has format_version 1\.0, expected 1"),
-    "format-version-2": (lambda c: c.update(format_version=2), r"has format_version 2, expected 1"),
+    "no-format-version": (lambda c: c.pop("format_version"), r"has no field 'format_version', expected one of \(1, 2\)"),
+    "format-version-str": (lambda c: c.update(format_version="1"), r"has format_version \"1\", expected one of"),
+    "format-version-bool": (lambda c: c.update(format_version=True), r"has format_version true, expected one of"),
+    "format-version-float": (lambda c: c.update(format_version=1.0), r"has format_version 1\.0, expected one of"),
+    "format-version-3": (lambda c: c.update(format_version=3), r"has format_version 3, expected one of \(1, 2\)"),
     "no-layers": (lambda c: c.pop("layers"), r"has no field 'layers'; expected an object"),
     "layers-list": (lambda c: c.update(layers=list(c["layers"])), r"has 'layers' a list \(\[\"pre\""),
     "layers-empty": (lambda c: c.update(layers={}), r"has 'layers' an object \(\{\}\)"),

@@ -185,7 +185,8 @@ def test_files_are_safetensors_and_json(tmp_path):
 
     config = json.loads((tmp_path / CONFIG).read_text())
     assert config["package_version"] == lk.__version__
-    assert config["format_version"] == 1
+    assert config["format_version"] == 2
+    assert config["trainable_modules"] == {}
     assert list(config["layers"]) == names
     for n, layer in lk.adapter_layers(net):
         entry = config["layers"][n]
@@ -326,6 +327,6 @@ def test_format_version_and_missing_files(saved_flora, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")
     check_fails_unchanged(fresh_like(base_state), empty, CONFIG + " does not exist", error=lk.AdapterFileError)
     config = json.loads((directory / CONFIG).read_text())
-    config["format_version"] = 2
+    config["format_version"] = 3
     (directory / CONFIG).write_text(json.dumps(config))
-    check_fails_unchanged(fresh_like(base_state), directory, "format_version 2")
+    check_fails_unchanged(fresh_like(base_state), directory, r"format_version 3, expected one of \(1, 2\)")

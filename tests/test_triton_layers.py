@@ -3,6 +3,7 @@ what autograd keeps for backward, the custom op's registration, and torch.compil
 from __future__ import annotations
 
 import contextlib
+import zlib
 import os
 
 import pytest
@@ -97,7 +98,7 @@ def _swap(layer, dotted, value):
 def test_layer_forward_backward_matches_oracle(name, strategy, dtype):
     """Each strategy on the fused backend against the same strategy on the reference backend
     (plain PyTorch in the same dtype) and the float64 oracle."""
-    seed = hash((name, str(dtype))) % 2**31
+    seed = zlib.crc32(f"{name}-{dtype}".encode())  # the same seed in every run
     layer = _build(name, dtype, seed, strategy)
     x = _input(layer, dtype, seed + 1)
     with torch.no_grad():

@@ -119,15 +119,21 @@ def _fused_backward(kernels, grad_y, x, weight, adapter, z, geometry, need_input
                     need_adapter) -> list:
     stride, padding, dilation, groups = geometry
     weight = weight.to(x.dtype)
-    d_in, d_out = _scales(adapter, x, groups, deviation=False)
-    grad_scaled = grad_y if d_out is None else grad_y * d_out
+    split = splits(x.dtype)
+    d_in, d_out = _scales(adapter, x, groups, deviation=split)
+
+    def scaled(t, d):  # t * d, or t + t * (d - 1) where d - 1 keeps its precision (16-bit)
+        return t if d is None else (torch.addcmul(t, t, d) if split else t * d)
+
+    grad_scaled = scaled(grad_y, d_out)
     grad_xs = ops.op_backward(grad_scaled, x, weight, stride, padding, dilation, groups, True, False)[0] \
         if need_input or need_adapter else None
     out = []
     if need_input:
-        out.append(grad_xs * d_in)
+        out.append(scaled(grad_xs, d_in))
     if need_weight:
-        out.append(ops.op_backward(grad_scaled, x * d_in, weight, stride, padding, dilation, groups, False, True)[1])
+        out.append(ops.op_backward(grad_scaled, scaled(x, d_in), weight, stride, padding, dilation, groups, False,
+                                   True)[1])
     if need_bias:
         out.append(grad_y.sum([d for d in range(grad_y.dim()) if d != 1]))
     if need_adapter:
