@@ -131,16 +131,11 @@ def adapted_op_backward(
         grad_x, grad_w_eff, grad_b = op_backward(
             grad_out, x, w_eff if w_eff is not None else weight.to(x.dtype), stride, padding, dilation, groups,
             need_input, need_adapter or need_weight, need_bias)
-        out = []
-        if need_input:
-            out.append(like(grad_x, x))
-        if need_weight:
-            out.append(like(_base_weight_grad(kernels, grad_w_eff, weight, adapter, math, scale, delta_only), weight))
-        if need_bias:
-            out.append(grad_b)
-        if need_adapter:
-            out.extend(like(g, t) for g, t in zip(kernels.project(grad_w_eff, weight, adapter, math, scale), adapter))
-        return out
+        grad_w = _base_weight_grad(kernels, grad_w_eff, weight, adapter, math, scale, delta_only) if need_weight \
+            else None
+        grad_adapter = kernels.project(grad_w_eff, weight, adapter, math, scale) if need_adapter else []
+        return gradients_as_promised([(grad_x if need_input else None, x), (grad_w, weight), (grad_b, grad_b),
+                                      *zip(grad_adapter, adapter)])
 
 
 def in_layout(t: Tensor, shape, stride) -> Tensor:
@@ -165,19 +160,24 @@ def _base_weight_grad(kernels, grad_w_eff, weight, adapter, math, scale, delta_o
     return grad_w_eff * kernels.transform(torch.ones_like(weight), adapter, math, scale, delta_only)
 
 
+def gradients_as_promised(pairs) -> list:
+    """A backward op's outputs: the gradient of every ``(grad, tensor)`` pair whose ``grad`` is not
+    None, in the layout of ``empty_like(tensor)`` (as :func:`fake_gradients` promises)."""
+    return [like(g, t) for g, t in pairs if g is not None]
+
+
+def fake_gradients(needed: list, adapter, need_adapter: bool) -> list:
+    """A backward op's fake outputs: ``empty_like(t)`` for every ``(need, t)`` of ``needed`` that is
+    needed, then one per adapter tensor if ``need_adapter``."""
+    return [torch.empty_like(t) for need, t in needed if need] + (
+        [torch.empty_like(t) for t in adapter] if need_adapter else [])
+
+
 @adapted_op_backward.register_fake
 def _(grad_out, x, weight, adapter, math, scale, stride, padding, dilation, groups, delta_only, impl,
       need_input, need_weight, need_bias, need_adapter):
-    out = []
-    if need_input:
-        out.append(torch.empty_like(x))
-    if need_weight:
-        out.append(torch.empty_like(weight))
-    if need_bias:
-        out.append(grad_out.new_empty(weight.shape[0]))
-    if need_adapter:
-        out.extend(torch.empty_like(t) for t in adapter)
-    return out
+    return fake_gradients([(need_input, x), (need_weight, weight), (need_bias, grad_out.new_empty(weight.shape[0]))],
+                          adapter, need_adapter)
 
 
 def no_grad_for_lists(int_lists) -> list:

@@ -128,19 +128,16 @@ def _fused_backward(kernels, grad_y, x, weight, adapter, z, geometry, need_input
     grad_scaled = scaled(grad_y, d_out)
     grad_xs = ops.op_backward(grad_scaled, x, weight, stride, padding, dilation, groups, True, False)[0] \
         if need_input or need_adapter else None
-    out = []
-    if need_input:
-        out.append(scaled(grad_xs, d_in))
-    if need_weight:
-        out.append(ops.op_backward(grad_scaled, scaled(x, d_in), weight, stride, padding, dilation, groups, False,
-                                   True)[1])
-    if need_bias:
-        out.append(grad_y.sum([d for d in range(grad_y.dim()) if d != 1]))
+    grad_x = scaled(grad_xs, d_in) if need_input else None
+    grad_w = ops.op_backward(grad_scaled, scaled(x, d_in), weight, stride, padding, dilation, groups, False,
+                             True)[1] if need_weight else None
+    grad_b = grad_y.sum([d for d in range(grad_y.dim()) if d != 1]) if need_bias else None
+    grad_adapter = []
     if need_adapter:
-        out.append(channel_dot(kernels, x, grad_xs).reshape(groups, -1).sum(0).to(adapter[0].dtype))
+        grad_adapter.append(channel_dot(kernels, x, grad_xs).reshape(groups, -1).sum(0).to(adapter[0].dtype))
         if d_out is not None:
-            out.append(channel_dot(kernels, grad_y, z).to(adapter[1].dtype))
-    return out
+            grad_adapter.append(channel_dot(kernels, grad_y, z).to(adapter[1].dtype))
+    return ops.gradients_as_promised([(grad_x, x), (grad_w, weight), (grad_b, grad_b), *zip(grad_adapter, adapter)])
 
 
 @torch.library.custom_op("lrtensor::scale_bypass", mutates_args=())
@@ -150,7 +147,7 @@ def scale_bypass_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapter: 
     ``d_out``'s gradient), an empty tensor for SSL."""
     with ops.autocast_off(x):
         y, z = forward(x, None, weight, bias, adapter, (stride, padding, dilation, groups), split)
-    return y, (x.new_empty(0) if z is None else z)
+    return y, (x.new_empty(0) if z is None else ops.like(z, y))
 
 
 @scale_bypass_op.register_fake
@@ -165,23 +162,15 @@ def scale_bypass_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, adapter:
                              need_input: bool, need_weight: bool, need_bias: bool, need_adapter: bool) -> list[Tensor]:
     """The gradients of ``scale_bypass`` that are needed, in input order."""
     with ops.autocast_off(x):
-        return _fused_backward(ops.kernels_for(impl), grad_y, x, weight, adapter, z, (stride, padding, dilation, groups),
-                               need_input, need_weight, need_bias, need_adapter)
+        return _fused_backward(ops.kernels_for(impl), grad_y, x, weight, adapter, z,
+                               (stride, padding, dilation, groups), need_input, need_weight, need_bias, need_adapter)
 
 
 @scale_bypass_backward_op.register_fake
 def _(grad_y, x, weight, adapter, z, stride, padding, dilation, groups, impl, need_input, need_weight, need_bias,
       need_adapter):
-    out = []
-    if need_input:
-        out.append(torch.empty_like(x))
-    if need_weight:
-        out.append(torch.empty_like(weight))
-    if need_bias:
-        out.append(grad_y.new_empty(weight.shape[0]))
-    if need_adapter:
-        out.extend(torch.empty_like(t) for t in adapter)
-    return out
+    return ops.fake_gradients([(need_input, x), (need_weight, weight), (need_bias, grad_y.new_empty(weight.shape[0]))],
+                              adapter, need_adapter)
 
 
 def _setup_context(ctx, inputs, output):

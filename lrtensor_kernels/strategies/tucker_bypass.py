@@ -198,7 +198,8 @@ def tucker_bypass_op(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias:
                      dilation: list[int], groups: int, input_grad_via_weight: bool, impl: str) -> tuple[Tensor, Tensor]:
     """``(y, u)`` of :func:`forward`; ``u`` is returned only for the backward to keep."""
     with ops.autocast_off(x):
-        return forward(x, x_chain, weight, bias, adapter, scale, (stride, padding, dilation, groups))
+        y, u = forward(x, x_chain, weight, bias, adapter, scale, (stride, padding, dilation, groups))
+    return y, u.contiguous()  # as the fake promises
 
 
 @tucker_bypass_op.register_fake
@@ -225,24 +226,15 @@ def tucker_bypass_backward_op(grad_y: Tensor, x: Tensor, x_chain: Optional[Tenso
             grad_y, x, x_chain, weight, adapter, u, scale, (stride, padding, dilation, groups),
             input_grad_via_weight, effective_weight, need_input, need_chain_input, need_weight, need_bias,
             need_adapter)
-    return [g for g in (grad_x, grad_chain, grad_w, grad_b) if g is not None] + (grads or [])
+    return ops.gradients_as_promised([(grad_x, x), (grad_chain, x_chain), (grad_w, weight), (grad_b, grad_b),
+                                      *zip(grads or [], adapter)])
 
 
 @tucker_bypass_backward_op.register_fake
 def _(grad_y, x, x_chain, weight, adapter, u, math, scale, stride, padding, dilation, groups, input_grad_via_weight,
       impl, need_input, need_chain_input, need_weight, need_bias, need_adapter):
-    out = []
-    if need_input:
-        out.append(torch.empty_like(x))
-    if need_chain_input:
-        out.append(torch.empty_like(x_chain))
-    if need_weight:
-        out.append(torch.empty_like(weight))
-    if need_bias:
-        out.append(grad_y.new_empty(weight.shape[0]))
-    if need_adapter:
-        out.extend(torch.empty_like(t) for t in adapter)
-    return out
+    return ops.fake_gradients([(need_input, x), (need_chain_input, x_chain), (need_weight, weight),
+                               (need_bias, grad_y.new_empty(weight.shape[0]))], adapter, need_adapter)
 
 
 def _setup_context(ctx, inputs, output):
