@@ -44,9 +44,9 @@ from .official import load_official_flora, load_official_liera
 from .regularizers import mpc_loss
 from .serialization import load_adapters, save_adapters
 from .strategies import STRATEGIES
-from .strategies.plan import Plan, plan
+from .plan import Plan, plan
 from .surgery import adapter_layers, inject, merge, unload, unmerge
-from .validation import detect_nonfinite, is_detect_nonfinite_enabled, set_detect_nonfinite
+from .diagnostics import detect_nonfinite, is_detect_nonfinite_enabled, set_detect_nonfinite
 
 __all__ = [
     "__version__", "BACKENDS", "get_backend", "set_backend", "use_backend", "AdapterLayer",

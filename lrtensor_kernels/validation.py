@@ -6,7 +6,6 @@ package stores (a Python ``int`` or ``float``), so configurations stay JSON-seri
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import operator
@@ -116,46 +115,3 @@ def finite_weight(merged: torch.Tensor, base: torch.Tensor, owner: str, action: 
              f"the adapter update overflows in {merged.dtype} (check the adapter tensors and the scale)")
     raise NonFiniteError(f"{owner}: {action} refused: W' would hold {bad} non-finite values of {merged.numel()}; "
                          f"{cause}. Nothing was changed.")
-
-
-# ----------------------------------------------------------------------------------------------
-# opt-in check of non-finite forward outputs: a global forward hook while on, nothing while off
-# ----------------------------------------------------------------------------------------------
-_nonfinite_hook = None
-
-
-def set_detect_nonfinite(mode: bool) -> None:
-    """Turn on (or off) the check that raises NonFiniteError naming the adapter layer whose forward
-    output holds inf or NaN. Process-wide; off by default; costs nothing while off."""
-    global _nonfinite_hook
-    if mode and _nonfinite_hook is None:
-        from .layers import AdapterLayer
-
-        def check(module, inputs, output):
-            if isinstance(module, AdapterLayer) and isinstance(output, torch.Tensor) \
-                    and not torch.isfinite(output).all():
-                x = inputs[0] if inputs else None
-                cause = ("its input already held non-finite values" if isinstance(x, torch.Tensor)
-                         and not torch.isfinite(x).all() else "its input was finite")
-                raise NonFiniteError(f"{module._label()}: forward output holds {count_nonfinite(output)} "
-                                     f"non-finite values of {output.numel()}; {cause}")
-
-        _nonfinite_hook = torch.nn.modules.module.register_module_forward_hook(check)
-    elif not mode and _nonfinite_hook is not None:
-        _nonfinite_hook.remove()
-        _nonfinite_hook = None
-
-
-def is_detect_nonfinite_enabled() -> bool:
-    return _nonfinite_hook is not None
-
-
-@contextlib.contextmanager
-def detect_nonfinite(mode: bool = True):
-    """Context manager form of :func:`set_detect_nonfinite`; restores the previous setting."""
-    previous = is_detect_nonfinite_enabled()
-    set_detect_nonfinite(mode)
-    try:
-        yield
-    finally:
-        set_detect_nonfinite(previous)

@@ -89,7 +89,7 @@ def adapted_forward(
     return _RUN[decision.strategy](call, decision)
 
 
-_observers: list = []  # callables (call, decision) told of every decision; see plan.py
+_observers: list = []  # callables (call, decision) told of every decision; see lrtensor_kernels/plan.py
 
 
 def decide(call: AdaptedCall, strategy: str = "auto") -> cost.Decision:

@@ -1,13 +1,13 @@
 """``plan(model, *example_inputs)``: which strategy every adapter layer runs on an example, and why."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from . import _observers, cost
+from .layers import AdapterLayer
+from .strategies import _observers, cost
 
 _STRATEGY_COLUMNS = ("merged", "two_branch", "bypass")
 
@@ -50,8 +50,6 @@ def plan(model: nn.Module, *example_inputs, **example_kwargs) -> Plan:
     """Runs ``model(*example_inputs, **example_kwargs)`` once (forward only, autograd on, as in
     training) and returns, per adapter layer call, the strategy chosen and the cost model's
     estimates. Merged layers (``lk.merge``) run the plain layer and are listed as such."""
-    from ..layers import AdapterLayer
-
     rows, current, hooks = Plan(), [None], []
 
     def observe(call, decision):
@@ -74,7 +72,7 @@ def plan(model: nn.Module, *example_inputs, **example_kwargs) -> Plan:
             hooks.append(module.register_forward_pre_hook(pre_hook))
     _observers.append(observe)
     try:
-        with torch.enable_grad(), contextlib.ExitStack():
+        with torch.enable_grad():
             model(*example_inputs, **example_kwargs)
     finally:
         _observers.remove(observe)
