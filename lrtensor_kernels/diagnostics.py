@@ -6,7 +6,7 @@ import contextlib
 import torch
 
 from .errors import NonFiniteError
-from .layers import AdapterLayer
+from .adapter_layer import AdapterLayer
 from .validation import count_nonfinite
 
 _nonfinite_hook = None

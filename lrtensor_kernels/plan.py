@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import AdapterLayer
+from .adapter_layer import AdapterLayer
 from .strategies import _observers, cost
 
 _STRATEGY_COLUMNS = ("merged", "two_branch", "bypass")

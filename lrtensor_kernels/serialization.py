@@ -22,7 +22,8 @@ from torch import nn
 from . import trainable
 from ._version import __version__
 from .errors import AdapterConfigError, AdapterError, AdapterFileError, AdapterTypeError, NonFiniteError
-from .layers import LAYERS, AdapterLayer
+from .adapter_layer import AdapterLayer
+from .layers import LAYERS
 from .surgery import adaptable_type, adapter_layers, build_all, freeze_all_but_adapters, install, names_by_module
 from . import validation
 from .validation import count_nonfinite

@@ -8,7 +8,8 @@ from torch import nn
 
 from . import trainable, validation
 from .errors import AdapterConfigError, AdapterError, AdapterTypeError, SharedWeightError
-from .layers import LAYERS, AdapterLayer
+from .adapter_layer import AdapterLayer
+from .layers import LAYERS
 from .trainable import owner_of
 
 TargetSpec = Union[str, Sequence[str], None]

@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .layers import AdapterLayer
+from .adapter_layer import AdapterLayer
 
 MARK = "lrtensor_trainable"  # attribute set on a marked module
 
