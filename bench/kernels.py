@@ -18,6 +18,7 @@ import sys
 import torch
 
 from lrtensor_kernels import methods
+from lrtensor_kernels.kernels.lowrank_form import LowRankForm
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -65,10 +66,10 @@ def kernel_bytes(shape, dtype, key, tt, adapter, device) -> tuple:
     n = math.prod(shape)
     elem = torch.finfo(dtype).bits // 8
     forward = 2 * n * elem
-    ops = tt._Operands(torch.empty(shape, device="meta", dtype=dtype), adapter, key.split(":")[0], 1.0)
-    cfg = ops.launch_config(device, dtype)
+    form = LowRankForm(torch.empty(shape, device="meta", dtype=dtype), adapter, key.split(":")[0], 1.0)
+    cfg = tt._launch_config(form, device, dtype)
     col_blocks, splits = cfg["grid"]
-    partials = 4 * ops.rank1 * (col_blocks * ops.out_rows + splits * ops.cols)
+    partials = 4 * form.rank1 * (col_blocks * form.out_rows + splits * form.cols)
     reads_weight = key.split(":")[1] != "add"
     backward = n * elem * (2 if reads_weight else 1) + 2 * partials
     return forward, backward
