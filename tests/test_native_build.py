@@ -3,7 +3,9 @@ the `lrtensor` namespace with the Python custom ops in either order of loading, 
 a warning where it cannot build, and every CUDA source compiles with nvcc."""
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -126,3 +128,55 @@ def test_a_failed_build_warns_and_leaves_the_other_backends(tmp_path):
     """, TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"))
     assert run.returncode == 0, run.stderr
     assert "the native CPU backend is unavailable (building it failed: Error building extension" in run.stdout
+
+
+def _nvcc() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    found = shutil.which("nvcc")
+    if found is None and CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        found = os.path.join(CUDA_HOME, "bin", "nvcc")
+    return found
+
+
+def nvcc_command(nvcc: str, source: Path, output: Path) -> list:
+    """The nvcc command that compiles one CUDA source of csrc/ to an object, as the extension build
+    would (torch's include dirs and nvcc flags, C++20, one GPU architecture: the H100's sm_90)."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+
+    includes = include_paths("cpu") + [str(native_build.CSRC)]
+    defines = [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    if not any(os.path.exists(os.path.join(d, "c10/cuda/impl/cuda_cmake_macros.h")) for d in includes):
+        defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")  # the CPU wheel ships the CUDA headers without it
+    return [nvcc, "-c", str(source), "-o", str(output), "-std=c++20", "-Xcompiler", "-fPIC",
+            "-gencode=arch=compute_90,code=sm_90", *COMMON_NVCC_FLAGS, *native_build.CUDA_FLAGS, *defines,
+            *[f"-I{d}" for d in includes]]
+
+
+def test_every_cuda_source_compiles_with_nvcc(tmp_path):
+    """Each .cu file of csrc/ compiles. A passing set of sources is remembered by the hash of
+    csrc/, nvcc's version and the command (the compile takes minutes on a small CPU); any change
+    compiles again."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc is not installed: the CUDA sources cannot be compiled here")
+    sources = sorted(native_build.CSRC.glob("lrtensor/**/*.cu"))
+    assert len(sources) >= 4, sources
+    commands = {s: nvcc_command(nvcc, s, tmp_path / (s.stem + ".o")) for s in sources}
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    key = native_build.build_key(cuda=True) + hashlib.sha256(
+        (version + repr(sorted((s.name, c[5:]) for s, c in commands.items()))).encode()).hexdigest()[:16]
+    passed = native_build.build_directory(f"nvcc_check_{key}") / "passed"
+    if passed.is_file():
+        return
+    running = {s: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for s, c in commands.items()}
+    failures = []
+    for source, process in running.items():
+        output, _ = process.communicate(timeout=1200)
+        if process.returncode != 0 or not (tmp_path / (source.stem + ".o")).is_file():
+            errors = [line for line in output.splitlines() if "error" in line.lower()]
+            failures.append(f"{source.relative_to(REPO)}:\n" + "\n".join(errors[:20] or output.splitlines()[-20:]))
+    assert not failures, "nvcc failed:\n" + "\n\n".join(failures)
+    passed.parent.mkdir(parents=True, exist_ok=True)
+    passed.write_text("\n".join(" ".join(c) for c in commands.values()))
