@@ -363,3 +363,24 @@ def test_channel_dot_rejects_mismatched_operands(backend):
         kernels.channel_dot(a, torch.zeros(2, 3, 5), 1)
     with pytest.raises(ValueError, match=r"channel_dot: channel_dim 3 out of range for a of shape \(2, 3, 4\)"):
         kernels.channel_dot(a, a, 3)
+
+
+def test_native_sees_adapter_tensors_changed_in_place(poisoned):
+    """The native backend reuses the low-rank form of unchanged adapter tensors within a step;
+    an in-place update (an optimizer step) must be seen by the next call."""
+    kernels = poisoned("native")
+    weight = _base_weight(SHAPES["conv2d"], torch.float32, 30)
+    for key in ("tucker:exp", "lora:first_order", "scales_out:mul"):
+        adapter = make_adapter(key, weight.shape, 31)
+        grad = _base_weight(SHAPES["conv2d"], torch.float32, 32)
+        kernels.transform(weight, adapter, math_key(key), 0.5)
+        kernels.project(grad, weight, adapter, math_key(key), 0.5)
+        with torch.no_grad():
+            adapter[-1].mul_(1.5)
+        got = kernels.transform(weight, adapter, math_key(key), 0.5)
+        assert rel_err(got, oracle_weight(key, weight, adapter, 0.5)) < 1e-6, key
+        for g, r in zip(kernels.project(grad, weight, adapter, math_key(key), 0.5),
+                        _oracle_grads(key, weight, adapter, 0.5, grad)):
+            assert rel_err(g, r) < 1e-5, key
+        assert rel_err(kernels.transform(weight, adapter, math_key(key), 0.7),
+                       oracle_weight(key, weight, adapter, 0.7)) < 1e-6, f"{key}: another scale"

@@ -164,8 +164,11 @@ def test_every_cuda_source_compiles_with_nvcc(tmp_path):
     assert len(sources) >= 4, sources
     commands = {s: nvcc_command(nvcc, s, tmp_path / (s.stem + ".o")) for s in sources}
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    key = native_build.build_key(cuda=True) + hashlib.sha256(
-        (version + repr(sorted((s.name, c[5:]) for s, c in commands.items()))).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((version + torch.__version__ + repr([c[5:] for c in commands.values()])).encode())
+    for path in sorted(native_build.CSRC.glob("lrtensor/**/*")):  # what the CUDA sources can include
+        if path.is_file() and path.suffix in (".cu", ".cuh", ".h") and "cpu" not in path.parts:
+            digest.update(path.read_bytes())
+    key = digest.hexdigest()[:16]
     passed = native_build.build_directory(f"nvcc_check_{key}") / "passed"
     if passed.is_file():
         return

@@ -10,6 +10,9 @@ when it cannot be built.
 """
 from __future__ import annotations
 
+import collections
+import threading
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -30,6 +33,49 @@ CONTRACTIONS = methods.Contractions(
 )
 
 
+class _FormCache:
+    """The last few low-rank forms, found again by the identity and version of their adapter tensors.
+
+    One training step asks for the same form three times (the forward's W', the backward's W' for
+    the input gradient, the projection); building it (the Tucker kernel core and ``R``) costs about
+    a pass over ``R``. An entry is used only while every adapter tensor it was built from is alive
+    (weak references) and unmodified (version counters), with the same scale and weight shape."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, weight: torch.Tensor, adapter: Sequence[torch.Tensor], delta: str, scale: float) -> LowRankForm:
+        try:
+            versions = tuple(t._version for t in adapter)
+        except RuntimeError:  # inference tensors have no version counter: nothing to validate an entry with
+            return self._build(weight, adapter, delta, scale)
+        key = (delta, float(scale), tuple(weight.shape), weight.dtype, weight.device, tuple(id(t) for t in adapter))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                refs, built_versions, form = entry
+                if built_versions == versions and all(r() is t for r, t in zip(refs, adapter)):
+                    self._entries.move_to_end(key)
+                    return form
+        form = self._build(weight, adapter, delta, scale)
+        with self._lock:
+            self._entries[key] = ([weakref.ref(t) for t in adapter], versions, form)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return form
+
+    @staticmethod
+    def _build(weight, adapter, delta, scale) -> LowRankForm:
+        form = LowRankForm(weight, adapter, delta, scale, CONTRACTIONS)
+        form.right_matrix()
+        return form
+
+
+_forms = _FormCache()
+
+
 def _new_buffer(shape, dtype, device) -> torch.Tensor:
     """Every tensor an op writes comes from here (tests fill them with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -40,7 +86,7 @@ def transform(weight: torch.Tensor, adapter: Sequence[torch.Tensor], math: str, 
     """``W'`` (or ``W' - W``) of ``weight``'s shape, in ``out``'s dtype (default: the weight's), in one pass."""
     check_operands(weight, adapter)
     spec = methods.AdapterMath.from_key(math)
-    form = LowRankForm(weight, adapter, spec.delta, scale, CONTRACTIONS)
+    form = _forms.get(weight, adapter, spec.delta, scale)
     if out is None:
         out = _new_buffer(weight.shape, weight.dtype, weight.device)
     _ops.lowrank_transform.out(weight.contiguous(), form.left, form.right_matrix(), spec.combine, delta_only, out=out)
@@ -52,7 +98,7 @@ def project(grad_weight: torch.Tensor, weight: torch.Tensor, adapter: Sequence[t
     """The gradient of every adapter tensor from ``grad_weight = dLoss/dW'``, in one pass over the weight."""
     check_operands(weight, adapter)
     spec = methods.AdapterMath.from_key(math)
-    form = LowRankForm(weight, adapter, spec.delta, scale, CONTRACTIONS)
+    form = _forms.get(weight, adapter, spec.delta, scale)
     right = form.right_matrix()
     grad_left = _new_buffer(form.left.shape, form.acc, weight.device)
     grad_right = _new_buffer(right.shape, form.acc, weight.device)

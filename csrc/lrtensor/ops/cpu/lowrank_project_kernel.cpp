@@ -47,7 +47,8 @@ void project_tile(const ProjectArgs<acc_t>& p, int64_t strip, int64_t segment) {
   const int64_t rank = p.rank;
   const int64_t o_begin = strip * kStripRows, o_end = std::min(p.rows, o_begin + kStripRows);
   const int64_t c_begin = segment * kSegmentCols, c_end = std::min(p.cols, c_begin + kSegmentCols);
-  const int64_t chunk = column_chunk<acc_t>(rank);
+  // `right`'s chunk and the grad_right chunk stay in the first-level cache
+  const int64_t chunk = column_chunk<acc_t>(rank, 12 * 1024);
   std::vector<acc_t> tile(kTileRows * rank), padded_right, g_buf(kTileRows * chunk), w_buf(kTileRows * chunk);
   std::vector<acc_t> h(kTileRows * chunk), grad_right_chunk(rank * chunk);
   std::vector<acc_t> grad_left((o_end - o_begin) * rank, acc_t(0));
@@ -66,6 +67,10 @@ void project_tile(const ProjectArgs<acc_t>& p, int64_t strip, int64_t segment) {
         g_row[i] = p.grad.read_segment(o0 + i, c0, width, g_buf.data() + i * chunk);
         w_row[i] = kReadsWeight ? p.weight.read_segment(o0 + i, c0, width, w_buf.data() + i * chunk) : nullptr;
       }
+      for (int64_t i = kTileRows; i < 2 * kTileRows && o0 + i < o_end; ++i) {
+        prefetch(p.grad.at(o0 + i, c0), width * p.grad.elem_size);
+        if (kReadsWeight) prefetch(p.weight.at(o0 + i, c0), width * p.weight.elem_size);
+      }
       for (int64_t c = 0; c < padded; c += 2 * V) {
         Vec e[kTileRows][2];
         if constexpr (kCombine == Combine::Exp) lowrank_product(tile.data(), r, rank, c, e);
@@ -81,26 +86,33 @@ void project_tile(const ProjectArgs<acc_t>& p, int64_t strip, int64_t segment) {
           }
         }
       }
+      // grad_left[o, a] += H[o, chunk] . right[a, chunk]; grad_right[a, chunk] += sum_o left[o, a] H[o, chunk]
+      const acc_t* h0 = h.data();
+      const acc_t* h1 = h0 + chunk;
+      const acc_t* h2 = h1 + chunk;
+      const acc_t* h3 = h2 + chunk;
       for (int64_t a = 0; a < rank; ++a) {
-        Vec dot[kTileRows];
-        Vec l[kTileRows];
-        for (int64_t i = 0; i < kTileRows; ++i) {
-          dot[i] = Vec(acc_t(0));
-          l[i] = Vec(tile[i * rank + a]);
-        }
+        Vec dot0(acc_t(0)), dot1(acc_t(0)), dot2(acc_t(0)), dot3(acc_t(0));
+        const Vec l0(tile[a]), l1(tile[rank + a]), l2(tile[2 * rank + a]), l3(tile[3 * rank + a]);
         const acc_t* r_row = r.data + a * r.stride;
         acc_t* gr = grad_right_chunk.data() + a * padded;
         for (int64_t c = 0; c < padded; c += V) {
           const Vec rv = Vec::loadu(r_row + c);
+          const Vec v0 = Vec::loadu(h0 + c), v1 = Vec::loadu(h1 + c), v2 = Vec::loadu(h2 + c), v3 = Vec::loadu(h3 + c);
+          dot0 = at::vec::fmadd(v0, rv, dot0);
+          dot1 = at::vec::fmadd(v1, rv, dot1);
+          dot2 = at::vec::fmadd(v2, rv, dot2);
+          dot3 = at::vec::fmadd(v3, rv, dot3);
           Vec acc = Vec::loadu(gr + c);
-          for (int64_t i = 0; i < kTileRows; ++i) {
-            const Vec hv = Vec::loadu(h.data() + i * chunk + c);
-            dot[i] = at::vec::fmadd(hv, rv, dot[i]);
-            acc = at::vec::fmadd(l[i], hv, acc);
-          }
+          acc = at::vec::fmadd(l0, v0, acc);
+          acc = at::vec::fmadd(l1, v1, acc);
+          acc = at::vec::fmadd(l2, v2, acc);
+          acc = at::vec::fmadd(l3, v3, acc);
           acc.store(gr + c);
         }
-        for (int64_t i = 0; i < n_rows; ++i) grad_left[(o0 - o_begin + i) * rank + a] += sum_lanes(dot[i]);
+        acc_t* gl = grad_left.data() + (o0 - o_begin) * rank + a;
+        const Vec dots[kTileRows] = {dot0, dot1, dot2, dot3};
+        for (int64_t i = 0; i < n_rows; ++i) gl[i * rank] += sum_lanes(dots[i]);
       }
     }
     acc_t* out_right = p.partial_right + strip * rank * p.cols;

@@ -22,13 +22,20 @@ using at::vec::Vectorized;
 // Rows handled together by the rank-r micro-kernel (their E tiles stay in registers).
 constexpr int64_t kTileRows = 4;
 
-// Columns per chunk: the chunk of `right` (r x chunk) and the kernels' per-chunk buffers stay in
-// the first-level cache. A multiple of two vectors of every accumulation type.
+// Columns per chunk: `budget` bytes of `right` (r x chunk), at most 1024 columns. A multiple of two
+// vectors of every accumulation type.
 template <typename acc_t>
-int64_t column_chunk(int64_t rank) {
+int64_t column_chunk(int64_t rank, int64_t budget) {
   constexpr int64_t step = 2 * Vectorized<float>::size();
-  const int64_t budget = (12 * 1024) / (static_cast<int64_t>(sizeof(acc_t)) * rank);
-  return std::clamp<int64_t>(budget / step * step, step, 1024);
+  const int64_t columns = budget / (static_cast<int64_t>(sizeof(acc_t)) * rank);
+  return std::clamp<int64_t>(columns / step * step, step, 1024);
+}
+
+// Asks for the cache lines of `bytes` bytes from `p` (the next rows' segments, while this one is
+// computed: the hardware prefetchers lose track of many short interleaved row segments).
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
 }
 
 // Converts n elements between a storage dtype and the accumulation type (scalar casts, rounding to
@@ -188,22 +195,44 @@ inline RightChunk<acc_t> right_chunk(const acc_t* right, int64_t rank, int64_t c
   return {buffer.data(), padded};
 }
 
-// E[i][c..c+2V) = sum_a tile[i][a] * right[a][c..c+2V) for the kTileRows rows of `tile`.
+// E[i][c..c+2V) = sum_a tile[i][a] * right[a][c..c+2V) for the kTileRows rows of `tile`. The eight
+// accumulators are named locals so that they stay in registers across the rank loop.
 template <typename acc_t>
 inline void lowrank_product(const acc_t* tile, RightChunk<acc_t> right, int64_t rank, int64_t c,
                             Vectorized<acc_t> (&e)[kTileRows][2]) {
+  static_assert(kTileRows == 4, "the micro-kernel is written for 4 rows");
   using Vec = Vectorized<acc_t>;
-  for (int64_t i = 0; i < kTileRows; ++i) e[i][0] = e[i][1] = Vec(acc_t(0));
-  for (int64_t a = 0; a < rank; ++a) {
-    const acc_t* r = right.data + a * right.stride + c;
+  Vec e00(acc_t(0)), e01(acc_t(0)), e10(acc_t(0)), e11(acc_t(0)), e20(acc_t(0)), e21(acc_t(0)), e30(acc_t(0)),
+      e31(acc_t(0));
+  const acc_t* l0 = tile;
+  const acc_t* l1 = tile + rank;
+  const acc_t* l2 = tile + 2 * rank;
+  const acc_t* l3 = tile + 3 * rank;
+  const acc_t* r = right.data + c;
+  for (int64_t a = 0; a < rank; ++a, r += right.stride) {
     const Vec r0 = Vec::loadu(r);
     const Vec r1 = Vec::loadu(r + Vec::size());
-    for (int64_t i = 0; i < kTileRows; ++i) {
-      const Vec l(tile[i * rank + a]);
-      e[i][0] = at::vec::fmadd(l, r0, e[i][0]);
-      e[i][1] = at::vec::fmadd(l, r1, e[i][1]);
-    }
+    Vec l(l0[a]);
+    e00 = at::vec::fmadd(l, r0, e00);
+    e01 = at::vec::fmadd(l, r1, e01);
+    l = Vec(l1[a]);
+    e10 = at::vec::fmadd(l, r0, e10);
+    e11 = at::vec::fmadd(l, r1, e11);
+    l = Vec(l2[a]);
+    e20 = at::vec::fmadd(l, r0, e20);
+    e21 = at::vec::fmadd(l, r1, e21);
+    l = Vec(l3[a]);
+    e30 = at::vec::fmadd(l, r0, e30);
+    e31 = at::vec::fmadd(l, r1, e31);
   }
+  e[0][0] = e00;
+  e[0][1] = e01;
+  e[1][0] = e10;
+  e[1][1] = e11;
+  e[2][0] = e20;
+  e[2][1] = e21;
+  e[3][0] = e30;
+  e[3][1] = e31;
 }
 
 // Calls f.template operator()<kCombine, kDeltaOnly>() for the runtime pair.

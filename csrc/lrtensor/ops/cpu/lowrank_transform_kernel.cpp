@@ -20,7 +20,8 @@ void transform_block(const RowView<acc_t>& weight, const RowView<acc_t>& out, co
                      const acc_t* right, int64_t rows, int64_t cols, int64_t rank, int64_t o_begin, int64_t o_end) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  const int64_t chunk = column_chunk<acc_t>(rank);
+  // `right`'s chunk is read from the second-level cache; long row segments keep the prefetchers on
+  const int64_t chunk = column_chunk<acc_t>(rank, 64 * 1024);
   std::vector<acc_t> tile(kTileRows * rank), padded_right, w_buf(kTileRows * chunk), o_buf(kTileRows * chunk);
   for (int64_t c0 = 0; c0 < cols; c0 += chunk) {
     const int64_t width = std::min(chunk, cols - c0);
@@ -34,6 +35,9 @@ void transform_block(const RowView<acc_t>& weight, const RowView<acc_t>& out, co
       for (int64_t i = 0; i < n_rows; ++i) {
         w_row[i] = weight.read_segment(o0 + i, c0, width, w_buf.data() + i * chunk);
         o_row[i] = out.write_target(o0 + i, c0, o_buf.data() + i * chunk);
+      }
+      for (int64_t i = kTileRows; i < 2 * kTileRows && o0 + i < o_end; ++i) {
+        prefetch(weight.at(o0 + i, c0), width * weight.elem_size);
       }
       for (int64_t c = 0; c < width; c += 2 * V) {
         Vec e[kTileRows][2];
