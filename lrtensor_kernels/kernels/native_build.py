@@ -42,7 +42,11 @@ def _cpu_flags() -> list:
     return ["-DCPU_CAPABILITY=DEFAULT"]
 
 
-CXX_FLAGS = ["-O3", "-Wall", "-Wno-unused-function"]
+# at::parallel_for is an inline OpenMP loop: without -fopenmp it compiles to a serial loop. The
+# extension then shares torch's OpenMP runtime (libgomp.so.1 is already loaded by torch), so
+# torch.set_num_threads governs it too.
+OPENMP_FLAGS = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
+CXX_FLAGS = ["-O3", "-Wall", "-Wno-unused-function"] + OPENMP_FLAGS
 CUDA_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 
@@ -119,7 +123,8 @@ def _build_and_load() -> str:
           f"this torch; about a minute), cached in {directory}", file=sys.stderr, flush=True)
     return cpp_extension.load(
         name, [str(p) for p in sources(cuda)], extra_cflags=CXX_FLAGS + _cpu_flags(), extra_cuda_cflags=CUDA_FLAGS,
-        extra_include_paths=[str(CSRC)], build_directory=str(directory), with_cuda=cuda, is_python_module=False,
+        extra_ldflags=OPENMP_FLAGS, extra_include_paths=[str(CSRC)], build_directory=str(directory), with_cuda=cuda,
+        is_python_module=False,
         verbose=False)
 
 
