@@ -5,7 +5,7 @@
 //    shape) each write one partial sum per channel into partial[block][channel].
 // 2. The partials of each channel are added in the order of their block.
 // Products and sums run in float64 whatever the input dtype: the pass is bound by memory bandwidth
-// (two reads per product), so the wider accumulator costs nothing and keeps long sums exact enough.
+// (two reads per product), so the wider accumulator costs little and keeps long sums exact enough.
 #include "lowrank_tile.h"
 
 #include <ATen/Parallel.h>
@@ -19,58 +19,39 @@ namespace {
 constexpr int64_t kBlockOuter = 64;
 constexpr int64_t kTaskElements = 1 << 16;
 
-using Vec = Vectorized<double>;
-constexpr int64_t V = Vec::size();
-
-// Up to kRun elements of a row converted to float64 at a time.
-constexpr int64_t kRun = 256;
-
-struct Inputs {
-  RowView<double> a, b;  // rows of one (outer, channel) pair (inner > 1) or of one outer index (inner == 1)
-};
-
-// partial[c] += sum_{o in rows, i} a[o, c, i] * b[o, c, i] for the channels [c_begin, c_end), inner > 1.
-void dot_runs(const Inputs& in, const ChannelLayout& s, int64_t o_begin, int64_t o_end, int64_t c_begin,
-              int64_t c_end, double* partial) {
-  alignas(64) double a_buf[kRun], b_buf[kRun];
+// partial[c] = sum_{o in rows, i} a[o, c, i] * b[o, c, i] for the channels [c_begin, c_end), inner > 1;
+// four running sums per run (added in a fixed order at the end) for instruction-level parallelism.
+template <typename scalar_t>
+void dot_runs(const scalar_t* a, const scalar_t* b, const ChannelLayout& s, int64_t o_begin, int64_t o_end,
+              int64_t c_begin, int64_t c_end, double* partial) {
   for (int64_t c = c_begin; c < c_end; ++c) {
-    Vec acc(0.0);
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     for (int64_t o = o_begin; o < o_end; ++o) {
-      const int64_t row = o * s.channels + c;
-      for (int64_t i0 = 0; i0 < s.inner; i0 += kRun) {
-        const int64_t n = std::min(kRun, s.inner - i0);
-        const double* x = in.a.read_segment(row, i0, n, a_buf);
-        const double* y = in.b.read_segment(row, i0, n, b_buf);
-        for (int64_t i = 0; i < n; i += V) {
-          const int64_t m = std::min<int64_t>(V, n - i);
-          acc = at::vec::fmadd(load_lanes(x + i, m), load_lanes(y + i, m), acc);
-        }
+      const scalar_t* x = a + (o * s.channels + c) * s.inner;
+      const scalar_t* y = b + (o * s.channels + c) * s.inner;
+      int64_t i = 0;
+      for (; i + 4 <= s.inner; i += 4) {
+        s0 += static_cast<double>(x[i]) * static_cast<double>(y[i]);
+        s1 += static_cast<double>(x[i + 1]) * static_cast<double>(y[i + 1]);
+        s2 += static_cast<double>(x[i + 2]) * static_cast<double>(y[i + 2]);
+        s3 += static_cast<double>(x[i + 3]) * static_cast<double>(y[i + 3]);
       }
+      for (; i < s.inner; ++i) s0 += static_cast<double>(x[i]) * static_cast<double>(y[i]);
     }
-    alignas(64) double lanes[V];
-    acc.store(lanes);
-    double sum = 0;
-    for (int64_t k = 0; k < V; ++k) sum += lanes[k];
-    partial[c] = sum;
+    partial[c] = (s0 + s1) + (s2 + s3);
   }
 }
 
-// partial[c] = sum_{o in rows} a[o, c] * b[o, c] for the channels [c_begin, c_end), inner == 1.
-void dot_columns(const Inputs& in, int64_t o_begin, int64_t o_end, int64_t c_begin, int64_t c_end,
-                 double* partial) {
-  alignas(64) double a_buf[kRun], b_buf[kRun];
-  for (int64_t c0 = c_begin; c0 < c_end; c0 += kRun) {
-    const int64_t n = std::min(kRun, c_end - c0);
-    std::fill(partial + c0, partial + c0 + n, 0.0);
-    for (int64_t o = o_begin; o < o_end; ++o) {
-      const double* x = in.a.read_segment(o, c0, n, a_buf);
-      const double* y = in.b.read_segment(o, c0, n, b_buf);
-      for (int64_t i = 0; i < n; i += V) {
-        const int64_t m = std::min<int64_t>(V, n - i);
-        store_lanes(at::vec::fmadd(load_lanes(x + i, m), load_lanes(y + i, m), load_lanes(partial + c0 + i, m)),
-                    partial + c0 + i, m);
-      }
-    }
+// partial[c] = sum_{o in rows} a[o, c] * b[o, c] for the channels [c_begin, c_end), inner == 1
+// (elementwise along the channels: the compiler vectorises it).
+template <typename scalar_t>
+void dot_columns(const scalar_t* a, const scalar_t* b, int64_t channels, int64_t o_begin, int64_t o_end,
+                 int64_t c_begin, int64_t c_end, double* partial) {
+  std::fill(partial + c_begin, partial + c_end, 0.0);
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const scalar_t* x = a + o * channels;
+    const scalar_t* y = b + o * channels;
+    for (int64_t c = c_begin; c < c_end; ++c) partial[c] += static_cast<double>(x[c]) * static_cast<double>(y[c]);
   }
 }
 
@@ -82,28 +63,28 @@ void channel_dot_cpu(const at::Tensor& a, const at::Tensor& b, int64_t channel_d
     out.zero_();
     return;
   }
-  // rows of `a` as the kernels walk them: (outer * channels) rows of `inner` (inner > 1) or `outer`
-  // rows of `channels` (inner == 1)
-  const int64_t row_len = s.inner > 1 ? s.inner : s.channels;
-  const Inputs in{RowView<double>(a, row_len), RowView<double>(b, row_len)};
   const int64_t blocks = (s.outer + kBlockOuter - 1) / kBlockOuter;
   const int64_t block_elements = std::min(s.outer, kBlockOuter) * s.inner;
   const int64_t chunk = std::max<int64_t>(1, kTaskElements / block_elements);
   const int64_t chunks = (s.channels + chunk - 1) / chunk;
   at::Tensor partial = at::empty({blocks, s.channels}, a.options().dtype(at::kDouble));
   double* p = partial.data_ptr<double>();
-  at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t block = t / chunks, c_begin = (t % chunks) * chunk;
-      const int64_t o_begin = block * kBlockOuter, o_end = std::min(s.outer, o_begin + kBlockOuter);
-      const int64_t c_end = std::min(s.channels, c_begin + chunk);
-      double* row = p + block * s.channels;
-      if (s.inner > 1) {
-        dot_runs(in, s, o_begin, o_end, c_begin, c_end, row);
-      } else {
-        dot_columns(in, o_begin, o_end, c_begin, c_end, row);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lrtensor::channel_dot", [&] {
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.const_data_ptr<scalar_t>();
+    at::parallel_for(0, blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t block = t / chunks, c_begin = (t % chunks) * chunk;
+        const int64_t o_begin = block * kBlockOuter, o_end = std::min(s.outer, o_begin + kBlockOuter);
+        const int64_t c_end = std::min(s.channels, c_begin + chunk);
+        double* row = p + block * s.channels;
+        if (s.inner > 1) {
+          dot_runs(ap, bp, s, o_begin, o_end, c_begin, c_end, row);
+        } else {
+          dot_columns(ap, bp, s.channels, o_begin, o_end, c_begin, c_end, row);
+        }
       }
-    }
+    });
   });
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lrtensor::channel_dot", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
