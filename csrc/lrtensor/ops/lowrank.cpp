@@ -179,10 +179,10 @@ void check_mode_gram(const at::Tensor& x, const at::Tensor& y, int64_t mode, con
   }
 }
 
-ChannelLayout channel_layout(const at::Tensor& a, int64_t dim) {
-  ChannelLayout layout{1, a.size(dim), 1};
-  for (int64_t d = 0; d < dim; ++d) layout.outer *= a.size(d);
-  for (int64_t d = dim + 1; d < a.dim(); ++d) layout.inner *= a.size(d);
+AroundDim around_dim(const at::Tensor& t, int64_t dim) {
+  AroundDim layout{1, t.size(dim), 1};
+  for (int64_t d = 0; d < dim; ++d) layout.outer *= t.size(d);
+  for (int64_t d = dim + 1; d < t.dim(); ++d) layout.inner *= t.size(d);
   return layout;
 }
 

@@ -37,12 +37,13 @@ int64_t check_channel_dot(const at::Tensor& a, const at::Tensor& b, int64_t chan
 void check_mode_product(const at::Tensor& x, const at::Tensor& u, int64_t mode, const at::Tensor* out = nullptr);
 void check_mode_gram(const at::Tensor& x, const at::Tensor& y, int64_t mode, const at::Tensor* out = nullptr);
 
-// (outer, channels, inner) of a contiguous tensor reduced over every dim but `dim`.
-struct ChannelLayout {
+// A contiguous tensor read as (outer, size, inner) around dim `dim`: the channel_dot input around
+// its channels, a mode product's operand around its mode.
+struct AroundDim {
   int64_t outer;
-  int64_t channels;
+  int64_t size;
   int64_t inner;
 };
-ChannelLayout channel_layout(const at::Tensor& a, int64_t dim);
+AroundDim around_dim(const at::Tensor& t, int64_t dim);
 
 }  // namespace lrtensor::ops

@@ -22,13 +22,13 @@ constexpr int64_t kTaskElements = 1 << 16;
 // partial[c] = sum_{o in rows, i} a[o, c, i] * b[o, c, i] for the channels [c_begin, c_end), inner > 1;
 // four running sums per run (added in a fixed order at the end) for instruction-level parallelism.
 template <typename scalar_t>
-void dot_runs(const scalar_t* a, const scalar_t* b, const ChannelLayout& s, int64_t o_begin, int64_t o_end,
+void dot_runs(const scalar_t* a, const scalar_t* b, const AroundDim& s, int64_t o_begin, int64_t o_end,
               int64_t c_begin, int64_t c_end, double* partial) {
   for (int64_t c = c_begin; c < c_end; ++c) {
     double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     for (int64_t o = o_begin; o < o_end; ++o) {
-      const scalar_t* x = a + (o * s.channels + c) * s.inner;
-      const scalar_t* y = b + (o * s.channels + c) * s.inner;
+      const scalar_t* x = a + (o * s.size + c) * s.inner;
+      const scalar_t* y = b + (o * s.size + c) * s.inner;
       int64_t i = 0;
       for (; i + 4 <= s.inner; i += 4) {
         s0 += static_cast<double>(x[i]) * static_cast<double>(y[i]);
@@ -57,8 +57,8 @@ void dot_columns(const scalar_t* a, const scalar_t* b, int64_t channels, int64_t
 
 void channel_dot_cpu(const at::Tensor& a, const at::Tensor& b, int64_t channel_dim, at::Tensor& out) {
   const int64_t dim = check_channel_dot(a, b, channel_dim, out);
-  const ChannelLayout s = channel_layout(a, dim);
-  if (s.channels == 0) return;
+  const AroundDim s = around_dim(a, dim);
+  if (s.size == 0) return;
   if (s.outer * s.inner == 0) {
     out.zero_();
     return;
@@ -66,8 +66,8 @@ void channel_dot_cpu(const at::Tensor& a, const at::Tensor& b, int64_t channel_d
   const int64_t blocks = (s.outer + kBlockOuter - 1) / kBlockOuter;
   const int64_t block_elements = std::min(s.outer, kBlockOuter) * s.inner;
   const int64_t chunk = std::max<int64_t>(1, kTaskElements / block_elements);
-  const int64_t chunks = (s.channels + chunk - 1) / chunk;
-  at::Tensor partial = at::empty({blocks, s.channels}, a.options().dtype(at::kDouble));
+  const int64_t chunks = (s.size + chunk - 1) / chunk;
+  at::Tensor partial = at::empty({blocks, s.size}, a.options().dtype(at::kDouble));
   double* p = partial.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lrtensor::channel_dot", [&] {
     const scalar_t* ap = a.const_data_ptr<scalar_t>();
@@ -76,21 +76,21 @@ void channel_dot_cpu(const at::Tensor& a, const at::Tensor& b, int64_t channel_d
       for (int64_t t = begin; t < end; ++t) {
         const int64_t block = t / chunks, c_begin = (t % chunks) * chunk;
         const int64_t o_begin = block * kBlockOuter, o_end = std::min(s.outer, o_begin + kBlockOuter);
-        const int64_t c_end = std::min(s.channels, c_begin + chunk);
-        double* row = p + block * s.channels;
+        const int64_t c_end = std::min(s.size, c_begin + chunk);
+        double* row = p + block * s.size;
         if (s.inner > 1) {
           dot_runs(ap, bp, s, o_begin, o_end, c_begin, c_end, row);
         } else {
-          dot_columns(ap, bp, s.channels, o_begin, o_end, c_begin, c_end, row);
+          dot_columns(ap, bp, s.size, o_begin, o_end, c_begin, c_end, row);
         }
       }
     });
   });
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "lrtensor::channel_dot", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < s.channels; ++c) {
+    for (int64_t c = 0; c < s.size; ++c) {
       double sum = p[c];
-      for (int64_t k = 1; k < blocks; ++k) sum += p[k * s.channels + c];
+      for (int64_t k = 1; k < blocks; ++k) sum += p[k * s.size + c];
       o[c] = static_cast<scalar_t>(sum);
     }
   });

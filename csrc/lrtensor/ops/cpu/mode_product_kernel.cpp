@@ -3,36 +3,25 @@
 #include "lowrank_tile.h"
 
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cmath>
-#include <torch/library.h>
 
 namespace lrtensor::ops::cpu {
 
 namespace {
 
-struct Layout {
-  int64_t outer, mode, inner;
-};
-
-Layout around(const at::Tensor& x, int64_t mode) {
-  Layout l{1, x.size(mode), 1};
-  for (int64_t d = 0; d < mode; ++d) l.outer *= x.size(d);
-  for (int64_t d = mode + 1; d < x.dim(); ++d) l.inner *= x.size(d);
-  return l;
-}
-
 // Rows row = p * J + j of out, each out[p, j, :] = sum_m u[j, m] * x[p, m, :]: for a long inner dim.
 template <typename scalar_t>
-void mode_product_rows(const scalar_t* x, const scalar_t* u, scalar_t* out, Layout l, int64_t rows_j, int64_t begin,
-                       int64_t end) {
+void mode_product_rows(const scalar_t* x, const scalar_t* u, scalar_t* out, AroundDim l, int64_t rows_j,
+                       int64_t begin, int64_t end) {
   std::vector<double> acc(l.inner);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t p = row / rows_j, j = row % rows_j;
     std::fill(acc.begin(), acc.end(), 0.0);
-    for (int64_t m = 0; m < l.mode; ++m) {
-      const double coef = static_cast<double>(u[j * l.mode + m]);
-      const scalar_t* xr = x + (p * l.mode + m) * l.inner;
+    for (int64_t m = 0; m < l.size; ++m) {
+      const double coef = static_cast<double>(u[j * l.size + m]);
+      const scalar_t* xr = x + (p * l.size + m) * l.inner;
       for (int64_t q = 0; q < l.inner; ++q) acc[q] += coef * static_cast<double>(xr[q]);
     }
     scalar_t* o = out + row * l.inner;
@@ -45,7 +34,7 @@ void mode_product_rows(const scalar_t* x, const scalar_t* u, scalar_t* out, Layo
 // u = U_2 of I rows and an inner dim of the kernel size). Which of the two runs depends on the
 // shapes alone.
 template <typename scalar_t>
-void mode_product_columns(const scalar_t* x, const double* u_t, scalar_t* out, Layout l, int64_t rows_j,
+void mode_product_columns(const scalar_t* x, const double* u_t, scalar_t* out, AroundDim l, int64_t rows_j,
                           int64_t begin, int64_t end) {
   using VecD = Vectorized<double>;
   constexpr int64_t V = VecD::size();
@@ -53,8 +42,8 @@ void mode_product_columns(const scalar_t* x, const double* u_t, scalar_t* out, L
   for (int64_t col = begin; col < end; ++col) {
     const int64_t p = col / l.inner, q = col % l.inner;
     std::fill(acc.begin(), acc.end(), 0.0);
-    for (int64_t m = 0; m < l.mode; ++m) {
-      const double xv = static_cast<double>(x[(p * l.mode + m) * l.inner + q]);
+    for (int64_t m = 0; m < l.size; ++m) {
+      const double xv = static_cast<double>(x[(p * l.size + m) * l.inner + q]);
       const VecD xm(xv);
       const double* ur = u_t + m * rows_j;
       int64_t j = 0;
@@ -70,23 +59,23 @@ void mode_product_columns(const scalar_t* x, const double* u_t, scalar_t* out, L
 
 void mode_product_cpu(const at::Tensor& x, const at::Tensor& u, int64_t mode, at::Tensor& out) {
   check_mode_product(x, u, mode, &out);
-  const Layout l = around(x, mode);
+  const AroundDim l = around_dim(x, mode);
   const int64_t rows_j = u.size(0);
-  const int64_t work = std::max<int64_t>(1, l.mode * rows_j);
+  const int64_t work = std::max<int64_t>(1, l.size * rows_j);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lrtensor::mode_product", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     if (rows_j > l.inner) {  // vectorise along the longer of j and the inner dim
-      std::vector<double> u_t(l.mode * rows_j);
+      std::vector<double> u_t(l.size * rows_j);
       for (int64_t j = 0; j < rows_j; ++j) {
-        for (int64_t m = 0; m < l.mode; ++m) u_t[m * rows_j + j] = static_cast<double>(up[j * l.mode + m]);
+        for (int64_t m = 0; m < l.size; ++m) u_t[m * rows_j + j] = static_cast<double>(up[j * l.size + m]);
       }
       at::parallel_for(0, l.outer * l.inner, std::max<int64_t>(1, (1 << 14) / work), [&](int64_t begin, int64_t end) {
         mode_product_columns(xp, u_t.data(), op, l, rows_j, begin, end);
       });
     } else {
-      const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, l.mode * l.inner));
+      const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, l.size * l.inner));
       at::parallel_for(0, l.outer * rows_j, grain, [&](int64_t begin, int64_t end) {
         mode_product_rows(xp, up, op, l, rows_j, begin, end);
       });
@@ -96,7 +85,7 @@ void mode_product_cpu(const at::Tensor& x, const at::Tensor& u, int64_t mode, at
 
 void mode_gram_cpu(const at::Tensor& x, const at::Tensor& y, int64_t mode, at::Tensor& out) {
   check_mode_gram(x, y, mode, &out);
-  const Layout lx = around(x, mode);
+  const AroundDim lx = around_dim(x, mode);
   const int64_t rows_j = x.size(mode), cols_m = y.size(mode);
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, lx.outer * lx.inner * cols_m));
   using VecD = Vectorized<double>;

@@ -63,8 +63,8 @@ __global__ void channel_dot_runs_kernel(const scalar_t* __restrict__ a, const sc
 void channel_dot_cuda(const at::Tensor& a, const at::Tensor& b, int64_t channel_dim, at::Tensor& out) {
   constexpr const char* op = "lrtensor::channel_dot";
   const int64_t dim = check_channel_dot(a, b, channel_dim, out);
-  const ChannelLayout s = channel_layout(a, dim);
-  if (s.channels == 0) return;
+  const AroundDim s = around_dim(a, dim);
+  if (s.size == 0) return;
   if (s.outer * s.inner == 0) {
     out.zero_();
     return;
@@ -74,24 +74,24 @@ void channel_dot_cuda(const at::Tensor& a, const at::Tensor& b, int64_t channel_
   int64_t rows = s.inner == 1 ? kRowsPerSplit : std::max<int64_t>(1, kElementsPerSplit / s.inner);
   while ((s.outer + rows - 1) / rows > 65535) rows *= 2;
   const int64_t splits = (s.outer + rows - 1) / rows;
-  at::Tensor partial = at::empty({splits, s.channels}, out.options());
+  at::Tensor partial = at::empty({splits, s.size}, out.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "lrtensor::channel_dot", [&] {
     using acc_t = typename Accumulate<scalar_t>::type;
     if (s.inner == 1) {
-      const dim3 grid(blocks_for(s.channels, kThreads), grid_y(op, splits));
+      const dim3 grid(blocks_for(s.size, kThreads), grid_y(op, splits));
       channel_dot_columns_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-          a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), s.outer, s.channels,
+          a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), s.outer, s.size,
           rows);
     } else {
-      TORCH_CHECK(s.channels <= std::numeric_limits<int32_t>::max(), op, ": expected at most 2^31 - 1 channels, got ",
-                  s.channels);
-      const dim3 grid(static_cast<unsigned int>(s.channels), grid_y(op, splits));
+      TORCH_CHECK(s.size <= std::numeric_limits<int32_t>::max(), op, ": expected at most 2^31 - 1 channels, got ",
+                  s.size);
+      const dim3 grid(static_cast<unsigned int>(s.size), grid_y(op, splits));
       channel_dot_runs_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
-          a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), s.outer, s.channels,
+          a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), s.outer, s.size,
           s.inner, rows);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    sum_partials(partial.const_data_ptr<acc_t>(), splits, s.channels, out.data_ptr<acc_t>(), stream);
+    sum_partials(partial.const_data_ptr<acc_t>(), splits, s.size, out.data_ptr<acc_t>(), stream);
   });
 }
 

@@ -11,27 +11,16 @@ namespace {
 
 constexpr int kThreads = 256;
 
-struct Layout {
-  int64_t outer, mode, inner;
-};
-
-Layout around(const at::Tensor& x, int64_t mode) {
-  Layout l{1, x.size(mode), 1};
-  for (int64_t d = 0; d < mode; ++d) l.outer *= x.size(d);
-  for (int64_t d = mode + 1; d < x.dim(); ++d) l.inner *= x.size(d);
-  return l;
-}
-
 // out[p, j, q] = sum_m u[j, m] * x[p, m, q]
 template <typename scalar_t>
 __global__ void mode_product_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ u,
-                                    scalar_t* __restrict__ out, Layout l, int64_t rows_j) {
+                                    scalar_t* __restrict__ out, AroundDim l, int64_t rows_j) {
   const int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (k >= l.outer * rows_j * l.inner) return;
   const int64_t q = k % l.inner, j = (k / l.inner) % rows_j, p = k / (l.inner * rows_j);
   double s = 0;
-  for (int64_t m = 0; m < l.mode; ++m) {
-    s = fma(static_cast<double>(u[j * l.mode + m]), static_cast<double>(x[(p * l.mode + m) * l.inner + q]), s);
+  for (int64_t m = 0; m < l.size; ++m) {
+    s = fma(static_cast<double>(u[j * l.size + m]), static_cast<double>(x[(p * l.size + m) * l.inner + q]), s);
   }
   out[k] = static_cast<scalar_t>(s);
 }
@@ -39,7 +28,7 @@ __global__ void mode_product_kernel(const scalar_t* __restrict__ x, const scalar
 // out[j, m] = sum_{p, q} x[p, j, q] * y[p, m, q]
 template <typename scalar_t>
 __global__ void mode_gram_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
-                                 scalar_t* __restrict__ out, Layout l, int64_t rows_j, int64_t cols_m) {
+                                 scalar_t* __restrict__ out, AroundDim l, int64_t rows_j, int64_t cols_m) {
   const int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (k >= rows_j * cols_m) return;
   const int64_t j = k / cols_m, m = k % cols_m;
@@ -57,7 +46,7 @@ void mode_product_cuda(const at::Tensor& x, const at::Tensor& u, int64_t mode, a
   check_mode_product(x, u, mode, &out);
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
-  const Layout l = around(x, mode);
+  const AroundDim l = around_dim(x, mode);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lrtensor::mode_product", [&] {
     mode_product_kernel<scalar_t><<<blocks_for(out.numel(), kThreads), kThreads, 0,
                                     c10::cuda::getCurrentCUDAStream()>>>(
@@ -70,7 +59,7 @@ void mode_gram_cuda(const at::Tensor& x, const at::Tensor& y, int64_t mode, at::
   check_mode_gram(x, y, mode, &out);
   if (out.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
-  const Layout l = around(x, mode);
+  const AroundDim l = around_dim(x, mode);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lrtensor::mode_gram", [&] {
     mode_gram_kernel<scalar_t><<<blocks_for(out.numel(), kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), l, x.size(mode),
