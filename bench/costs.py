@@ -45,10 +45,11 @@ def frozen_layer(make) -> nn.Module:
     return base
 
 
-def adapted(base: nn.Module, method: str, strategy: str = "auto", seed: int = 2) -> lk.AdapterLayer:
-    """``method``'s layer around ``base`` (shared weight), every adapter tensor random."""
+def adapted(base: nn.Module, method: str, strategy: str = "auto", seed: int = 2, **kwargs) -> lk.AdapterLayer:
+    """``method``'s layer around ``base`` (shared weight, ``kwargs`` of the method), every adapter
+    tensor random."""
     cls = lk.layers.LAYERS[method][nn.Linear if isinstance(base, nn.Linear) else nn.Conv2d]
-    layer = cls.from_module(base, strategy=strategy)
+    layer = cls.from_module(base, strategy=strategy, **kwargs)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in layer.adapter_parameters():

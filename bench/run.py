@@ -83,8 +83,8 @@ def opening_line(device: torch.device) -> str:
     if device.type == "cuda":
         return f"Running on CUDA ({torch.cuda.get_device_name(device)}): full-size shapes."
     reason = "No CUDA device" if not torch.cuda.is_available() else "--device cpu"
-    return (f"{reason}: running the CPU reference path with scaled-down shapes ({suite.CPU_SCALING_NOTE}); "
-            "these are CPU timings of small layers, not a prediction of GPU times.")
+    return (f"{reason}: running the CPU paths (reference and native) with scaled-down shapes "
+            f"({suite.CPU_SCALING_NOTE}); these are CPU timings of small layers, not a prediction of GPU times.")
 
 
 def _package_version(name: str):

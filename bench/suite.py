@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 import lrtensor_kernels as lk
-from lrtensor_kernels.backend import triton_available, triton_interpreted
+from lrtensor_kernels.backend import native_available, native_has_cuda_kernels, triton_available, triton_interpreted
 from lrtensor_kernels.layers import LAYERS
 from lrtensor_kernels.ops import base_op
 
@@ -384,9 +384,23 @@ def setup_compiled(shape: Shape, ctx: Context, method: str, strategy: str = "aut
                     strategy_of=strategy_of(layer, "reference"))
 
 
+def setup_native(shape: Shape, ctx: Context, method: str, strategy: str = "auto") -> Prepared:
+    """The adapter layer on backend "native" (C++ kernels on the CPU, CUDA C++ on a GPU)."""
+    if not native_available():
+        from lrtensor_kernels.kernels import native_build
+
+        raise ProviderUnavailable(f"native backend unavailable: {native_build.unavailable_reason()}")
+    if ctx.device.type == "cuda" and not native_has_cuda_kernels():
+        raise ProviderUnavailable("the native library was built without its CUDA kernels")
+    layer = adapter_layer(shape, ctx, method, strategy)
+    return Prepared(on_backend(layer, "native"), layer.adapter_parameters(), on_backend(layer, "reference"),
+                    f"{method}_reference", strategy_of=strategy_of(layer, "native"))
+
+
 BASELINE_PROVIDERS = {"frozen": setup_frozen, "full_ft": setup_full_ft, "peft_lora": setup_peft_lora}
-ADAPTER_ROUTES = {"reference": setup_reference, "triton": setup_triton, "compiled": setup_compiled}
-CPU_ROUTES = ("reference",)
+ADAPTER_ROUTES = {"reference": setup_reference, "native": setup_native, "triton": setup_triton,
+                  "compiled": setup_compiled}
+CPU_ROUTES = ("reference", "native")
 FLOOR = "frozen"
 
 
@@ -403,8 +417,8 @@ def provider_name(method: str, route: str, strategy: str) -> str:
 
 def providers_for(device: torch.device, strategies: tuple = lk.STRATEGIES) -> dict:
     """Provider name -> setup function, in table order: the baselines, then every method on every
-    route this device runs (CPU: reference only; CUDA: reference, triton, compiled), under each of
-    ``strategies`` that can run it."""
+    route this device runs (CPU: reference, native; CUDA: reference, native, triton, compiled), under
+    each of ``strategies`` that can run it."""
     routes = ADAPTER_ROUTES if device.type == "cuda" else {r: ADAPTER_ROUTES[r] for r in CPU_ROUTES}
     providers = dict(BASELINE_PROVIDERS)
     for method in METHODS:

@@ -2,7 +2,8 @@
 
 A provider's oracle computes the same function from the same tensors by another route:
 
-- ``<method>_triton`` and ``<method>_compiled``: the same layer on backend "reference";
+- ``<method>_native``, ``<method>_triton`` and ``<method>_compiled``: the same layer on backend
+  "reference";
 - ``<method>_reference``: ``F.conv2d`` / ``F.linear`` on the layer's ``effective_weight()``;
 - ``peft_lora``: the base op plus one op with the merged kernel ``scaling * B @ A``;
 - ``frozen`` and ``full_ft``: ``F.conv2d`` / ``F.linear`` on the layer's own weight.

@@ -4,8 +4,11 @@
 - ``"triton"``: fused Triton kernels for the weight transform and its backward projection,
   behind the ``lrtensor::adapted_op`` custom op; needs CUDA tensors, or CPU tensors with
   ``TRITON_INTERPRET=1`` set before the first use.
-- ``"auto"`` (default): ``"triton"`` for CUDA tensors when Triton can be imported, else
-  ``"reference"``.
+- ``"native"``: the C++ (CPU) and CUDA C++ kernels of ``csrc/`` behind the same custom op,
+  compiled on first use (:mod:`lrtensor_kernels.kernels.native_build`).
+- ``"auto"`` (default): ``"triton"`` for CUDA tensors when Triton can be imported; on the CPU
+  ``"native"`` when the native library builds (the first CPU call builds it), else
+  ``"reference"``, with one warning that says why.
 """
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ import contextlib
 import importlib.util
 import os
 import threading
+import warnings
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "native")
 _state = threading.local()
 
 
@@ -36,7 +40,7 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> None:
-    """Set the backend for this thread: one of ``"auto"``, ``"reference"``, ``"triton"``."""
+    """Set the backend for this thread: one of ``"auto"``, ``"reference"``, ``"triton"``, ``"native"``."""
     _state.name = _check(name)
 
 
@@ -62,11 +66,54 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result  # torch.compile reads it once instead of tracing the build's lock
+def native_available() -> bool:
+    """Whether the native library is loaded; the first call builds it (about a minute, then cached)."""
+    from .kernels import native_build
+
+    return native_build.available()
+
+
+@torch.compiler.assume_constant_result
+def native_has_cuda_kernels() -> bool:
+    from .kernels import native_build
+
+    return native_build.has_cuda_kernels()
+
+
+_warned_native = False
+
+
+def _auto_cpu() -> str:
+    global _warned_native
+    if native_available():
+        return "native"
+    if not _warned_native:
+        from .kernels import native_build
+
+        _warned_native = True
+        warnings.warn(f"lrtensor_kernels: the native CPU backend is unavailable ({native_build.unavailable_reason()}); "
+                      "'auto' uses the 'reference' backend on the CPU ('triton' stays available on CUDA)",
+                      RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
 def resolve(device: torch.device) -> str:
-    """The concrete backend (``"reference"`` or ``"triton"``) for tensors on ``device``."""
+    """The concrete backend (``"reference"``, ``"triton"`` or ``"native"``) for tensors on ``device``."""
     name = _current()
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "reference"
+        if device.type == "cuda":
+            return "triton" if triton_available() else "reference"
+        return _auto_cpu() if device.type == "cpu" else "reference"
+    if name == "native":
+        if not native_available():
+            from .kernels import native_build
+
+            raise RuntimeError(f"backend 'native' was selected but the native backend is unavailable "
+                               f"({native_build.unavailable_reason()}); the 'reference' backend runs without it")
+        if device.type not in ("cpu", "cuda") or device.type == "cuda" and not native_has_cuda_kernels():
+            raise RuntimeError(f"backend 'native' has no kernels for tensors on {device} (CPU always; CUDA when "
+                               f"torch has CUDA and nvcc was found at build time)")
     if name == "triton":
         if not triton_available():
             raise RuntimeError("backend 'triton' was selected but the triton package is not installed")

@@ -29,7 +29,7 @@ float32 (float64 for float64 weights) and return the weight's dtype. They are th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -65,7 +65,31 @@ def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if weight_dtype == torch.float64 else torch.float32
 
 
-def tucker_product(core: torch.Tensor, factors: Sequence[torch.Tensor], first_mode: int = 0) -> torch.Tensor:
+def mode_product(x: torch.Tensor, u: torch.Tensor, mode: int) -> torch.Tensor:
+    """``x x_mode u``: ``out[..., j, ...] = sum_m u[j, m] * x[..., m, ...]``, u (J, x.shape[mode])."""
+    return torch.tensordot(u, x, dims=([1], [mode])).movedim(0, mode)
+
+
+def mode_gram(x: torch.Tensor, y: torch.Tensor, mode: int) -> torch.Tensor:
+    """``out[j, m] = sum over every index but the mode's of x[..., j, ...] * y[..., m, ...]``: the
+    gradient ``d<x, y x_mode u>/du``; x and y agree in every dim but ``mode``."""
+    others = [d for d in range(x.dim()) if d != mode]
+    return torch.tensordot(x, y, dims=(others, others))
+
+
+@dataclass(frozen=True)
+class Contractions:
+    """The two contractions the Tucker math is made of (a backend may bring its own)."""
+
+    mode_product: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] = mode_product
+    mode_gram: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] = mode_gram
+
+
+TORCH_CONTRACTIONS = Contractions()
+
+
+def tucker_product(core: torch.Tensor, factors: Sequence[torch.Tensor], first_mode: int = 0,
+                   contract: Contractions = TORCH_CONTRACTIONS) -> torch.Tensor:
     """``core x_m U_m`` for the modes ``m = first_mode, first_mode + 1, ...`` that ``factors``
     cover; with ``first_mode=0`` and one factor per mode: core (r_1..r_N), U_n (d_n, r_n) -> (d_1..d_N)."""
     # modes that grow the tensor least go first, so the intermediates stay small and the last
@@ -73,25 +97,23 @@ def tucker_product(core: torch.Tensor, factors: Sequence[torch.Tensor], first_mo
     order = sorted(range(len(factors)), key=lambda n: factors[n].shape[0] / factors[n].shape[1])
     out = core
     for n in order:
-        mode = first_mode + n
-        out = torch.tensordot(factors[n], out, dims=([1], [mode])).movedim(0, mode)
+        out = contract.mode_product(out, factors[n], first_mode + n)
     return out
 
 
 def tucker_product_grads(core: torch.Tensor, factors: Sequence[torch.Tensor], grad: torch.Tensor,
-                         first_mode: int = 0) -> list:
+                         first_mode: int = 0, contract: Contractions = TORCH_CONTRACTIONS) -> list:
     """Gradients ``[d core, d U_m...]`` of ``<grad, tucker_product(core, factors, first_mode)>``."""
     modes = range(first_mode, first_mode + len(factors))
-    grad_core = tucker_product(grad, [u.t() for u in factors], first_mode)
+    grad_core = tucker_product(grad, [u.t() for u in factors], first_mode, contract)
     grads = [grad_core]
     for mode in modes:
         # all modes but `mode` brought to full size, then contracted with grad over them
         partial = core
         for m, factor in zip(modes, factors):
             if m != mode:
-                partial = torch.tensordot(factor, partial, dims=([1], [m])).movedim(0, m)
-        others = [d for d in range(grad.dim()) if d != mode]
-        grads.append(torch.tensordot(grad, partial, dims=(others, others)))
+                partial = contract.mode_product(partial, factor, m)
+        grads.append(contract.mode_gram(grad, partial, mode))
     return grads
 
 

@@ -23,11 +23,12 @@ from torch import Tensor
 
 from . import methods
 
-_KERNEL_MODULES = {"triton": "lrtensor_kernels.kernels.triton_transform"}
+_KERNEL_MODULES = {"triton": "lrtensor_kernels.kernels.triton_transform", "native": "lrtensor_kernels.kernels.native"}
 
 
 def kernels_for(impl: str):
-    """The module implementing ``transform`` and ``project`` for a fused backend (imported on first use)."""
+    """The module implementing ``transform``, ``project`` and ``channel_dot`` for a fused backend
+    (imported on first use)."""
     try:
         return importlib.import_module(_KERNEL_MODULES[impl])
     except KeyError:

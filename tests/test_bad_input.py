@@ -212,7 +212,7 @@ def test_wrong_channel_count_unnamed_layer():
 def test_unknown_backend(name):
     before = lk.get_backend()
     with pytest.raises(ValueError,
-                       match=rf"unknown backend '{name}'; expected one of \('auto', 'reference', 'triton'\)"):
+                       match=rf"unknown backend '{name}'; expected one of \('auto', 'reference', 'triton', 'native'\)"):
         lk.set_backend(name)
     assert lk.get_backend() == before
     with pytest.raises(ValueError, match=rf"unknown backend '{name}'"):
@@ -228,4 +228,4 @@ def test_use_backend_restores_after_an_error():
             assert lk.get_backend() == "reference"
             raise RuntimeError("boom")
     assert lk.get_backend() == "auto"
-    assert lk.BACKENDS == ("auto", "reference", "triton")
+    assert lk.BACKENDS == ("auto", "reference", "triton", "native")

@@ -236,9 +236,9 @@ def test_effective_weight_matches_oracle(geom, method, dtype):
     assert rel_err(got, effective_weight64(layer)) <= TOL[dtype]
 
 
-def test_auto_backend_is_reference_on_cpu():
-    with lk.use_backend("auto"):
-        assert lk.backend.resolve(torch.device("cpu")) == "reference"
+def test_reference_backend_is_selectable_on_cpu():
+    """"auto" picks the native backend on the CPU where it builds (tests/test_native_build.py);
+    the reference path stays selectable."""
     with lk.use_backend("reference"):
         assert lk.get_backend() == "reference"
         assert lk.backend.resolve(torch.device("cpu")) == "reference"

@@ -21,6 +21,7 @@ from bench import costs
 
 import lrtensor_kernels as lk
 from lrtensor_kernels.strategies import cost
+from fused import FUSED_BACKENDS, fused_kernels
 from models import ResNet18, make_net
 from oracle import F64, randomize_adapter, rel_err
 
@@ -247,21 +248,27 @@ def test_flop_ratios_of_the_default_strategy(name, cost_inputs, reference_backen
     assert costs.step_flops(costs.adapted(base, "flora", "merged"), x) / frozen >= 1.45
 
 
-@pytest.mark.parametrize("name", [s[0] for s in costs.COST_SHAPES if s[0] != "3x3_640-640_32"])
-def test_bytes_kept_for_backward(name, cost_inputs):
-    """FLoRA <= 1.25x the frozen layer's bytes on the reference backend; every method <= 1.25x on
-    the fused path, but SSB's bypass, which keeps op(x * d_in, W) (as many bytes as the output)
-    for d_out's gradient."""
+@pytest.mark.parametrize("fused", FUSED_BACKENDS)
+@pytest.mark.parametrize("name", [s[0] for s in costs.COST_SHAPES])
+def test_bytes_kept_for_backward(name, fused, cost_inputs):
+    """FLoRA <= 1.25x the frozen layer's bytes on the reference backend; every method (LieRA in
+    both modes) <= 1.25x on the fused path, but SSB's bypass, which keeps op(x * d_in, W) (as many
+    bytes as the output) for d_out's gradient."""
+    fused_kernels(fused)
     base, x = cost_inputs[name]
     frozen = costs.saved_bytes(base, x)
     with lk.use_backend("reference"):
         assert costs.saved_bytes(costs.adapted(base, "flora"), x) <= 1.25 * frozen
     output_bytes = base(x[:1]).numel() * x.shape[0] * x.element_size()
-    # LieRA's forward runs the fused transform, which the Triton interpreter runs slowly on large weights
-    fused_methods = ("flora", "ssl", "liera") if base.weight.numel() < 300_000 else ("flora", "ssl")
-    with lk.use_backend("triton"):
-        for method in fused_methods:
-            assert costs.saved_bytes(costs.adapted(base, method), x) <= 1.25 * frozen, method
+    methods = ["flora", "ssl", "liera", "liera_first_order"]
+    if fused == "triton" and base.weight.numel() >= 300_000:
+        methods = ["flora", "ssl"]  # LieRA's forward runs the transform: slow in the Triton interpreter
+    with lk.use_backend(fused):
+        for method in methods:
+            layer = costs.adapted(base, method.split("_")[0])
+            if method == "liera_first_order":
+                layer = costs.adapted(base, "liera", mode="first_order")
+            assert costs.saved_bytes(layer, x) <= 1.25 * frozen, method
         assert costs.saved_bytes(costs.adapted(base, "ssb"), x) <= 1.25 * frozen + output_bytes
     # the check can fail: the reference path of LieRA keeps weight-sized tensors
     with lk.use_backend("reference"):

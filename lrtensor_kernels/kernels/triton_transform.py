@@ -1,15 +1,9 @@
 """Triton kernels for the adapter weight transform (forward) and its projection (backward).
 
-Every method of :mod:`lrtensor_kernels.methods` is brought to one form. The weight is seen
-as a matrix ``W`` of shape ``(O, C)`` with ``O = W.shape[0]`` and ``C = prod(W.shape[1:])``,
-column ``c = i * K + k`` for input channel ``i`` and flattened kernel position ``k``
-(``K = 1`` for linear). The update is ``E = L @ R`` with
-
-- lora:   ``L = scale * B`` (O, r), ``R = A`` (r, C);
-- scales: ``L = d_out`` (O, 1) (ones for SSL), ``R[0, c] = d_in[c // K]``;
-- tucker: ``L = scale * U_1`` (O, r_1) and ``R[a, c] = sum_b G[a, b, k] * U_2[i, b]``, built
-  tile by tile inside the kernels from ``U_2`` (I, r_2) and ``G = core x_3 U_3 ... x_N U_N``
-  (r_1, r_2, K), the only pre-contraction made in torch (it holds r_1 * r_2 * K numbers).
+Every method is brought to the low-rank form of :mod:`lrtensor_kernels.kernels.lowrank_form`:
+``W`` (O, C), ``E = L @ R``. For tucker the kernels build the tiles of ``R`` themselves from
+``U_2`` (I, r_2) and ``G = core x_3 U_3 ... x_N U_N`` (r_1, r_2, K), the only pre-contraction
+made in torch (it holds r_1 * r_2 * K numbers).
 
 Forward, one launch: ``W' = combine(W, E)`` (or ``W' - W``), math in float32 (float64 for
 float64 weights), stored in the weight's dtype.
@@ -24,7 +18,6 @@ contractions of the (tiny) results with the Tucker factors run in torch.
 from __future__ import annotations
 
 import functools
-import math as pymath
 from typing import Optional, Sequence
 
 import torch
@@ -33,6 +26,8 @@ import triton.language as tl
 
 from .. import methods
 from ..backend import triton_interpreted
+from .channels import channel_layout, channel_operands
+from .lowrank_form import LowRankForm, adapter_grads, check_operands
 
 _LORA, _TUCKER = 0, 1
 _COMBINE_CODE = {"add": 0, "exp": 1, "first_order": 2, "mul": 3}
@@ -157,6 +152,27 @@ def _project_kernel(grad_ptr, w_ptr, l_ptr, r_ptr, core_ptr, u2_ptr, grad_l_ptr,
              mask=r_mask[:, None] & c_mask[None, :])
 
 
+@triton.jit
+def _channel_dot_kernel(a_ptr, b_ptr, partial_ptr, OUTER, C, INNER, ROWS_PER_PROGRAM, ACC: tl.constexpr,
+                        BLOCK_CH: tl.constexpr, BLOCK_IN: tl.constexpr):
+    """partial[split, c] = sum of a * b over the split's outer rows and every inner index."""
+    pid_c = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    offs_ch = pid_c * BLOCK_CH + tl.arange(0, BLOCK_CH)
+    offs_in = tl.arange(0, BLOCK_IN)
+    ch_mask = offs_ch < C
+    acc = tl.zeros((BLOCK_CH, BLOCK_IN), dtype=ACC)
+    row_start = pid_split * ROWS_PER_PROGRAM
+    for o in range(row_start, tl.minimum(row_start + ROWS_PER_PROGRAM, OUTER)):
+        base = (tl.cast(o, tl.int64) * C + offs_ch[:, None]) * INNER
+        for i0 in range(0, INNER, BLOCK_IN):
+            mask = ch_mask[:, None] & (i0 + offs_in < INNER)[None, :]
+            x = tl.load(a_ptr + base + i0 + offs_in[None, :], mask=mask, other=0.0).to(ACC)
+            y = tl.load(b_ptr + base + i0 + offs_in[None, :], mask=mask, other=0.0).to(ACC)
+            acc += x * y
+    tl.store(partial_ptr + pid_split * C + offs_ch, tl.sum(acc, axis=1), mask=ch_mask)
+
+
 def _new_buffer(shape, dtype, device) -> torch.Tensor:
     """Every buffer a kernel writes comes from here (tests fill them with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -171,63 +187,26 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-class _Operands:
-    """The (L, R) form of one weight and its adapter tensors, in the compute dtype."""
+def _pointers(form: LowRankForm):
+    dummy = form.left
+    return (form.left, form.right if form.right is not None else dummy,
+            form.core if form.core is not None else dummy, form.u2 if form.u2 is not None else dummy)
 
-    def __init__(self, weight: torch.Tensor, adapter: Sequence[torch.Tensor], delta: str, scale: float):
-        acc = methods.compute_dtype(weight.dtype)
-        self.acc = acc
-        self.delta = delta
-        self.out_rows = weight.shape[0]
-        self.in_channels = weight.shape[1]
-        self.kernel_size = pymath.prod(weight.shape[2:])
-        self.cols = self.in_channels * self.kernel_size
-        self.core = self.u2 = self.right = None
-        adapter = [t.detach().to(acc) for t in adapter]
-        if delta == "lora":
-            lora_B, lora_A = adapter
-            self.left = (scale * lora_B).contiguous()
-            self.right = lora_A.contiguous()
-            self.rank1, self.rank2 = lora_A.shape[0], 1
-        elif delta == "scales":
-            d_in = adapter[0]
-            d_out = adapter[1] if len(adapter) == 2 else torch.ones(self.out_rows, dtype=acc, device=d_in.device)
-            self.left = (scale * d_out).reshape(-1, 1).contiguous()
-            self.right = d_in.repeat_interleave(self.kernel_size).reshape(1, -1).contiguous()
-            self.rank1, self.rank2 = 1, 1
-        elif delta == "tucker":
-            core, u1, u2, *kernel_factors = adapter
-            self.left = (scale * u1).contiguous()
-            self.u2 = u2.contiguous()
-            self.core = self.kernel_core(core, kernel_factors)
-            self.rank1, self.rank2 = core.shape[0], core.shape[1]
-        else:
-            raise ValueError(f"unknown delta {delta!r}")
 
-    def kernel_core(self, core, kernel_factors):
-        """``core x_3 U_3 ... x_N U_N`` as (r_1, r_2, K)."""
-        out = methods.tucker_product(core, kernel_factors, first_mode=2)
-        return out.reshape(core.shape[0], core.shape[1], self.kernel_size).contiguous()
-
-    def pointers(self):
-        dummy = self.left
-        return (self.left, self.right if self.right is not None else dummy,
-                self.core if self.core is not None else dummy, self.u2 if self.u2 is not None else dummy)
-
-    def launch_config(self, device: torch.device, weight_dtype: torch.dtype):
-        rank1 = _next_pow2(self.rank1, 16)
-        if triton_interpreted() or device.type != "cuda":
-            block_o, block_c, warps, programs = 16, 64, 1, 1
-        else:
-            block_o, block_c = (32, 128) if rank1 <= 32 else (16, 64)
-            warps, programs = 4, 4 * _multiprocessors(device.index or 0)
-        col_blocks = triton.cdiv(self.cols, block_c)
-        row_tiles = triton.cdiv(self.out_rows, block_o)
-        splits = max(1, min(row_tiles, programs // col_blocks))
-        rows_per_program = triton.cdiv(row_tiles, splits) * block_o
-        splits = triton.cdiv(self.out_rows, rows_per_program)
-        return dict(grid=(col_blocks, splits), rows_per_program=rows_per_program, block_o=block_o,
-                    block_c=block_c, rank1=rank1, warps=warps)
+def _launch_config(form: LowRankForm, device: torch.device, weight_dtype: torch.dtype):
+    rank1 = _next_pow2(form.rank1, 16)
+    if triton_interpreted() or device.type != "cuda":
+        block_o, block_c, warps, programs = 16, 64, 1, 1
+    else:
+        block_o, block_c = (32, 128) if rank1 <= 32 else (16, 64)
+        warps, programs = 4, 4 * _multiprocessors(device.index or 0)
+    col_blocks = triton.cdiv(form.cols, block_c)
+    row_tiles = triton.cdiv(form.out_rows, block_o)
+    splits = max(1, min(row_tiles, programs // col_blocks))
+    rows_per_program = triton.cdiv(row_tiles, splits) * block_o
+    splits = triton.cdiv(form.out_rows, rows_per_program)
+    return dict(grid=(col_blocks, splits), rows_per_program=rows_per_program, block_o=block_o,
+                block_c=block_c, rank1=rank1, warps=warps)
 
 
 # tf32 products only where their rounding (2^-11 relative) stays below what plain PyTorch loses in
@@ -237,28 +216,20 @@ _FORWARD_PRECISION = {torch.bfloat16: "tf32"}
 _BACKWARD_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32"}
 
 
-def _check(weight: torch.Tensor, adapter: Sequence[torch.Tensor]):
-    if weight.dim() < 2:
-        raise ValueError(f"weight must have at least 2 dimensions, got shape {tuple(weight.shape)}")
-    for t in adapter:
-        if t.device != weight.device:
-            raise ValueError(f"adapter tensor on {t.device} but weight on {weight.device}")
-
-
 def transform(weight: torch.Tensor, adapter: Sequence[torch.Tensor], math: str, scale: float,
               delta_only: bool = False, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``W'`` (or ``W' - W``) of the same shape and dtype as ``weight``, in one launch."""
-    _check(weight, adapter)
+    check_operands(weight, adapter)
     spec = methods.AdapterMath.from_key(math)
-    ops = _Operands(weight, adapter, spec.delta, scale)
+    form = LowRankForm(weight, adapter, spec.delta, scale)
     weight = weight.contiguous()
     if out is None:
         out = _new_buffer(weight.shape, weight.dtype, weight.device)
-    cfg = ops.launch_config(weight.device, weight.dtype)
+    cfg = _launch_config(form, weight.device, weight.dtype)
     _transform_kernel[cfg["grid"]](
-        weight, out, *ops.pointers(), ops.out_rows, ops.cols, ops.kernel_size, ops.rank1, ops.rank2,
+        weight, out, *_pointers(form), form.out_rows, form.cols, form.kernel_size, form.rank1, form.rank2,
         cfg["rows_per_program"], DELTA=_DELTA_CODE[spec.delta], COMBINE=_COMBINE_CODE[spec.combine],
-        DELTA_ONLY=delta_only, ACC=_TL_DTYPE[ops.acc], PRECISION=_FORWARD_PRECISION.get(weight.dtype, "ieee"),
+        DELTA_ONLY=delta_only, ACC=_TL_DTYPE[form.acc], PRECISION=_FORWARD_PRECISION.get(weight.dtype, "ieee"),
         BLOCK_O=cfg["block_o"], BLOCK_C=cfg["block_c"], RANK1=cfg["rank1"], num_warps=cfg["warps"],
     )
     return out
@@ -267,38 +238,46 @@ def transform(weight: torch.Tensor, adapter: Sequence[torch.Tensor], math: str, 
 def project(grad_weight: torch.Tensor, weight: torch.Tensor, adapter: Sequence[torch.Tensor], math: str,
             scale: float) -> list[torch.Tensor]:
     """The gradient of every adapter tensor from ``grad_weight = dLoss/dW'``, in one pass over the weight."""
-    _check(weight, adapter)
+    check_operands(weight, adapter)
     spec = methods.AdapterMath.from_key(math)
-    ops = _Operands(weight, adapter, spec.delta, scale)
-    cfg = ops.launch_config(weight.device, weight.dtype)
+    form = LowRankForm(weight, adapter, spec.delta, scale)
+    cfg = _launch_config(form, weight.device, weight.dtype)
     col_blocks, splits = cfg["grid"]
-    grad_left = _new_buffer((col_blocks, ops.out_rows, ops.rank1), ops.acc, weight.device)
-    grad_right = _new_buffer((splits, ops.rank1, ops.cols), ops.acc, weight.device)
+    grad_left = _new_buffer((col_blocks, form.out_rows, form.rank1), form.acc, weight.device)
+    grad_right = _new_buffer((splits, form.rank1, form.cols), form.acc, weight.device)
     _project_kernel[cfg["grid"]](
-        grad_weight.contiguous(), weight.contiguous(), *ops.pointers(), grad_left, grad_right,
-        ops.out_rows, ops.cols, ops.kernel_size, ops.rank1, ops.rank2, cfg["rows_per_program"],
-        DELTA=_DELTA_CODE[spec.delta], COMBINE=_COMBINE_CODE[spec.combine], ACC=_TL_DTYPE[ops.acc],
+        grad_weight.contiguous(), weight.contiguous(), *_pointers(form), grad_left, grad_right,
+        form.out_rows, form.cols, form.kernel_size, form.rank1, form.rank2, cfg["rows_per_program"],
+        DELTA=_DELTA_CODE[spec.delta], COMBINE=_COMBINE_CODE[spec.combine], ACC=_TL_DTYPE[form.acc],
         PRECISION=_BACKWARD_PRECISION.get(weight.dtype, "ieee"), BLOCK_O=cfg["block_o"], BLOCK_C=cfg["block_c"],
         RANK1=cfg["rank1"],
         num_warps=cfg["warps"],
     )
     grad_left = grad_left.sum(0)
     grad_right = grad_right.sum(0)
-    grads = _adapter_grads(ops, adapter, grad_left, grad_right, scale)
+    grads = adapter_grads(form, adapter, grad_left, grad_right, scale)
     return [g.to(t.dtype) for g, t in zip(grads, adapter)]
 
 
-def _adapter_grads(ops: _Operands, adapter, grad_left, grad_right, scale):
-    """Adapter gradients from ``dLoss/dL`` (unscaled: ``grad_left`` is ``H @ R^T``) and ``dLoss/dR``."""
-    if ops.delta == "lora":
-        return [scale * grad_left, grad_right]
-    if ops.delta == "scales":
-        grad_in = grad_right.reshape(ops.in_channels, ops.kernel_size).sum(1)
-        return [grad_in] if len(adapter) == 1 else [grad_in, scale * grad_left[:, 0]]
-    # tucker: R[a, i, k] = sum_b U2[i, b] * G[a, b, k] with G = core x_3 U_3 ... x_N U_N.
-    core, u1, u2, *kernel_factors = [t.detach().to(ops.acc) for t in adapter]
-    grad_r = grad_right.reshape(ops.rank1, ops.in_channels, ops.kernel_size)
-    grad_u2 = torch.einsum("aik,abk->ib", grad_r, ops.core)
-    grad_g = torch.einsum("aik,ib->abk", grad_r, u2).reshape(core.shape[:2] + tuple(f.shape[0] for f in kernel_factors))
-    grad_core, *grad_kernel = methods.tucker_product_grads(core, kernel_factors, grad_g, first_mode=2)
-    return [grad_core, scale * grad_left, grad_u2, *grad_kernel]
+_CHANNEL_DOT_ELEMENTS = 1 << 16  # elements per program of the first stage
+_MAX_GRID_Y = 65535
+
+
+def channel_dot(a: torch.Tensor, b: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``(a * b).sum(every dim but channel_dim)`` without making ``a * b``: shape ``(a.shape[channel_dim],)``,
+    float32 (float64 for float64 inputs). Two stages: one partial sum per channel and split of the
+    outer rows (a partition that depends only on the shape), then a sum of the splits in order, so
+    the result is bitwise reproducible."""
+    a, b, dim = channel_operands(a, b, channel_dim)
+    outer, channels, inner = channel_layout(a.shape, dim)
+    acc = methods.compute_dtype(a.dtype)
+    if outer * inner == 0 or channels == 0:
+        return torch.zeros(channels, dtype=acc, device=a.device)
+    block_in = min(triton.next_power_of_2(inner), 128)
+    block_ch = min(max(1, 1024 // block_in), triton.next_power_of_2(channels))
+    rows = max(1, _CHANNEL_DOT_ELEMENTS // (block_ch * inner), triton.cdiv(outer, _MAX_GRID_Y))
+    grid = (triton.cdiv(channels, block_ch), triton.cdiv(outer, rows))
+    partial = _new_buffer((grid[1], channels), acc, a.device)
+    _channel_dot_kernel[grid](a, b, partial, outer, channels, inner, rows, ACC=_TL_DTYPE[acc], BLOCK_CH=block_ch,
+                              BLOCK_IN=block_in)
+    return partial.sum(0)

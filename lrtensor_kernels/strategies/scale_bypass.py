@@ -24,7 +24,8 @@ every backend (three ops forward; the cost model knows it).
 
 Reference backend: these formulas under autograd. Fused backends: the custom ops
 ``lrtensor::scale_bypass``/``scale_bypass_backward`` (saving ``x``, the scales and, for SSB, ``z``),
-whose channel sums are the backend's ``channel_dot`` kernel.
+whose channel sums (over every dim but the channel dim 1, the features of a 2-d linear input) are
+the backend's deterministic ``channel_dot`` kernel.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import methods, ops
+from .. import ops
 from .call import AdaptedCall
 
 
@@ -103,18 +104,6 @@ def reference(call: AdaptedCall) -> Tensor:
 # -- fused backends: custom ops ------------------------------------------------------------------
 
 
-def channel_dot(kernels, a: Tensor, b: Tensor) -> Tensor:
-    """Sums of ``a * b`` over every dim but the channel dim 1 (the features of a 2-d linear input),
-    in the compute dtype; the backend's deterministic kernel where it has one."""
-    dim = 1
-    kernel = getattr(kernels, "channel_dot", None)
-    if kernel is not None:
-        return kernel(a, b, dim)
-    acc = methods.compute_dtype(a.dtype)
-    dims = [d for d in range(a.dim()) if d != dim]
-    return (a.to(acc) * b.to(acc)).sum(dims)
-
-
 def _fused_backward(kernels, grad_y, x, weight, adapter, z, geometry, need_input, need_weight, need_bias,
                     need_adapter) -> list:
     stride, padding, dilation, groups = geometry
@@ -134,9 +123,9 @@ def _fused_backward(kernels, grad_y, x, weight, adapter, z, geometry, need_input
     grad_b = grad_y.sum([d for d in range(grad_y.dim()) if d != 1]) if need_bias else None
     grad_adapter = []
     if need_adapter:
-        grad_adapter.append(channel_dot(kernels, x, grad_xs).reshape(groups, -1).sum(0).to(adapter[0].dtype))
+        grad_adapter.append(kernels.channel_dot(x, grad_xs, 1).reshape(groups, -1).sum(0).to(adapter[0].dtype))
         if d_out is not None:
-            grad_adapter.append(channel_dot(kernels, grad_y, z).to(adapter[1].dtype))
+            grad_adapter.append(kernels.channel_dot(grad_y, z, 1).to(adapter[1].dtype))
     return ops.gradients_as_promised([(grad_x, x), (grad_w, weight), (grad_b, grad_b), *zip(grad_adapter, adapter)])
 
 

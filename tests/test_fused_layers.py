@@ -1,23 +1,32 @@
-"""Adapter layers on the fused Triton backend: outputs and gradients against the float64 oracle,
-what autograd keeps for backward, the custom op's registration, and torch.compile."""
+"""Adapter layers on the fused backends ("triton", "native"): outputs and gradients against the
+float64 oracle, what autograd keeps for backward, the custom op's registration, and torch.compile."""
 from __future__ import annotations
 
 import contextlib
-import zlib
 import os
+import zlib
 
 import pytest
 import torch
 from torch import nn
 
 import lrtensor_kernels as lk
+from fused import FUSED_BACKENDS, fused_kernels
 from oracle import F64, assert_accuracy, effective_weight64, plain_twin, randomize_adapter, rel_err
 
-pytest.importorskip("triton")
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+# the Triton interpreter computes bfloat16 wrongly: bfloat16 runs on a GPU only
+DTYPES = {"triton": [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []),
+          "native": [torch.float32, torch.float64, torch.float16, torch.bfloat16]}
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def fused(request):
+    """The name of a fused backend, its kernels built or importable (else skipped / failed as
+    tests/fused.py says)."""
+    fused_kernels(request.param)
+    return request.param
 
 LAYERS = {
     "flora_conv2d_groups": lambda: lk.FLoRAConv2d(6, 20, 3, stride=2, padding=1, groups=2),
@@ -43,6 +52,7 @@ def _input(layer, dtype, seed):
 
 
 def _build(name, dtype, seed, strategy="auto"):
+    torch.manual_seed(seed)  # the base weights too: the same layer whatever ran before
     layer = randomize_adapter(LAYERS[name](), seed)
     layer.strategy = strategy
     return layer.to(DEVICE).to(dtype) if dtype != torch.float32 else layer.to(DEVICE)
@@ -66,12 +76,18 @@ def _run(layer, x, backend, grad_out, input_grad=True):
     return y.detach(), grads + [p.grad for p in layer.adapter_parameters()]
 
 
-def _oracle(layer, x, grad_out):
-    leaves = {n: p.detach().to(F64).requires_grad_() for n, p in layer.adapter_state().items()}
-    twin = plain_twin(layer, layer.weight.detach().to(F64))
-    x = x.detach().to(F64).requires_grad_()
+def _oracle(layer, x, grad_out, absolute=False):
+    """Float64 output and gradients (input, then each adapter tensor). ``absolute``: the same from
+    the absolute values of every input, the magnitude that rounding errors scale with (see
+    oracle.assert_accuracy)."""
+    value = (lambda t: t.detach().to(F64).abs()) if absolute else (lambda t: t.detach().to(F64))
+    leaves = {n: value(p).requires_grad_() for n, p in layer.adapter_state().items()}
+    twin = plain_twin(layer, value(layer.weight))
+    if absolute and twin.bias is not None:
+        twin.bias.data.abs_()
+    x = value(x).requires_grad_()
     y = torch.func.functional_call(twin, {"weight": _weight64(layer, leaves)}, (x,))
-    grads = torch.autograd.grad((y * grad_out.to(F64)).sum(), [x, *leaves.values()])
+    grads = torch.autograd.grad((y * value(grad_out)).sum(), [x, *leaves.values()])
     return y.detach(), list(grads)
 
 
@@ -93,27 +109,30 @@ def _swap(layer, dotted, value):
     owner._parameters[attr] = value
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,dtype", [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in FUSED_BACKENDS
+                                           for d in DTYPES[b]])
 @pytest.mark.parametrize("name, strategy", LAYER_STRATEGIES)
-def test_layer_forward_backward_matches_oracle(name, strategy, dtype):
-    """Each strategy on the fused backend against the same strategy on the reference backend
+def test_layer_forward_backward_matches_oracle(name, strategy, backend, dtype):
+    """Each strategy on each fused backend against the same strategy on the reference backend
     (plain PyTorch in the same dtype) and the float64 oracle."""
+    fused_kernels(backend)
     seed = zlib.crc32(f"{name}-{dtype}".encode())  # the same seed in every run
     layer = _build(name, dtype, seed, strategy)
     x = _input(layer, dtype, seed + 1)
     with torch.no_grad():
         grad_out = torch.randn_like(layer(x), dtype=F64).to(dtype)
-    got_y, got_g = _run(layer, x, "triton", grad_out)
+    got_y, got_g = _run(layer, x, backend, grad_out)
     plain_y, plain_g = _run(layer, x, "reference", grad_out)
     ref_y, ref_g = _oracle(layer, x, grad_out)
+    _, magnitude_g = _oracle(layer, x, grad_out, absolute=True)
     assert_accuracy(f"{name} output", got_y, plain_y, ref_y, FLOOR[dtype])
     names = ["input"] + list(layer.adapter_state())
-    for n, g, p, r in zip(names, got_g, plain_g, ref_g):
+    for n, g, p, r, m in zip(names, got_g, plain_g, ref_g, magnitude_g):
         assert g is not None and g.shape == r.shape, n
-        assert_accuracy(f"{name} grad {n}", g, p, r, FLOOR[dtype])
+        assert_accuracy(f"{name} grad {n}", g, p, r, FLOOR[dtype], magnitude=m)
 
 
-def test_input_gradient_is_skipped_when_not_needed(monkeypatch):
+def test_input_gradient_is_skipped_when_not_needed(fused, monkeypatch):
     layer = _build("flora_conv2d_groups", torch.float32, 0, "merged")
     x = _input(layer, torch.float32, 1)
     calls = []
@@ -124,19 +143,19 @@ def test_input_gradient_is_skipped_when_not_needed(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(torch.ops.aten, "convolution_backward", spy)
-    with lk.use_backend("triton"):
+    with lk.use_backend(fused):
         layer(x).sum().backward()
     assert calls == [[False, True, False]]
     assert all(p.grad is not None for p in layer.adapter_parameters())
 
 
 @pytest.mark.parametrize("strategy", _strategies("flora"))
-def test_trainable_bias_gets_its_gradient(strategy):
+def test_trainable_bias_gets_its_gradient(fused, strategy):
     layer = _build("flora_conv2d_groups", torch.float32, 0, strategy)
     layer.bias.requires_grad_(True)
     x = _input(layer, torch.float32, 1)
     grads = []
-    for backend in ("reference", "triton"):
+    for backend in ("reference", fused):
         layer.bias.grad = None
         with lk.use_backend(backend):
             layer(x).square().sum().backward()
@@ -144,7 +163,7 @@ def test_trainable_bias_gets_its_gradient(strategy):
     assert rel_err(grads[1], grads[0]) < 1e-5
 
 
-def test_no_adapter_gradient_skips_weight_gradient(monkeypatch):
+def test_no_adapter_gradient_skips_weight_gradient(fused, monkeypatch):
     layer = _build("liera_exp_conv2d", torch.float32, 0, "merged")
     for p in layer.adapter_parameters():
         p.requires_grad_(False)
@@ -152,15 +171,15 @@ def test_no_adapter_gradient_skips_weight_gradient(monkeypatch):
     calls = []
     real = torch.ops.aten.convolution_backward
     monkeypatch.setattr(torch.ops.aten, "convolution_backward", lambda *a: calls.append(a[-1]) or real(*a))
-    with lk.use_backend("triton"):
+    with lk.use_backend(fused):
         layer(x).sum().backward()
     assert calls == [[True, False, False]] and x.grad is not None
 
 
-def _outputs_with_same_dropout(layer, x, seed, autocast_dtype=None):
-    """The layer's output on the reference and the triton backend, with the same dropout mask."""
+def _outputs_with_same_dropout(layer, x, fused, seed, autocast_dtype=None):
+    """The layer's output on the reference and the fused backend, with the same dropout mask."""
     outs = []
-    for backend in ("reference", "triton"):
+    for backend in ("reference", fused):
         torch.manual_seed(seed)
         autocast = torch.autocast(DEVICE, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with lk.use_backend(backend), autocast:
@@ -170,12 +189,12 @@ def _outputs_with_same_dropout(layer, x, seed, autocast_dtype=None):
 
 @pytest.mark.parametrize("name, strategy", [p for p in LAYER_STRATEGIES if p.values[0] in (
     "flora_conv2d_groups", "liera_linear", "ssb_linear")])
-def test_dropout_two_branch_form(name, strategy):
+def test_dropout_two_branch_form(name, strategy, fused):
     """With adapter dropout every strategy computes ``op(x, W) + op(dropout(x), W' - W)``."""
     layer = _build(name, torch.float32, 2, strategy)
     layer.dropout = 0.3
     x = _input(layer, torch.float32, 3)
-    outs = _outputs_with_same_dropout(layer, x, 11)
+    outs = _outputs_with_same_dropout(layer, x, fused, 11)
     torch.manual_seed(11)
     mask_x = nn.functional.dropout(x, 0.3, True)
     w = layer.weight.detach().to(F64)
@@ -201,11 +220,11 @@ def _saved_tensors(layer, x, backend):
 
 @pytest.mark.parametrize("name, strategy", [p for p in LAYER_STRATEGIES if p.values[0] in (
     "flora_conv2d_groups", "liera_exp_conv2d", "liera_linear", "ssb_linear")])
-def test_no_weight_sized_tensor_saved_for_backward(name, strategy):
+def test_no_weight_sized_tensor_saved_for_backward(name, strategy, fused):
     layer = _build(name, torch.float32, 4, strategy)
     x = _input(layer, torch.float32, 5).requires_grad_()
     n = layer.weight.numel()
-    _, saved = _saved_tensors(layer, x, "triton")
+    _, saved = _saved_tensors(layer, x, fused)
     extra = [t for t in saved if t.numel() >= n and t.data_ptr() != layer.weight.data_ptr()
              and t.data_ptr() != x.data_ptr()]
     assert not extra, [tuple(t.shape) for t in extra]
@@ -218,14 +237,14 @@ def test_no_weight_sized_tensor_saved_for_backward(name, strategy):
 @pytest.mark.parametrize("name, strategy", [p for p in LAYER_STRATEGIES if p.values[0] in (
     "flora_conv2d_groups", "liera_exp_conv2d", "liera_first_order_depthwise", "ssb_linear")])
 @pytest.mark.parametrize("dropout", [0.0, 0.4])
-def test_trainable_base_weight_gets_its_gradient(name, strategy, dropout):
+def test_trainable_base_weight_gets_its_gradient(name, strategy, dropout, fused):
     """A base weight made trainable again gets the same gradient on both backends, every strategy."""
     layer = _build(name, torch.float32, 12, strategy)
     layer.weight.requires_grad_(True)
     layer.dropout = dropout
     x = _input(layer, torch.float32, 13)
     grads = []
-    for backend in ("reference", "triton"):
+    for backend in ("reference", fused):
         layer.weight.grad = None
         torch.manual_seed(3)
         with lk.use_backend(backend):
@@ -237,7 +256,7 @@ def test_trainable_base_weight_gets_its_gradient(name, strategy, dropout):
 def test_auto_backend_resolution(monkeypatch):
     from lrtensor_kernels import backend
 
-    assert backend.resolve(torch.device("cpu")) == "reference"
+    assert backend.resolve(torch.device("cpu")) == ("native" if backend.native_available() else "reference")
     if backend.triton_available():
         assert backend.resolve(torch.device("cuda")) == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -245,29 +264,35 @@ def test_auto_backend_resolution(monkeypatch):
         backend.resolve(torch.device("cpu"))
 
 
-def _op_args(layer, x):
+def _op_args(layer, x, impl):
     return (x, layer.weight, layer.bias, layer.adapter_tensors(), layer.adapter_math.key, float(layer.scale),
-            list(layer.stride), list(layer.padding), list(layer.dilation), layer.groups, False, "triton")
+            list(layer.stride), list(layer.padding), list(layer.dilation), layer.groups, False, impl)
+
+
+def _opcheck_utils(fused):
+    """opcheck's default checks where the op runs natively (CUDA, or native on the CPU); the
+    interpreted Triton op is too slow for the AOT dispatch check."""
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    return checks + ("test_aot_dispatch_dynamic",) if DEVICE == "cuda" or fused == "native" else checks
 
 
 @pytest.mark.parametrize("name", ["flora_conv2d_groups", "liera_exp_conv2d"])
-def test_opcheck(name):
+def test_opcheck(name, fused):
     layer = _build(name, torch.float32, 6)
     x = _input(layer, torch.float32, 7).requires_grad_()
-    tests = None if DEVICE == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.lrtensor.adapted_op.default, _op_args(layer, x), test_utils=tests)
+    torch.library.opcheck(torch.ops.lrtensor.adapted_op.default, _op_args(layer, x, fused),
+                          test_utils=_opcheck_utils(fused))
 
 
-def test_opcheck_linear():
+def test_opcheck_linear(fused):
     layer = _build("liera_linear", torch.float32, 8)
     x = _input(layer, torch.float32, 9).requires_grad_()
     args = (x, layer.weight, layer.bias, layer.adapter_tensors(), layer.adapter_math.key, float(layer.scale),
-            [], [], [], 1, True, "triton")
-    tests = None if DEVICE == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.lrtensor.adapted_op.default, args, test_utils=tests)
+            [], [], [], 1, True, fused)
+    torch.library.opcheck(torch.ops.lrtensor.adapted_op.default, args, test_utils=_opcheck_utils(fused))
 
 
-def test_compile_fullgraph_has_no_graph_break():
+def test_compile_fullgraph_has_no_graph_break(fused):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.Flatten(),
                           nn.Linear(8 * 5 * 5, 4)).to(DEVICE)
@@ -275,7 +300,7 @@ def test_compile_fullgraph_has_no_graph_break():
     for _, layer in lk.adapter_layers(model):
         randomize_adapter(layer, 1)
     x = torch.randn(2, 3, 7, 7, device=DEVICE)
-    with lk.use_backend("triton"):
+    with lk.use_backend(fused):
         eager = model(x)
         eager.sum().backward()
         eager_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
@@ -307,7 +332,7 @@ AUTOCAST_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 
 @pytest.mark.parametrize("name, strategy", [p for p in LAYER_STRATEGIES if p.values[0] in (
     "flora_conv2d_groups", "liera_exp_conv2d", "liera_linear", "ssb_linear")])
-def test_autocast_runs_the_op_in_the_autocast_dtype(name, strategy):
+def test_autocast_runs_the_op_in_the_autocast_dtype(name, strategy, fused):
     """Mixed precision: float32 weights and adapters, the conv/matmul in the autocast dtype, the
     adapter math in float32; outputs and gradients within the accuracy rule against float64."""
     layer = _build(name, torch.float32, 14, strategy)
@@ -315,24 +340,24 @@ def test_autocast_runs_the_op_in_the_autocast_dtype(name, strategy):
     with torch.no_grad():
         grad_out = torch.randn_like(layer(x))
     results = {}
-    for backend in ("reference", "triton"):
+    for backend in ("reference", fused):
         with torch.autocast(DEVICE, dtype=AUTOCAST_DTYPE):
             results[backend] = _run(layer, x, backend, grad_out.to(AUTOCAST_DTYPE))
         assert results[backend][0].dtype == AUTOCAST_DTYPE
         assert all(g.dtype == torch.float32 for g in results[backend][1])
     ref_y, ref_g = _oracle(layer, x, grad_out)
     floor = FLOOR[AUTOCAST_DTYPE]
-    assert_accuracy(f"{name} autocast output", results["triton"][0], results["reference"][0], ref_y, floor)
-    for i, (g, p, r) in enumerate(zip(results["triton"][1], results["reference"][1], ref_g)):
+    assert_accuracy(f"{name} autocast output", results[fused][0], results["reference"][0], ref_y, floor)
+    for i, (g, p, r) in enumerate(zip(results[fused][1], results["reference"][1], ref_g)):
         assert_accuracy(f"{name} autocast grad {i}", g, p, r, floor)
 
 
 @pytest.mark.parametrize("name, strategy", [p for p in LAYER_STRATEGIES if p.values[0] in (
     "flora_conv2d_groups", "liera_linear")])
-def test_autocast_with_dropout_matches_reference(name, strategy):
+def test_autocast_with_dropout_matches_reference(name, strategy, fused):
     layer = _build(name, torch.float32, 16, strategy)
     layer.dropout = 0.3
     x = _input(layer, torch.float32, 17)
-    outs = _outputs_with_same_dropout(layer, x, 5, AUTOCAST_DTYPE)
+    outs = _outputs_with_same_dropout(layer, x, fused, 5, AUTOCAST_DTYPE)
     assert outs[1].dtype == AUTOCAST_DTYPE
     assert rel_err(outs[1], outs[0]) < 1e-2

@@ -8,12 +8,10 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from fused import FUSED_BACKENDS, fused_kernels
 from lrtensor_kernels import methods
 from oracle import F64, assert_accuracy
-
-pytest.importorskip("triton")
-from lrtensor_kernels.kernels import triton_transform as tt  # noqa: E402
-from test_triton_kernels import DEVICE, FLOOR, _oracle_grads, _plain_grads, oracle_weight  # noqa: E402
+from test_fused_kernels import DEVICE, FLOOR, _oracle_grads, _plain_grads, oracle_weight
 
 KEYS = ["tucker:add", "tucker:exp", "tucker:first_order", "lora:exp", "lora:first_order", "scales:mul",
         "scales_out:mul"]
@@ -42,9 +40,11 @@ def cases(draw):
     return key, weight, [t.float().to(DEVICE) for t in adapter], grad, scale
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases(), dtype=st.sampled_from([torch.float32, torch.float16]))
-def test_transform_and_projection_match_oracle_on_any_shape(case, dtype):
+def test_transform_and_projection_match_oracle_on_any_shape(backend, case, dtype):
+    kernels = fused_kernels(backend)
     key, weight, adapter, grad, scale = case
     math_key = key.replace("scales_out", "scales")
     weight, grad = weight.to(dtype).to(DEVICE), grad.to(dtype).to(DEVICE)
@@ -52,11 +52,11 @@ def test_transform_and_projection_match_oracle_on_any_shape(case, dtype):
     # a W' the dtype cannot hold (exp of a heavy-tailed product) tests nothing about the kernel
     assume(oracle_weight(key, weight, adapter, scale).abs().max() < torch.finfo(dtype).max / 4)
     for delta_only in (False, True):
-        got = tt.transform(weight, adapter, math_key, scale, delta_only)
+        got = kernels.transform(weight, adapter, math_key, scale, delta_only)
         plain = methods.effective_weight(weight, adapter, spec, scale, delta_only)
         ref = oracle_weight(key, weight, adapter, scale, delta_only)
         assert_accuracy(f"W' {key} {tuple(weight.shape)}", got, plain, ref, FLOOR[dtype])
-    got = tt.project(grad, weight, adapter, math_key, scale)
+    got = kernels.project(grad, weight, adapter, math_key, scale)
     ref = _oracle_grads(key, weight, adapter, scale, grad)
     plain = _plain_grads(key, weight, adapter, scale, grad)
     magnitude = _oracle_grads(key, weight.abs(), [t.abs() for t in adapter], scale, grad.abs())

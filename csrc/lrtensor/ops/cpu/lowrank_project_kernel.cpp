@@ -1,0 +1,180 @@
+// CPU kernel of lrtensor::lowrank_project.out (schema and semantics: ../lowrank_project.cpp).
+//
+// Two stages, deterministic at any thread count:
+// 1. The (O, C) weight is cut into tiles of kStripRows rows x kSegmentCols columns (a partition
+//    that depends only on the shape). Each tile, on one thread, forms H tile by tile of kTileRows
+//    rows and one column chunk, and writes its own partial sums: H @ right^T over its columns
+//    (into partial_left[segment]) and left^T @ H over its rows (into partial_right[strip]).
+// 2. The partials are added in the order of their index, elementwise in parallel.
+// With one strip (or one segment) the tiles write grad_right (grad_left) directly.
+#include "lowrank_tile.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+namespace lrtensor::ops::cpu {
+
+namespace {
+
+constexpr int64_t kStripRows = 256;
+constexpr int64_t kSegmentCols = 1024;
+
+template <typename acc_t>
+struct ProjectArgs {
+  RowView<acc_t> grad, weight;
+  const acc_t* left;
+  const acc_t* right;
+  int64_t rows, cols, rank;
+  acc_t* partial_left;   // [segments][rows][rank]
+  acc_t* partial_right;  // [strips][rank][cols]
+};
+
+template <typename acc_t>
+inline acc_t sum_lanes(const Vectorized<acc_t>& v) {
+  alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  acc_t s = 0;
+  for (int64_t i = 0; i < Vectorized<acc_t>::size(); ++i) s += lanes[i];
+  return s;
+}
+
+template <typename acc_t, Combine kCombine>
+void project_tile(const ProjectArgs<acc_t>& p, int64_t strip, int64_t segment) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  constexpr bool kReadsWeight = kCombine != Combine::Add;
+  const int64_t rank = p.rank;
+  const int64_t o_begin = strip * kStripRows, o_end = std::min(p.rows, o_begin + kStripRows);
+  const int64_t c_begin = segment * kSegmentCols, c_end = std::min(p.cols, c_begin + kSegmentCols);
+  // `right`'s chunk and the grad_right chunk stay in the first-level cache
+  const int64_t chunk = column_chunk<acc_t>(rank, 12 * 1024);
+  std::vector<acc_t> tile(kTileRows * rank), padded_right, g_buf(kTileRows * chunk), w_buf(kTileRows * chunk);
+  std::vector<acc_t> h(kTileRows * chunk), grad_right_chunk(rank * chunk);
+  std::vector<acc_t> grad_left((o_end - o_begin) * rank, acc_t(0));
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += chunk) {
+    const int64_t width = std::min(chunk, c_end - c0);
+    const int64_t padded = (width + 2 * V - 1) / (2 * V) * (2 * V);
+    const RightChunk<acc_t> r = right_chunk(p.right, rank, p.cols, c0, width, padded, padded_right);
+    std::fill(grad_right_chunk.begin(), grad_right_chunk.begin() + rank * padded, acc_t(0));
+    for (int64_t o0 = o_begin; o0 < o_end; o0 += kTileRows) {
+      const int64_t n_rows = std::min(kTileRows, o_end - o0);
+      left_tile(p.left, rank, o0, n_rows, tile.data());
+      // H for kTileRows rows of this chunk; zero in the rows and columns beyond the weight
+      const acc_t* g_row[kTileRows];
+      const acc_t* w_row[kTileRows];
+      for (int64_t i = 0; i < n_rows; ++i) {
+        g_row[i] = p.grad.read_segment(o0 + i, c0, width, g_buf.data() + i * chunk);
+        w_row[i] = kReadsWeight ? p.weight.read_segment(o0 + i, c0, width, w_buf.data() + i * chunk) : nullptr;
+      }
+      for (int64_t i = kTileRows; i < 2 * kTileRows && o0 + i < o_end; ++i) {
+        prefetch(p.grad.at(o0 + i, c0), width * p.grad.elem_size);
+        if (kReadsWeight) prefetch(p.weight.at(o0 + i, c0), width * p.weight.elem_size);
+      }
+      for (int64_t c = 0; c < padded; c += 2 * V) {
+        Vec e[kTileRows][2];
+        if constexpr (kCombine == Combine::Exp) lowrank_product(tile.data(), r, rank, c, e);
+        for (int64_t i = 0; i < kTileRows; ++i) {
+          for (int64_t j = 0; j < 2; ++j) {
+            const int64_t n = std::clamp<int64_t>(width - c - j * V, 0, V);
+            Vec hv(acc_t(0));
+            if (i < n_rows && n > 0) {
+              const Vec g = load_lanes(g_row[i] + c + j * V, n);
+              hv = kReadsWeight ? update_grad<kCombine>(g, load_lanes(w_row[i] + c + j * V, n), e[i][j]) : g;
+            }
+            hv.store(h.data() + i * chunk + c + j * V);
+          }
+        }
+      }
+      // grad_left[o, a] += H[o, chunk] . right[a, chunk]; grad_right[a, chunk] += sum_o left[o, a] H[o, chunk]
+      const acc_t* h0 = h.data();
+      const acc_t* h1 = h0 + chunk;
+      const acc_t* h2 = h1 + chunk;
+      const acc_t* h3 = h2 + chunk;
+      for (int64_t a = 0; a < rank; ++a) {
+        Vec dot0(acc_t(0)), dot1(acc_t(0)), dot2(acc_t(0)), dot3(acc_t(0));
+        const Vec l0(tile[a]), l1(tile[rank + a]), l2(tile[2 * rank + a]), l3(tile[3 * rank + a]);
+        const acc_t* r_row = r.data + a * r.stride;
+        acc_t* gr = grad_right_chunk.data() + a * padded;
+        for (int64_t c = 0; c < padded; c += V) {
+          const Vec rv = Vec::loadu(r_row + c);
+          const Vec v0 = Vec::loadu(h0 + c), v1 = Vec::loadu(h1 + c), v2 = Vec::loadu(h2 + c), v3 = Vec::loadu(h3 + c);
+          dot0 = at::vec::fmadd(v0, rv, dot0);
+          dot1 = at::vec::fmadd(v1, rv, dot1);
+          dot2 = at::vec::fmadd(v2, rv, dot2);
+          dot3 = at::vec::fmadd(v3, rv, dot3);
+          Vec acc = Vec::loadu(gr + c);
+          acc = at::vec::fmadd(l0, v0, acc);
+          acc = at::vec::fmadd(l1, v1, acc);
+          acc = at::vec::fmadd(l2, v2, acc);
+          acc = at::vec::fmadd(l3, v3, acc);
+          acc.store(gr + c);
+        }
+        acc_t* gl = grad_left.data() + (o0 - o_begin) * rank + a;
+        const Vec dots[kTileRows] = {dot0, dot1, dot2, dot3};
+        for (int64_t i = 0; i < n_rows; ++i) gl[i * rank] += sum_lanes(dots[i]);
+      }
+    }
+    acc_t* out_right = p.partial_right + strip * rank * p.cols;
+    for (int64_t a = 0; a < rank; ++a) {
+      std::memcpy(out_right + a * p.cols + c0, grad_right_chunk.data() + a * padded, width * sizeof(acc_t));
+    }
+  }
+  std::memcpy(p.partial_left + (segment * p.rows + o_begin) * rank, grad_left.data(),
+              grad_left.size() * sizeof(acc_t));
+}
+
+// out[k] = sum_s partials[s * n + k] for s = 0, 1, ... in order.
+template <typename acc_t>
+void sum_partials(const acc_t* partials, int64_t count, int64_t n, acc_t* out) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      acc_t s = partials[k];
+      for (int64_t i = 1; i < count; ++i) s += partials[i * n + k];
+      out[k] = s;
+    }
+  });
+}
+
+template <typename acc_t>
+void project(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& left, const at::Tensor& right,
+             Combine combine, at::Tensor& grad_left, at::Tensor& grad_right) {
+  const int64_t rows = left.size(0), rank = left.size(1), cols = right.size(1);
+  const int64_t strips = (rows + kStripRows - 1) / kStripRows;
+  const int64_t segments = (cols + kSegmentCols - 1) / kSegmentCols;
+  at::Tensor partial_left = segments == 1 ? grad_left : at::empty({segments, rows, rank}, left.options());
+  at::Tensor partial_right = strips == 1 ? grad_right : at::empty({strips, rank, cols}, right.options());
+  const ProjectArgs<acc_t> args{RowView<acc_t>(grad, cols), RowView<acc_t>(weight, cols),
+                                left.const_data_ptr<acc_t>(), right.const_data_ptr<acc_t>(), rows, cols, rank,
+                                partial_left.data_ptr<acc_t>(), partial_right.data_ptr<acc_t>()};
+  dispatch_combine(combine, false, [&]<Combine kCombine, bool>() {
+    at::parallel_for(0, strips * segments, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) project_tile<acc_t, kCombine>(args, t / segments, t % segments);
+    });
+  });
+  if (segments > 1) sum_partials(args.partial_left, segments, rows * rank, grad_left.data_ptr<acc_t>());
+  if (strips > 1) sum_partials(args.partial_right, strips, rank * cols, grad_right.data_ptr<acc_t>());
+}
+
+void lowrank_project_cpu(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& left,
+                         const at::Tensor& right, c10::string_view combine, at::Tensor& grad_left,
+                         at::Tensor& grad_right) {
+  const Combine rule = parse_combine("lrtensor::lowrank_project", combine);
+  check_lowrank_project(grad, weight, left, right, grad_left, grad_right);
+  if (weight.numel() == 0) {
+    grad_left.zero_();
+    grad_right.zero_();
+  } else if (weight.scalar_type() == at::kDouble) {
+    project<double>(grad, weight, left, right, rule, grad_left, grad_right);
+  } else {
+    project<float>(grad, weight, left, right, rule, grad_left, grad_right);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lrtensor, CPU, m) {
+  m.impl("lowrank_project.out", &lowrank_project_cpu);
+}
+
+}  // namespace lrtensor::ops::cpu

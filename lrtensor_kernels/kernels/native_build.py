@@ -1,0 +1,164 @@
+"""Builds and loads the native extension (the C++ and CUDA C++ sources of ``csrc/``) on first use.
+
+The sources are compiled with ``torch.utils.cpp_extension.load`` (ninja) against the torch that
+is imported, so the extension always matches its ABI; ``csrc/README.md`` says why this beats a
+build at install time. The build is cached under
+``$TORCH_EXTENSIONS_DIR/lrtensor_kernels/lrtensor_native_<key>/`` (``TORCH_EXTENSIONS_DIR``
+defaults to ``~/.cache/torch_extensions``), where ``<key>`` hashes the sources, the compiler
+flags, the torch and Python versions and the CPU capability: a cached build is loaded as it is,
+a changed source builds a new one. The CUDA sources are compiled only where torch has CUDA.
+
+Loading the library registers ``torch.ops.lrtensor.lowrank_transform``, ``lowrank_project`` and
+``channel_dot``. Without a compiler (or ninja, or when the build fails) :func:`available` is
+False and :func:`unavailable_reason` says why; nothing fails at import.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+LIBRARY_PREFIX = "lrtensor_native"
+
+_lock = threading.Lock()
+_state: dict = {}  # "path" once loaded, or "error": why it is unavailable
+
+
+def _cpu_flags() -> list:
+    """Optimisation flags and the ATen vector width (at::vec::Vectorized) for this CPU."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        return ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                "-mavx512dq", "-mfma", "-mf16c"]
+    if capability == "AVX2":
+        return ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+    return ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+# at::parallel_for is an inline OpenMP loop: without -fopenmp it compiles to a serial loop. The
+# extension then shares torch's OpenMP runtime (libgomp.so.1 is already loaded by torch), so
+# torch.set_num_threads governs it too.
+OPENMP_FLAGS = ["-fopenmp"] if torch.backends.openmp.is_available() and sys.platform.startswith("linux") else []
+CXX_FLAGS = ["-O3", "-Wall", "-Wno-unused-function"] + OPENMP_FLAGS
+CUDA_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+
+
+def with_cuda() -> bool:
+    """Whether the CUDA sources are built: torch has CUDA and a CUDA toolkit is found."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def sources(cuda: bool) -> list:
+    """The files compiled: every .cpp under csrc/lrtensor, and every .cu where ``cuda``."""
+    files = sorted(CSRC.glob("lrtensor/**/*.cpp"))
+    if cuda:
+        files += sorted(CSRC.glob("lrtensor/**/*.cu"))
+    return files
+
+
+def build_key(cuda: bool) -> str:
+    """A hash of everything the built library depends on."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in CSRC.glob("lrtensor/**/*") if p.is_file()):
+        digest.update(str(path.relative_to(CSRC)).encode())
+        digest.update(path.read_bytes())
+    for part in (torch.__version__, str(torch.version.cuda), str(cuda), sys.implementation.cache_tag,
+                 " ".join(CXX_FLAGS + _cpu_flags()), " ".join(CUDA_FLAGS)):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def build_directory(name: str) -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch_extensions")
+    return Path(root) / "lrtensor_kernels" / name
+
+
+def compiler() -> Optional[str]:
+    """Path of the C++ compiler the build would use ($CXX, else c++), or None."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def missing_tool() -> Optional[str]:
+    """Why a build cannot start here, or None."""
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if compiler() is None:
+        return f"no C++ compiler found (looked for {os.environ.get('CXX', 'c++')!r} on PATH; set CXX to choose one)"
+    if not is_ninja_available():
+        return "ninja is not installed (python3 -m pip install ninja)"
+    if not CSRC.is_dir():
+        return f"the C++ sources are not at {CSRC} (install the package from a source checkout: pip install -e .)"
+    return None
+
+
+class _MissingTool(RuntimeError):
+    pass
+
+
+def _build_and_load() -> str:
+    cuda = with_cuda()
+    name = f"{LIBRARY_PREFIX}_{build_key(cuda)}"
+    directory = build_directory(name)
+    library = directory / f"{name}.so"
+    if library.is_file():
+        torch.ops.load_library(str(library))
+        return str(library)
+    reason = missing_tool()
+    if reason is not None:
+        raise _MissingTool(reason)
+    from torch.utils import cpp_extension
+
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"lrtensor_kernels: compiling the native backend ({'C++ and CUDA' if cuda else 'C++'}, first use with "
+          f"this torch; about a minute), cached in {directory}", file=sys.stderr, flush=True)
+    return cpp_extension.load(
+        name, [str(p) for p in sources(cuda)], extra_cflags=CXX_FLAGS + _cpu_flags(), extra_cuda_cflags=CUDA_FLAGS,
+        extra_ldflags=OPENMP_FLAGS, extra_include_paths=[str(CSRC)], build_directory=str(directory), with_cuda=cuda,
+        is_python_module=False,
+        verbose=False)
+
+
+def load() -> str:
+    """Builds (first use) and loads the library; returns its path. RuntimeError with the reason otherwise."""
+    with _lock:
+        if "path" not in _state and "error" not in _state:
+            try:
+                _state["path"] = _build_and_load()
+                _state["cuda"] = with_cuda()
+            except _MissingTool as exc:
+                _state["error"] = str(exc)
+            except Exception as exc:  # a failed build must leave the other backends usable
+                lines = [line for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+                _state["error"] = f"building it failed: {lines[0]}" + (f" ... {lines[-1]}" if len(lines) > 1 else "")
+        if "error" in _state:
+            raise RuntimeError(f"the native backend is unavailable: {_state['error']}")
+        return _state["path"]
+
+
+def available() -> bool:
+    """Whether the native library is loaded, building it on first call."""
+    try:
+        load()
+        return True
+    except RuntimeError:
+        return False
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why :func:`available` is False (None when it is True); builds on first call."""
+    return None if available() else _state["error"]
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded library has its CUDA kernels (torch with CUDA and a CUDA toolkit at build time)."""
+    return available() and _state.get("cuda", False)

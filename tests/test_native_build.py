@@ -1,0 +1,185 @@
+"""The native backend's build: it builds where a C++ compiler exists, is found in its cache, shares
+the `lrtensor` namespace with the Python custom ops in either order of loading, falls back with
+a warning where it cannot build, and every CUDA source compiles with nvcc."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import lrtensor_kernels as lk
+from lrtensor_kernels import backend
+from lrtensor_kernels.kernels import native_build
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter at the repository root (this checkout's package)."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **env})
+
+
+def test_native_backend_builds_where_a_compiler_exists():
+    if native_build.compiler() is None:
+        pytest.skip("no C++ compiler on this machine: the native backend cannot build here")
+    assert native_build.available(), f"the native backend did not build: {native_build.unavailable_reason()}"
+    assert native_build.unavailable_reason() is None
+
+
+def test_auto_is_native_on_cpu_where_it_builds(monkeypatch):
+    if native_build.compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    from lrtensor_kernels import ops
+
+    used = []
+    real = ops.kernels_for
+    monkeypatch.setattr(ops, "kernels_for", lambda impl: used.append(impl) or real(impl))
+    layer = lk.FLoRAConv2d(4, 6, 3)
+    with lk.use_backend("auto"):
+        layer(torch.randn(1, 4, 5, 5)).sum().backward()
+    assert backend.resolve(torch.device("cpu")) == "native"
+    assert used and set(used) == {"native"}
+
+
+@pytest.mark.parametrize("order", ["python_ops_first", "library_first"])
+def test_namespace_is_shared_in_either_order(order):
+    """The C++ library owns `lrtensor` (TORCH_LIBRARY); the Python custom ops of ops.py are fragments.
+    A fresh process finds the cached build: nothing is compiled again."""
+    path = native_build.load()
+    load_library = f"import torch; torch.ops.load_library({path!r})"
+    import_package = "import lrtensor_kernels as lk"
+    first, second = (import_package, load_library) if order == "python_ops_first" else (load_library, import_package)
+    run = _python(f"""
+        {first}
+        {second}
+        import torch
+        import lrtensor_kernels as lk
+        layer = lk.LieRALinear(6, 4)
+        with lk.use_backend("native"):
+            y = layer(torch.randn(3, 6))
+        y.sum().backward()
+        print(torch.ops.lrtensor.adapted_op.default, torch.ops.lrtensor.lowrank_transform.default)
+    """)
+    assert run.returncode == 0, run.stderr
+    assert "lrtensor.adapted_op.default" in run.stdout and "lrtensor.lowrank_transform.default" in run.stdout
+    assert "compiling" not in run.stderr
+
+
+def test_without_a_compiler_auto_warns_and_native_raises(tmp_path):
+    """A machine without a compiler: import works, 'auto' warns once with the reason and runs the
+    reference backend, an explicit 'native' raises a clear error."""
+    run = _python("""
+        import warnings, torch
+        import lrtensor_kernels as lk
+        from lrtensor_kernels.kernels import native_build
+        assert not native_build.available()
+        layer = lk.SSBConv2d(3, 4, 3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer(torch.randn(1, 3, 5, 5)).sum().backward()
+            layer(torch.randn(1, 3, 5, 5))
+        print("WARNINGS", [str(w.message) for w in caught])
+        try:
+            with lk.use_backend("native"):
+                layer(torch.randn(1, 3, 5, 5))
+        except RuntimeError as exc:
+            print("ERROR", exc)
+    """, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX="no-such-compiler")
+    assert run.returncode == 0, run.stderr
+    warnings_line = next(line for line in run.stdout.splitlines() if line.startswith("WARNINGS"))
+    assert warnings_line.count("native CPU backend is unavailable") == 1, warnings_line
+    assert "no C++ compiler found (looked for 'no-such-compiler'" in warnings_line
+    assert "'auto' uses the 'reference' backend" in warnings_line
+    error = next(line for line in run.stdout.splitlines() if line.startswith("ERROR"))
+    assert "backend 'native' was selected but the native backend is unavailable" in error
+    assert "no C++ compiler found" in error and "'reference' backend runs without it" in error
+
+
+def test_selecting_native_on_an_unsupported_device_is_an_error():
+    if not native_build.available():
+        pytest.skip("native backend unavailable")
+    with lk.use_backend("native"), pytest.raises(RuntimeError, match="backend 'native' has no kernels for tensors on "
+                                                                      "meta"):
+        backend.resolve(torch.device("meta"))
+
+
+def test_a_failed_build_warns_and_leaves_the_other_backends(tmp_path):
+    broken = tmp_path / "csrc" / "lrtensor"
+    broken.mkdir(parents=True)
+    (broken / "broken.cpp").write_text("#error this source does not compile\n")
+    run = _python(f"""
+        import warnings, torch
+        from pathlib import Path
+        import lrtensor_kernels as lk
+        from lrtensor_kernels.kernels import native_build
+        native_build.CSRC = Path({str(tmp_path / "csrc")!r})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lk.FLoRALinear(5, 3)(torch.randn(2, 5)).sum().backward()
+        print("WARNINGS", [str(w.message) for w in caught])
+    """, TORCH_EXTENSIONS_DIR=str(tmp_path / "cache"))
+    assert run.returncode == 0, run.stderr
+    assert "the native CPU backend is unavailable (building it failed: Error building extension" in run.stdout
+
+
+def _nvcc() -> str | None:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    found = shutil.which("nvcc")
+    if found is None and CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        found = os.path.join(CUDA_HOME, "bin", "nvcc")
+    return found
+
+
+def nvcc_command(nvcc: str, source: Path, output: Path) -> list:
+    """The nvcc command that compiles one CUDA source of csrc/ to an object, as the extension build
+    would (torch's include dirs and nvcc flags, C++20, one GPU architecture: the H100's sm_90)."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+
+    includes = include_paths("cpu") + [str(native_build.CSRC)]
+    defines = [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    if not any(os.path.exists(os.path.join(d, "c10/cuda/impl/cuda_cmake_macros.h")) for d in includes):
+        defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")  # the CPU wheel ships the CUDA headers without it
+    return [nvcc, "-c", str(source), "-o", str(output), "-std=c++20", "-Xcompiler", "-fPIC",
+            "-gencode=arch=compute_90,code=sm_90", *COMMON_NVCC_FLAGS, *native_build.CUDA_FLAGS, *defines,
+            *[f"-I{d}" for d in includes]]
+
+
+def test_every_cuda_source_compiles_with_nvcc(tmp_path):
+    """Each .cu file of csrc/ compiles. A passing set of sources is remembered by the hash of
+    csrc/, nvcc's version and the command (the compile takes minutes on a small CPU); any change
+    compiles again."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc is not installed: the CUDA sources cannot be compiled here")
+    sources = sorted(native_build.CSRC.glob("lrtensor/**/*.cu"))
+    assert len(sources) >= 4, sources
+    commands = {s: nvcc_command(nvcc, s, tmp_path / (s.stem + ".o")) for s in sources}
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256((version + torch.__version__ + repr([c[5:] for c in commands.values()])).encode())
+    for path in sorted(native_build.CSRC.glob("lrtensor/**/*")):  # what the CUDA sources can include
+        if path.is_file() and path.suffix in (".cu", ".cuh", ".h") and "cpu" not in path.parts:
+            digest.update(path.read_bytes())
+    key = digest.hexdigest()[:16]
+    passed = native_build.build_directory(f"nvcc_check_{key}") / "passed"
+    if passed.is_file():
+        return
+    running = {s: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for s, c in commands.items()}
+    failures = []
+    for source, process in running.items():
+        output, _ = process.communicate(timeout=1200)
+        if process.returncode != 0 or not (tmp_path / (source.stem + ".o")).is_file():
+            errors = [line for line in output.splitlines() if "error" in line.lower()]
+            failures.append(f"{source.relative_to(REPO)}:\n" + "\n".join(errors[:20] or output.splitlines()[-20:]))
+    assert not failures, "nvcc failed:\n" + "\n\n".join(failures)
+    passed.parent.mkdir(parents=True, exist_ok=True)
+    passed.write_text("\n".join(" ".join(c) for c in commands.values()))
