@@ -63,8 +63,99 @@ def op_backward(grad_out: Tensor, x: Tensor, weight: Tensor, stride, padding, di
     return tuple(g if need else None for g, need in zip(grads, mask))
 
 
-@torch.library.custom_op("lrtensor::adapted_op", mutates_args=())
-def adapted_op(
+class _OpCtx:
+    """A Function's ctx as a custom op's autograd functions see it: ``needs_input_grad`` in the op's
+    own input structure (its list input regrouped); everything else is the Function's ctx."""
+
+    def __init__(self, ctx, needs_input_grad):
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "needs_input_grad", needs_input_grad)
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "_ctx"), name)
+
+    def __setattr__(self, name, value):
+        setattr(object.__getattribute__(self, "_ctx"), name, value)
+
+
+def _regroup(flat, at: int, length: int) -> tuple:
+    return (*flat[:at], list(flat[at:at + length]), *flat[at + length:])
+
+
+class FusedOp:
+    """A custom op ``lrtensor::<name>`` on the Python function ``impl``, callable two ways with one
+    implementation and one autograd formula:
+
+    - under torch.compile (and for export, opcheck, ``torch.ops.lrtensor.<name>``): the custom op,
+      which graphs see through its fake implementation;
+    - eagerly: ``impl`` itself, under a plain autograd.Function running the same ``setup_context``
+      and ``backward`` (the custom op's dispatch and pytree handling cost about 0.1 ms a call, more
+      than a small layer's convolution on a CPU).
+
+    ``list_index``: the position of the op's one ``list[Tensor]`` input (the adapter tensors), which
+    the Function receives flattened.
+    """
+
+    def __init__(self, name: str, impl, list_index: Optional[int] = None):
+        self.impl = impl
+        self.op = torch.library.custom_op(f"lrtensor::{name}", mutates_args=())(impl)
+        self.list_index = list_index
+        self._function = None
+
+    def register_fake(self, fn):
+        return self.op.register_fake(fn)
+
+    def register_autograd(self, backward, setup_context):
+        self.op.register_autograd(backward, setup_context=setup_context)
+        self._function = _eager_function(self.impl, backward, setup_context, self.list_index)
+
+    def __call__(self, *args):
+        if not _plain_eager(args):
+            return self.op(*args)
+        if self._function is None:  # no autograd of its own (a backward op)
+            return self.impl(*args)
+        at = self.list_index
+        return self._function.apply(len(args[at]), *args[:at], *args[at], *args[at + 1:])
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args) -> bool:
+    """Whether a call runs on plain tensors outside every tracer: not under torch.compile, a
+    torch_dispatch mode (fake tensors, make_fx, opcheck) or a torch.func transform, and no tensor
+    subclass among the arguments. Anything else gets the custom op, which they all understand."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 \
+            or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    for arg in args:
+        for t in (arg if isinstance(arg, (list, tuple)) else (arg,)):
+            if isinstance(t, Tensor) and type(t) not in _PLAIN_TENSORS:
+                return False
+    return True
+
+
+def _eager_function(impl, backward, setup_context, at: int):
+    class EagerOp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, length, *flat):
+            inputs = _regroup(flat, at, length)
+            output = impl(*inputs)
+            ctx.list_length = length
+            setup_context(_OpCtx(ctx, None), inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            needs = _regroup(ctx.needs_input_grad[1:], at, ctx.list_length)
+            out = backward(_OpCtx(ctx, needs), *grads)
+            flat = (*out[:at], *out[at], *out[at + 1:])
+            return (None, *(g if g is None or isinstance(g, Tensor) else None for g in flat))
+
+    return EagerOp
+
+
+def _adapted_op(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -88,6 +179,9 @@ def adapted_op(
         return base_op(x, w_eff, bias, stride, padding, dilation, groups)
 
 
+adapted_op = FusedOp("adapted_op", _adapted_op, list_index=3)
+
+
 def autocast_off(x: Tensor):
     """The op bodies choose their dtypes themselves (``W'`` in the input's dtype); autocast, which
     is also on while a backward runs inside an autocast region, must not recast their tensors."""
@@ -105,8 +199,7 @@ def _(x, weight, bias, adapter, math, scale, stride, padding, dilation, groups, 
     return base_op(x, weight.to(x.dtype), bias, stride, padding, dilation, groups)
 
 
-@torch.library.custom_op("lrtensor::adapted_op_backward", mutates_args=())
-def adapted_op_backward(
+def _adapted_op_backward(
     grad_out: Tensor,
     x: Tensor,
     weight: Tensor,
@@ -139,6 +232,9 @@ def adapted_op_backward(
                                       *zip(grad_adapter, adapter)])
 
 
+adapted_op_backward = FusedOp("adapted_op_backward", _adapted_op_backward)
+
+
 def in_layout(t: Tensor, shape, stride) -> Tensor:
     """``t`` with exactly ``stride`` (copied only where its strides differ, size-1 modes included)."""
     if t is None or t.stride() == tuple(stride):
@@ -150,6 +246,8 @@ def like(grad: Tensor, tensor: Tensor) -> Tensor:
     """``grad`` in the layout ``torch.empty_like(tensor)`` has (``tensor``'s own strides when it is
     dense, else contiguous): the real op's outputs must have the strides its fake implementation
     promises, or compiled graphs that trust them break."""
+    if grad is not None and grad.stride() == tensor.stride() and tensor.is_contiguous():
+        return grad  # the common case, without making a meta tensor to ask for its strides
     return in_layout(grad, tensor.shape, torch.empty_like(tensor, device="meta").stride())
 
 

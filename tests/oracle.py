@@ -95,3 +95,36 @@ def assert_accuracy(what, got, plain, ref, floor, magnitude=None):
 
 def clone_layer(layer):
     return copy.deepcopy(layer)
+
+
+def layer_oracle(layer, x, grad_out, absolute=False):
+    """Float64 output and gradients (input, then each adapter tensor). ``absolute``: the same from
+    the absolute values of every input, the magnitude that rounding errors scale with (see
+    oracle.assert_accuracy)."""
+    value = (lambda t: t.detach().to(F64).abs()) if absolute else (lambda t: t.detach().to(F64))
+    leaves = {n: value(p).requires_grad_() for n, p in layer.adapter_state().items()}
+    twin = plain_twin(layer, value(layer.weight))
+    if absolute and twin.bias is not None:
+        twin.bias.data.abs_()
+    x = value(x).requires_grad_()
+    y = torch.func.functional_call(twin, {"weight": _weight64(layer, leaves)}, (x,))
+    grads = torch.autograd.grad((y * value(grad_out)).sum(), [x, *leaves.values()])
+    return y.detach(), list(grads)
+
+
+def _weight64(layer, leaves):
+    """effective_weight64 with the adapter tensors replaced by float64 leaves."""
+    params = dict(layer.named_parameters())
+    try:
+        for n, leaf in leaves.items():
+            _swap(layer, n, leaf)
+        return effective_weight64(layer)
+    finally:
+        for n in leaves:
+            _swap(layer, n, params[n])
+
+
+def _swap(layer, dotted, value):
+    owner_name, _, attr = dotted.rpartition(".")
+    owner = layer.get_submodule(owner_name) if owner_name else layer
+    owner._parameters[attr] = value

@@ -12,7 +12,7 @@ from torch import nn
 
 import lrtensor_kernels as lk
 from fused import FUSED_BACKENDS, fused_kernels
-from oracle import F64, assert_accuracy, effective_weight64, plain_twin, randomize_adapter, rel_err
+from oracle import F64, assert_accuracy, effective_weight64, layer_oracle, plain_twin, randomize_adapter, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the Triton interpreter computes bfloat16 wrongly: bfloat16 runs on a GPU only
@@ -76,39 +76,6 @@ def _run(layer, x, backend, grad_out, input_grad=True):
     return y.detach(), grads + [p.grad for p in layer.adapter_parameters()]
 
 
-def _oracle(layer, x, grad_out, absolute=False):
-    """Float64 output and gradients (input, then each adapter tensor). ``absolute``: the same from
-    the absolute values of every input, the magnitude that rounding errors scale with (see
-    oracle.assert_accuracy)."""
-    value = (lambda t: t.detach().to(F64).abs()) if absolute else (lambda t: t.detach().to(F64))
-    leaves = {n: value(p).requires_grad_() for n, p in layer.adapter_state().items()}
-    twin = plain_twin(layer, value(layer.weight))
-    if absolute and twin.bias is not None:
-        twin.bias.data.abs_()
-    x = value(x).requires_grad_()
-    y = torch.func.functional_call(twin, {"weight": _weight64(layer, leaves)}, (x,))
-    grads = torch.autograd.grad((y * value(grad_out)).sum(), [x, *leaves.values()])
-    return y.detach(), list(grads)
-
-
-def _weight64(layer, leaves):
-    """effective_weight64 with the adapter tensors replaced by float64 leaves."""
-    params = dict(layer.named_parameters())
-    try:
-        for n, leaf in leaves.items():
-            _swap(layer, n, leaf)
-        return effective_weight64(layer)
-    finally:
-        for n in leaves:
-            _swap(layer, n, params[n])
-
-
-def _swap(layer, dotted, value):
-    owner_name, _, attr = dotted.rpartition(".")
-    owner = layer.get_submodule(owner_name) if owner_name else layer
-    owner._parameters[attr] = value
-
-
 @pytest.mark.parametrize("backend,dtype", [pytest.param(b, d, id=f"{b}-{str(d)[6:]}") for b in FUSED_BACKENDS
                                            for d in DTYPES[b]])
 @pytest.mark.parametrize("name, strategy", LAYER_STRATEGIES)
@@ -123,8 +90,8 @@ def test_layer_forward_backward_matches_oracle(name, strategy, backend, dtype):
         grad_out = torch.randn_like(layer(x), dtype=F64).to(dtype)
     got_y, got_g = _run(layer, x, backend, grad_out)
     plain_y, plain_g = _run(layer, x, "reference", grad_out)
-    ref_y, ref_g = _oracle(layer, x, grad_out)
-    _, magnitude_g = _oracle(layer, x, grad_out, absolute=True)
+    ref_y, ref_g = layer_oracle(layer, x, grad_out)
+    _, magnitude_g = layer_oracle(layer, x, grad_out, absolute=True)
     assert_accuracy(f"{name} output", got_y, plain_y, ref_y, FLOOR[dtype])
     names = ["input"] + list(layer.adapter_state())
     for n, g, p, r, m in zip(names, got_g, plain_g, ref_g, magnitude_g):
@@ -345,7 +312,7 @@ def test_autocast_runs_the_op_in_the_autocast_dtype(name, strategy, fused):
             results[backend] = _run(layer, x, backend, grad_out.to(AUTOCAST_DTYPE))
         assert results[backend][0].dtype == AUTOCAST_DTYPE
         assert all(g.dtype == torch.float32 for g in results[backend][1])
-    ref_y, ref_g = _oracle(layer, x, grad_out)
+    ref_y, ref_g = layer_oracle(layer, x, grad_out)
     floor = FLOOR[AUTOCAST_DTYPE]
     assert_accuracy(f"{name} autocast output", results[fused][0], results["reference"][0], ref_y, floor)
     for i, (g, p, r) in enumerate(zip(results[fused][1], results["reference"][1], ref_g)):

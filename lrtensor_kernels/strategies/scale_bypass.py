@@ -22,8 +22,9 @@ Adapter dropout (``xd = dropout(x)``): ``op(x, W, b) + op(xd, W' - W)`` with
 ``op(xd, W' - W) = op(xd * (d_in - 1), W) + (d_out - 1) * op(xd * d_in, W)``, under autograd on
 every backend (three ops forward; the cost model knows it).
 
-Reference backend: these formulas under autograd. Fused backends: the custom ops
-``lrtensor::scale_bypass``/``scale_bypass_backward`` (saving ``x``, the scales and, for SSB, ``z``),
+Reference backend: these formulas under autograd. Fused backends: the op
+``lrtensor::scale_bypass`` and its backward (:class:`ops.FusedOp`; saving ``x``, the scales and,
+for SSB, ``z``),
 whose channel sums (over every dim but the channel dim 1, the features of a 2-d linear input) are
 the backend's deterministic ``channel_dot`` kernel.
 """
@@ -41,16 +42,16 @@ from .call import AdaptedCall
 def _channel_view(scale: Tensor, x: Tensor, groups: int) -> Tensor:
     """``scale`` (per input channel of a group, or per output channel) as a broadcastable view of
     ``x``'s channel dim (dim 1, or the last dim of a 2-d linear input), repeated over ``groups``."""
-    if x.dim() == 2:
-        return scale
-    return scale.repeat(groups).reshape(1, -1, *(1,) * (x.dim() - 2))
+    if groups > 1:
+        scale = scale.repeat(groups)
+    return scale if x.dim() == 2 else scale.view(1, -1, *(1,) * (x.dim() - 2))
 
 
 def _scales(adapter, x: Tensor, groups: int, deviation: bool) -> tuple:
     """``(d_in, d_out)`` (or ``d - 1`` with ``deviation``) as views in ``x``'s dtype; ``d_out`` None for SSL."""
-    shift = 1.0 if deviation else 0.0
-    d_in = _channel_view(adapter[0] - shift, x, groups).to(x.dtype)
-    d_out = None if len(adapter) == 1 else _channel_view(adapter[1] - shift, x, 1).to(x.dtype)
+    shifted = (lambda t: t - 1.0) if deviation else (lambda t: t)
+    d_in = _channel_view(shifted(adapter[0]).to(x.dtype), x, groups)
+    d_out = None if len(adapter) == 1 else _channel_view(shifted(adapter[1]).to(x.dtype), x, 1)
     return d_in, d_out
 
 
@@ -75,18 +76,18 @@ def forward(x: Tensor, dropped_x: Optional[Tensor], weight: Tensor, bias: Option
         return ops.base_op(inp, weight, b, stride, padding, dilation, groups)
 
     ssb = len(adapter) == 2
+    if dropped_x is None and not split:
+        d_in, _ = _scales(adapter[:1], x, groups, deviation=False)
+        y = op(x * d_in, bias)
+        if not ssb:
+            return y, None
+        z = y if bias is None else y - _channel_view(bias.to(y.dtype), y, 1)
+        return _plus_scaled(y, _scales(adapter, x, groups, deviation=True)[1], z), z
     dev_in, dev_out = _scales(adapter, x, groups, deviation=True)
     if dropped_x is not None:
         z1 = op(dropped_x * dev_in)
         update = _plus_scaled(z1, dev_out, op(dropped_x) + z1) if ssb else z1
         return op(x, bias) + update, None
-    if not split:
-        d_in, _ = _scales(adapter, x, groups, deviation=False)
-        y = op(x * d_in, bias)
-        if not ssb:
-            return y, None
-        z = y if bias is None else y - _channel_view(bias.to(y.dtype), y, 1)
-        return _plus_scaled(y, dev_out, z), z
     frozen = op(x, bias)
     z1 = op(x * dev_in)
     if not ssb:
@@ -129,8 +130,7 @@ def _fused_backward(kernels, grad_y, x, weight, adapter, z, geometry, need_input
     return ops.gradients_as_promised([(grad_x, x), (grad_w, weight), (grad_b, grad_b), *zip(grad_adapter, adapter)])
 
 
-@torch.library.custom_op("lrtensor::scale_bypass", mutates_args=())
-def scale_bypass_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapter: list[Tensor], stride: list[int],
+def _scale_bypass(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapter: list[Tensor], stride: list[int],
                     padding: list[int], dilation: list[int], groups: int, split: bool, impl: str) -> tuple[Tensor, Tensor]:
     """``(y, z)``: ``y = d_out * op(x * d_in, W) + b``; ``z = op(x * d_in, W)`` for SSB (kept for
     ``d_out``'s gradient), an empty tensor for SSL."""
@@ -139,20 +139,25 @@ def scale_bypass_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapter: 
     return y, (x.new_empty(0) if z is None else ops.like(z, y))
 
 
+scale_bypass_op = ops.FusedOp("scale_bypass", _scale_bypass, list_index=3)
+
+
 @scale_bypass_op.register_fake
 def _(x, weight, bias, adapter, stride, padding, dilation, groups, split, impl):
     y = ops.base_op(x, weight.to(x.dtype), bias, stride, padding, dilation, groups)
     return y, (torch.empty_like(y) if len(adapter) == 2 else x.new_empty(0))
 
 
-@torch.library.custom_op("lrtensor::scale_bypass_backward", mutates_args=())
-def scale_bypass_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, adapter: list[Tensor], z: Tensor,
+def _scale_bypass_backward(grad_y: Tensor, x: Tensor, weight: Tensor, adapter: list[Tensor], z: Tensor,
                              stride: list[int], padding: list[int], dilation: list[int], groups: int, impl: str,
                              need_input: bool, need_weight: bool, need_bias: bool, need_adapter: bool) -> list[Tensor]:
     """The gradients of ``scale_bypass`` that are needed, in input order."""
     with ops.autocast_off(x):
         return _fused_backward(ops.kernels_for(impl), grad_y, x, weight, adapter, z,
                                (stride, padding, dilation, groups), need_input, need_weight, need_bias, need_adapter)
+
+
+scale_bypass_backward_op = ops.FusedOp("scale_bypass_backward", _scale_bypass_backward)
 
 
 @scale_bypass_backward_op.register_fake

@@ -22,9 +22,10 @@ r_1 or r_2 channels), mapped back to the core and factors. Saved for backward: `
 adapter tensors and ``u`` when it has at most ``SAVE_U_FRACTION`` of ``x``'s elements (it is
 recomputed otherwise); ``z`` is recomputed from ``u``.
 
-Two registrations of the same functions: an autograd.Function on the reference backend, the
-custom ops ``lrtensor::tucker_bypass``/``tucker_bypass_backward`` on the fused backends (which
-build ``W'`` with their transform kernel).
+One op for every backend, ``lrtensor::tucker_bypass`` and its backward (:class:`ops.FusedOp`: a
+custom op under torch.compile, the same functions in a plain autograd.Function eagerly); the
+backends differ only in how the backward builds ``W'`` (the reference math, or the backend's
+transform kernel).
 """
 from __future__ import annotations
 
@@ -161,45 +162,19 @@ def _adapter_grads(adapter, scale: float, groups: int, chain_grads, exponents) -
     return [g.contiguous() for g in (grad_core, grad_u1, grad_u2, *grad_kernel_factors)]
 
 
-# -- reference backend: an autograd.Function -------------------------------------------------
+# -- the op, on every backend --------------------------------------------------------------------
 
 
-class _ReferenceBypass(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, x_chain, weight, bias, call, input_grad_via_weight, *adapter):
-        y, u = forward(x, x_chain, weight, bias, adapter, call.scale, call.geometry)
-        kept_u = u if keeps_u(u, x if x_chain is None else x_chain) else None
-        ctx.save_for_backward(x, x_chain, weight, kept_u, *adapter)
-        ctx.config = (call.math, call.scale, call.geometry, input_grad_via_weight)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, x_chain, weight, u, *adapter = ctx.saved_tensors
-        math, scale, geometry, via_weight = ctx.config
-        need_x, need_chain, need_w, need_b = ctx.needs_input_grad[:4]
-
-        def effective_weight():
-            return methods.effective_weight(weight, adapter, math, scale).to(x.dtype)
-
-        with ops.autocast_off(x):
-            grad_x, grad_chain, grad_w, grad_b, grads = backward(
-                grad_y, x, x_chain, weight, adapter, u, scale, geometry, via_weight, effective_weight,
-                need_x, need_chain, need_w, need_b, any(ctx.needs_input_grad[6:]))
-        return (grad_x, grad_chain, grad_w, grad_b, None, None, *(grads or [None] * len(adapter)))
-
-
-# -- fused backends: custom ops --------------------------------------------------------------
-
-
-@torch.library.custom_op("lrtensor::tucker_bypass", mutates_args=())
-def tucker_bypass_op(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
-                     adapter: list[Tensor], math: str, scale: float, stride: list[int], padding: list[int],
-                     dilation: list[int], groups: int, input_grad_via_weight: bool, impl: str) -> tuple[Tensor, Tensor]:
+def _tucker_bypass(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+                   adapter: list[Tensor], math: str, scale: float, stride: list[int], padding: list[int],
+                   dilation: list[int], groups: int, input_grad_via_weight: bool, impl: str) -> tuple[Tensor, Tensor]:
     """``(y, u)`` of :func:`forward`; ``u`` is returned only for the backward to keep."""
     with ops.autocast_off(x):
         y, u = forward(x, x_chain, weight, bias, adapter, scale, (stride, padding, dilation, groups))
     return y, u.contiguous()  # as the fake promises
+
+
+tucker_bypass_op = ops.FusedOp("tucker_bypass", _tucker_bypass, list_index=4)
 
 
 @tucker_bypass_op.register_fake
@@ -211,8 +186,7 @@ def _(x, x_chain, weight, bias, adapter, math, scale, stride, padding, dilation,
     return y, u
 
 
-@torch.library.custom_op("lrtensor::tucker_bypass_backward", mutates_args=())
-def tucker_bypass_backward_op(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tensor,
+def _tucker_bypass_backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tensor,
                               adapter: list[Tensor], u: Optional[Tensor], math: str, scale: float, stride: list[int],
                               padding: list[int], dilation: list[int], groups: int, input_grad_via_weight: bool,
                               impl: str, need_input: bool, need_chain_input: bool, need_weight: bool,
@@ -220,6 +194,8 @@ def tucker_bypass_backward_op(grad_y: Tensor, x: Tensor, x_chain: Optional[Tenso
     """The gradients of ``tucker_bypass`` that are needed, in input order."""
     with ops.autocast_off(x):
         def effective_weight():
+            if impl == "reference":
+                return methods.effective_weight(weight, adapter, methods.AdapterMath.from_key(math), scale).to(x.dtype)
             return ops.transform_to(ops.kernels_for(impl), weight, adapter, math, scale, False, x.dtype)
 
         grad_x, grad_chain, grad_w, grad_b, grads = backward(
@@ -228,6 +204,9 @@ def tucker_bypass_backward_op(grad_y: Tensor, x: Tensor, x_chain: Optional[Tenso
             need_adapter)
     return ops.gradients_as_promised([(grad_x, x), (grad_chain, x_chain), (grad_w, weight), (grad_b, grad_b),
                                       *zip(grads or [], adapter)])
+
+
+tucker_bypass_backward_op = ops.FusedOp("tucker_bypass_backward", _tucker_bypass_backward)
 
 
 @tucker_bypass_backward_op.register_fake
@@ -261,9 +240,6 @@ tucker_bypass_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def run(call: AdaptedCall, input_grad_via_weight: bool) -> Tensor:
-    if call.impl == "reference":
-        return _ReferenceBypass.apply(call.x, call.dropped_x, call.weight, call.bias, call, input_grad_via_weight,
-                                      *call.adapter)
     y, _ = tucker_bypass_op(call.x, call.dropped_x, call.weight, call.bias, list(call.adapter), call.math.key,
                             float(call.scale), list(call.stride), list(call.padding), list(call.dilation),
                             call.groups, input_grad_via_weight, call.impl)
