@@ -121,13 +121,27 @@ class FusedOp:
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
+def _tracing_modes() -> tuple:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+    from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
+
+    return FakeTensorMode, FunctionalTensorMode, ProxyTorchDispatchMode
+
+
 def _plain_eager(args) -> bool:
     """Whether a call runs on plain tensors outside every tracer: not under torch.compile, a
-    torch_dispatch mode (fake tensors, make_fx, opcheck) or a torch.func transform, and no tensor
-    subclass among the arguments. Anything else gets the custom op, which they all understand."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 \
-            or torch._C._functorch.peek_interpreter_stack() is not None:
+    tracing torch_dispatch mode (fake tensors, functionalisation, make_fx) or a torch.func
+    transform, and no tensor subclass among the arguments. Anything else gets the custom op, which
+    they all understand. A mode that observes aten ops (FlopCounterMode, a memory tracker, a
+    debug mode) gets the eager path, so it sees the convolutions and matmuls the op runs."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
+    if torch._C._len_torch_dispatch_stack() > 0:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        if any(isinstance(mode, _tracing_modes()) for mode in _get_current_dispatch_mode_stack()):
+            return False
     for arg in args:
         for t in (arg if isinstance(arg, (list, tuple)) else (arg,)):
             if isinstance(t, Tensor) and type(t) not in _PLAIN_TENSORS:
