@@ -333,11 +333,15 @@ def test_whole_resnet18_flops(reference_backend):
     assert ratios["default"] <= 1.15, ratios
 
 
-def test_auto_does_not_bypass_a_depthwise_convolution():
-    layer = lk.FLoRAConv2d(96, 96, 7, padding=3, groups=96)
+def test_auto_on_a_depthwise_convolution():
+    """FLoRA's chain would run per group: merged. SSL/SSB scale activations, with no weight
+    gradient, which a depthwise layer makes slow on the CPU (convnext_t/dw7x7 bench rows): bypass."""
     x = torch.randn(2, 96, 28, 28, requires_grad=True)
-    plan = lk.plan(nn.Sequential(layer), x)
-    assert plan[0].strategy == "merged" and plan[0].relative_cost["bypass"] > plan[0].relative_cost["merged"]
+    for method, want in (("flora", "merged"), ("ssl", "bypass"), ("ssb", "bypass")):
+        layer = lk.layers.LAYERS[method][nn.Conv2d](96, 96, 7, padding=3, groups=96)
+        plan = lk.plan(nn.Sequential(layer), x)
+        other = "bypass" if want == "merged" else "merged"
+        assert plan[0].strategy == want and plan[0].relative_cost[other] > plan[0].relative_cost[want], (method, plan)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math as pymath
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -32,11 +33,15 @@ REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 class DeviceModel:
     """Throughputs of one device type. ``flops``: dense conv/matmul FLOP/s per dtype;
     ``bandwidth``: bytes/s of a large elementwise pass (read + write); ``op_overhead``: seconds
-    per op launched from Python (dispatch, launch, small-op latency)."""
+    per op launched from Python (dispatch, launch, small-op latency); ``grouped``: FLOP/s of a
+    grouped convolution's forward and input gradient, ``grouped_weight_grad``: of its weight
+    gradient (None: the dense rate)."""
 
     flops: dict
     bandwidth: float
     op_overhead: float
+    grouped: Optional[float] = None
+    grouped_weight_grad: Optional[float] = None
 
     def flop_rate(self, dtype: torch.dtype) -> float:
         return self.flops.get(dtype, self.flops[torch.float32])
@@ -45,10 +50,13 @@ class DeviceModel:
 DEVICES = {
     # 2-core AMD EPYC CI machine, one torch thread: fp32 convolutions 40-80 GFLOP/s, copies of
     # tensors above the last-level cache 15-20 GB/s, about 5 us per small op; oneDNN's bf16/fp16
-    # convolutions run at 1.4/2.4 GFLOP/s there (no native 16-bit units).
+    # convolutions run at 1.4/2.4 GFLOP/s there (no native 16-bit units); depthwise convolutions
+    # far below the dense rate, by kernel size: forward and input gradient 3.5 GFLOP/s (3x3,
+    # 64 channels, 32x32) to 14 GFLOP/s (7x7), weight gradient 5 GFLOP/s (3x3) to 0.6-1.7 GFLOP/s
+    # (7x7; bench rows convnext_t/dw7x7_*); one geometric middle each.
     "cpu": DeviceModel(flops={torch.float32: 60e9, torch.float64: 30e9, torch.bfloat16: 1.5e9,
                               torch.float16: 2.5e9},
-                       bandwidth=15e9, op_overhead=6e-6),
+                       bandwidth=15e9, op_overhead=6e-6, grouped=7e9, grouped_weight_grad=2.5e9),
     # H100 SXM by its specification sheet, derated to what cuDNN/cuBLAS reach on mid-size layers;
     # not yet calibrated by measurement on this package's ops.
     "cuda": DeviceModel(flops={torch.float32: 50e12, torch.float64: 50e12, torch.bfloat16: 450e12,
@@ -109,6 +117,8 @@ class Cost:
     bytes: float = 0.0
     ops: int = 0
     notes: list = field(default_factory=list)
+    grouped_flops: float = 0.0  # part of ``flops``: grouped convolutions' forward and input gradients
+    grouped_weight_grad_flops: float = 0.0  # part of ``flops``: grouped convolutions' weight gradients
 
     def add(self, flops: float = 0.0, nbytes: float = 0.0, ops: int = 1) -> "Cost":
         self.flops += flops
@@ -116,8 +126,20 @@ class Cost:
         self.ops += ops
         return self
 
+    def merge(self, other: "Cost") -> "Cost":
+        self.add(other.flops, other.bytes, other.ops)
+        self.grouped_flops += other.grouped_flops
+        self.grouped_weight_grad_flops += other.grouped_weight_grad_flops
+        return self
+
     def seconds(self, device: DeviceModel, dtype: torch.dtype) -> float:
-        return self.flops / device.flop_rate(dtype) + self.bytes / device.bandwidth + self.ops * device.op_overhead
+        dense = device.flop_rate(dtype)
+        compute = self.flops / dense
+        for flops, rate in ((self.grouped_flops, device.grouped),
+                            (self.grouped_weight_grad_flops, device.grouped_weight_grad)):
+            if rate is not None:
+                compute += flops / min(rate, dense) - flops / dense
+        return compute + self.bytes / device.bandwidth + self.ops * device.op_overhead
 
 
 class _Sizes:
@@ -142,9 +164,22 @@ class _Sizes:
         """An op of ``flops`` reading/writing tensors of ``elements`` elements in the op's dtype."""
         return cost.add(flops, self.e * sum(elements))
 
+    def grouped_op(self, cost: Cost, flops: float, *elements: float, weight_grad: bool = False) -> Cost:
+        """An op of the layer's grouping: a grouped convolution runs at its own rate on some devices."""
+        if self.w.groups > 1:
+            if weight_grad:
+                cost.grouped_weight_grad_flops += flops
+            else:
+                cost.grouped_flops += flops
+        return self.op(cost, flops, *elements)
+
     def conv_pass(self, cost: Cost) -> Cost:
-        """One pass of the layer's op (forward, input gradient or weight gradient)."""
-        return self.op(cost, self.conv, self.x, self.weight, self.y)
+        """One pass of the layer's op (forward or input gradient)."""
+        return self.grouped_op(cost, self.conv, self.x, self.weight, self.y)
+
+    def weight_grad_pass(self, cost: Cost) -> Cost:
+        """The layer's weight gradient."""
+        return self.grouped_op(cost, self.conv, self.x, self.weight, self.y, weight_grad=True)
 
     def transform(self, cost: Cost) -> Cost:
         """``W'`` (or ``W' - W``) built in the op's dtype: one fused pass, or the reference's
@@ -178,7 +213,7 @@ def merged_cost(w: Workload) -> Cost:
     if w.need_input:
         s.conv_pass(s.transform(cost) if w.fused else cost)
     if w.need_adapter or w.need_weight:
-        s.conv_pass(cost)
+        s.weight_grad_pass(cost)
         cost.notes.append("full weight gradient")
     if w.need_adapter:
         s.project(cost)
@@ -195,7 +230,7 @@ def two_branch_cost(w: Workload) -> Cost:
         s.conv_pass(s.transform(cost) if w.fused else cost)
         s.op(cost, 0, s.x, s.x, s.x)
     if w.need_adapter or w.need_weight:
-        s.conv_pass(cost)
+        s.weight_grad_pass(cost)
     if w.need_adapter:
         s.project(cost)
     return cost
@@ -221,34 +256,35 @@ def tucker_bypass_cost(w: Workload) -> Cost:
     f_in, f_mid, f_out, u, z = _chain_parts(s, w)
     cost = s.conv_pass(Cost(notes=["op(x, W) + Tucker chain"]))
     s.op(cost, f_in, s.x, u)
-    s.op(cost, f_mid, u, z)
+    s.grouped_op(cost, f_mid, u, z)
     s.op(cost, f_out, z, s.y, s.y)
     keeps_u = u <= SAVE_U_FRACTION * s.x
     if w.need_adapter:
         if not keeps_u:
             s.op(cost, f_in, s.x, u)
-        s.op(cost, f_mid, u, z)
+        s.grouped_op(cost, f_mid, u, z)
         s.op(cost, f_out, s.y, z)  # grad z
         s.op(cost, f_out, s.y, z)  # grad U_1
-        s.op(cost, f_mid, z, u)  # grad u
-        s.op(cost, f_mid, z, u)  # grad K
+        s.grouped_op(cost, f_mid, z, u)  # grad u
+        s.grouped_op(cost, f_mid, z, u, weight_grad=True)  # grad K
         s.op(cost, f_in, u, s.x)  # grad U_2
     if w.need_input or w.dropout:
         s.conv_pass(cost)
         through_chain = Cost()
         s.op(through_chain, f_in, u, s.x, s.x, s.x)
         if not w.need_adapter:
-            s.op(through_chain, f_out + f_mid, s.y, z, u)
+            s.op(through_chain, f_out, s.y, z)
+            s.grouped_op(through_chain, f_mid, z, u)
         through_weight = s.transform(Cost())
         dev = DEVICES[w.device_type]
         if w.dropout or through_chain.seconds(dev, w.dtype) <= through_weight.seconds(dev, w.dtype):
-            cost.add(through_chain.flops, through_chain.bytes, through_chain.ops)
+            cost.merge(through_chain)
             cost.notes.append("input gradient through W and the chain")
         else:
-            cost.add(through_weight.flops, through_weight.bytes, through_weight.ops)
+            cost.merge(through_weight)
             cost.notes.append("input gradient through W'")
     if w.need_weight:
-        s.conv_pass(cost)
+        s.weight_grad_pass(cost)
     cost.notes.append("u kept" if keeps_u else "u recomputed")
     return cost
 
@@ -283,7 +319,7 @@ def scale_bypass_cost(w: Workload) -> Cost:
         if w.need_adapter:
             s.op(cost, 0, s.x, s.x, *((s.y, s.y) if ssb else ()))
     if w.need_weight:
-        s.conv_pass(cost)
+        s.weight_grad_pass(cost)
     return cost
 
 
