@@ -35,13 +35,15 @@ class DeviceModel:
     ``bandwidth``: bytes/s of a large elementwise pass (read + write); ``op_overhead``: seconds
     per op launched from Python (dispatch, launch, small-op latency); ``grouped``: FLOP/s of a
     grouped convolution's forward and input gradient, ``grouped_weight_grad``: of its weight
-    gradient (None: the dense rate)."""
+    gradient (None: the dense rate); ``conv_overhead``: seconds a convolution call costs beyond
+    ``op_overhead``."""
 
     flops: dict
     bandwidth: float
     op_overhead: float
     grouped: Optional[float] = None
     grouped_weight_grad: Optional[float] = None
+    conv_overhead: float = 0.0
 
     def flop_rate(self, dtype: torch.dtype) -> float:
         return self.flops.get(dtype, self.flops[torch.float32])
@@ -53,10 +55,13 @@ DEVICES = {
     # convolutions run at 1.4/2.4 GFLOP/s there (no native 16-bit units); depthwise convolutions
     # far below the dense rate, by kernel size: forward and input gradient 3.5 GFLOP/s (3x3,
     # 64 channels, 32x32) to 14 GFLOP/s (7x7), weight gradient 5 GFLOP/s (3x3) to 0.6-1.7 GFLOP/s
-    # (7x7; bench rows convnext_t/dw7x7_*); one geometric middle each.
+    # (7x7; bench rows convnext_t/dw7x7_*); one geometric middle each. A convolution call has a
+    # fixed cost of its own: 70-120 us at 4 channels and batches of 2-32 (oneDNN's setup); 40 us
+    # beside the small op's 6 us gave auto's choices the least excess time over the bench's
+    # forced strategies (commit 7ec1398's CPU run).
     "cpu": DeviceModel(flops={torch.float32: 60e9, torch.float64: 30e9, torch.bfloat16: 1.5e9,
                               torch.float16: 2.5e9},
-                       bandwidth=15e9, op_overhead=6e-6, grouped=7e9, grouped_weight_grad=2.5e9),
+                       bandwidth=15e9, op_overhead=6e-6, grouped=7e9, grouped_weight_grad=2.5e9, conv_overhead=40e-6),
     # H100 SXM by its specification sheet, derated to what cuDNN/cuBLAS reach on mid-size layers;
     # not yet calibrated by measurement on this package's ops.
     "cuda": DeviceModel(flops={torch.float32: 50e12, torch.float64: 50e12, torch.bfloat16: 450e12,
@@ -119,6 +124,7 @@ class Cost:
     notes: list = field(default_factory=list)
     grouped_flops: float = 0.0  # part of ``flops``: grouped convolutions' forward and input gradients
     grouped_weight_grad_flops: float = 0.0  # part of ``flops``: grouped convolutions' weight gradients
+    conv_calls: int = 0  # of ``ops``: convolutions (fixed costs beyond a small op's on some devices)
 
     def add(self, flops: float = 0.0, nbytes: float = 0.0, ops: int = 1) -> "Cost":
         self.flops += flops
@@ -129,6 +135,7 @@ class Cost:
     def merge(self, other: "Cost") -> "Cost":
         self.add(other.flops, other.bytes, other.ops)
         self.grouped_flops += other.grouped_flops
+        self.conv_calls += other.conv_calls
         self.grouped_weight_grad_flops += other.grouped_weight_grad_flops
         return self
 
@@ -139,7 +146,8 @@ class Cost:
                             (self.grouped_weight_grad_flops, device.grouped_weight_grad)):
             if rate is not None:
                 compute += flops / min(rate, dense) - flops / dense
-        return compute + self.bytes / device.bandwidth + self.ops * device.op_overhead
+        return (compute + self.bytes / device.bandwidth + self.ops * device.op_overhead
+                + self.conv_calls * device.conv_overhead)
 
 
 class _Sizes:
@@ -161,7 +169,10 @@ class _Sizes:
         self.conv = 2.0 * self.batch * self.pixels_out * self.c_out * self.c_group * self.kernel
 
     def op(self, cost: Cost, flops: float, *elements: float) -> Cost:
-        """An op of ``flops`` reading/writing tensors of ``elements`` elements in the op's dtype."""
+        """An op of ``flops`` reading/writing tensors of ``elements`` elements in the op's dtype; on
+        a convolution layer, an op with FLOPs is a convolution."""
+        if flops and len(self.w.weight_shape) > 2:
+            cost.conv_calls += 1
         return cost.add(flops, self.e * sum(elements))
 
     def grouped_op(self, cost: Cost, flops: float, *elements: float, weight_grad: bool = False) -> Cost:
