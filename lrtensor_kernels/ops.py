@@ -14,6 +14,7 @@ weight-sized pass.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Optional
 
@@ -121,6 +122,7 @@ class FusedOp:
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
+@functools.lru_cache(maxsize=None)
 def _tracing_modes() -> tuple:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch._subclasses.functional_tensor import FunctionalTensorMode

@@ -61,7 +61,8 @@ DEVICES = {
     # forced strategies (commit 7ec1398's CPU run).
     "cpu": DeviceModel(flops={torch.float32: 60e9, torch.float64: 30e9, torch.bfloat16: 1.5e9,
                               torch.float16: 2.5e9},
-                       bandwidth=15e9, op_overhead=6e-6, grouped=7e9, grouped_weight_grad=2.5e9, conv_overhead=40e-6),
+                       bandwidth=15e9, op_overhead=6e-6, grouped=7e9, grouped_weight_grad=2.5e9,
+                       conv_overhead=40e-6),
     # H100 SXM by its specification sheet, derated to what cuDNN/cuBLAS reach on mid-size layers;
     # not yet calibrated by measurement on this package's ops.
     "cuda": DeviceModel(flops={torch.float32: 50e12, torch.float64: 50e12, torch.bfloat16: 450e12,
@@ -141,11 +142,13 @@ class Cost:
 
     def seconds(self, device: DeviceModel, dtype: torch.dtype) -> float:
         dense = device.flop_rate(dtype)
-        compute = self.flops / dense
-        for flops, rate in ((self.grouped_flops, device.grouped),
-                            (self.grouped_weight_grad_flops, device.grouped_weight_grad)):
-            if rate is not None:
-                compute += flops / min(rate, dense) - flops / dense
+
+        def rate(grouped_rate: Optional[float]) -> float:
+            return dense if grouped_rate is None else min(grouped_rate, dense)
+
+        dense_flops = self.flops - self.grouped_flops - self.grouped_weight_grad_flops
+        compute = (dense_flops / dense + self.grouped_flops / rate(device.grouped)
+                   + self.grouped_weight_grad_flops / rate(device.grouped_weight_grad))
         return (compute + self.bytes / device.bandwidth + self.ops * device.op_overhead
                 + self.conv_calls * device.conv_overhead)
 
@@ -167,11 +170,12 @@ class _Sizes:
         self.e = torch.finfo(w.dtype).bits // 8
         self.e_acc = torch.finfo(methods.compute_dtype(w.weight_dtype)).bits // 8
         self.conv = 2.0 * self.batch * self.pixels_out * self.c_out * self.c_group * self.kernel
+        self.is_conv = len(w.weight_shape) > 2
 
     def op(self, cost: Cost, flops: float, *elements: float) -> Cost:
         """An op of ``flops`` reading/writing tensors of ``elements`` elements in the op's dtype; on
         a convolution layer, an op with FLOPs is a convolution."""
-        if flops and len(self.w.weight_shape) > 2:
+        if flops and self.is_conv:
             cost.conv_calls += 1
         return cost.add(flops, self.e * sum(elements))
 
