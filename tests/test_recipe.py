@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 RECIPE = Path(__file__).resolve().parent.parent / "examples" / "finetune_digits.py"
 
 
-def test_recipe_runs_and_matches_budgets(tmp_path):
+def test_recipe_runs_and_matches_budgets(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("finetune_digits", RECIPE)
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
@@ -31,4 +31,8 @@ def test_recipe_runs_and_matches_budgets(tmp_path):
     assert rows["head"]["trainable"] == 64 * 5 + 5 < rows["ssl"]["trainable"] < budget < rows["full"]["trainable"]
     assert all(0.0 <= r["accuracy_mean"] <= 1.0 and r["step_ms"] > 0 for r in rows.values())
     assert out.with_suffix(".md").read_text().startswith("Digits 5-9")
-    assert out.with_suffix(".png").stat().st_size > 0
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert out.with_suffix(".png").stat().st_size > 0
+    else:  # the plot is optional: the recipe says so and writes everything else
+        assert not out.with_suffix(".png").exists()
+        assert "matplotlib is not installed: no plot" in capsys.readouterr().out
