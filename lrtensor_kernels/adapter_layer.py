@@ -47,7 +47,7 @@ class GradInParameterLayout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return tuple(ops.in_layout(g, shape, stride) for g, (shape, stride) in zip(grads, ctx.layouts))
+        return tuple([ops.in_layout(g, shape, stride) for g, (shape, stride) in zip(grads, ctx.layouts)])
 
 
 class AdapterLayer(nn.Module):

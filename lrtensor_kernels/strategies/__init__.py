@@ -10,7 +10,7 @@ computed, never its value (up to rounding), the parameters or what is saved to a
 - ``"bypass"`` (FLoRA, SSL, SSB): the frozen op on ``W`` plus an exact cheap path for the update,
   with no full weight gradient: FLoRA's Tucker chain (:mod:`.tucker_bypass`), SSL/SSB's scaled
   activations (:mod:`.scale_bypass`).
-- ``"auto"`` (default): chosen per call by the cost model (:mod:`.cost`).
+- ``"auto"`` (default): chosen by the cost model (:mod:`.cost`) once per layer call signature.
 
 Each strategy runs on every backend: in plain PyTorch on "reference", through custom ops on the
 fused backends. Layers hold a strategy name and hand it here with their tensors.
@@ -93,5 +93,7 @@ _observers: list = []  # callables (call, decision) told of every decision; see 
 
 
 def decide(call: AdaptedCall, strategy: str = "auto") -> cost.Decision:
-    """The strategy ``call`` runs under ``strategy`` (the cost model's choice for "auto")."""
-    return cost.decide(cost.Workload.of(call), strategy)
+    """The strategy ``call`` runs under ``strategy`` (the cost model's choice for "auto"), made
+    once per call signature (shapes, dtypes, geometry, gradients needed, backend): a lookup on
+    later calls; under torch.compile a constant of the graph (:func:`cost.decision`)."""
+    return cost.decision(cost.signature(call), strategy)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import functools
 import math as pymath
+import operator
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -93,11 +94,15 @@ class Workload:
 
     @classmethod
     def of(cls, call: AdaptedCall) -> "Workload":
-        needs = call.needs()
-        return cls(tuple(call.weight.shape), tuple(call.x.shape), _output_shape(call), call.groups, call.x.dtype,
-                   call.weight.dtype, call.weight.device.type, call.math, tuple(tuple(t.shape) for t in call.adapter),
-                   needs["input"], needs["weight"], needs["bias"], needs["adapter"], call.dropped_x is not None,
-                   call.impl != "reference")
+        return cls.of_signature(signature(call))
+
+    @classmethod
+    def of_signature(cls, sig: tuple) -> "Workload":
+        """The workload of a call with this :func:`signature`."""
+        s = CallSignature(*sig)
+        return cls(s.weight_shape, s.input_shape, _output_shape(s), s.groups, s.dtype, s.weight_dtype, s.device_type,
+                   methods.AdapterMath.from_key(s.math), s.adapter_shapes, s.need_input, s.need_weight, s.need_bias,
+                   s.need_adapter, s.dropout, s.impl != "reference")
 
     @property
     def ranks(self) -> tuple:
@@ -107,12 +112,53 @@ class Workload:
         return (self.adapter_shapes[0][1],) if self.math.delta == "lora" else ()
 
 
-def _output_shape(call: AdaptedCall) -> tuple:
-    if call.is_linear:
-        return (call.x.shape[0], call.weight.shape[0])
-    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
-               zip(call.x.shape[2:], call.weight.shape[2:], call.stride, call.padding, call.dilation)]
-    return (call.x.shape[0], call.weight.shape[0], *spatial)
+class CallSignature(NamedTuple):
+    """Everything the cost model reads of one call. :func:`signature` makes it as a plain tuple in
+    this order (torch.compile turns plain tuples of Python values into constants, not named ones)."""
+
+    weight_shape: tuple
+    input_shape: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    dtype: torch.dtype
+    weight_dtype: torch.dtype
+    device_type: str
+    math: str  # AdapterMath.key
+    adapter_shapes: tuple
+    need_input: bool
+    need_weight: bool
+    need_bias: bool
+    need_adapter: bool
+    dropout: bool
+    impl: str
+
+
+def _specialised_sizes(shape) -> tuple:
+    """``shape`` as Python ints under torch.compile: a size the graph holds symbolic (automatic
+    dynamic shapes) is specialised to its value, with a guard. The decision depends on it, so a
+    graph is compiled per distinct input shape."""
+    return tuple([operator.index(d) for d in shape])
+
+
+def signature(call: AdaptedCall) -> tuple:
+    """The fields of :class:`CallSignature` of ``call``: Python ints, strings, bools and dtypes,
+    hashable, and a constant under torch.compile."""
+    sizes = _specialised_sizes if torch.compiler.is_compiling() else tuple
+    needs = call.needs()
+    return (sizes(call.weight.shape), sizes(call.x.shape), tuple(call.stride), tuple(call.padding),
+            tuple(call.dilation), call.groups, call.x.dtype, call.weight.dtype, call.weight.device.type, call.math.key,
+            tuple([sizes(t.shape) for t in call.adapter]), needs["input"], needs["weight"], needs["bias"],
+            needs["adapter"], call.dropped_x is not None, call.impl)
+
+
+def _output_shape(s: CallSignature) -> tuple:
+    if len(s.weight_shape) == 2:
+        return (s.input_shape[0], s.weight_shape[0])
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // st + 1 for size, k, st, p, d in
+               zip(s.input_shape[2:], s.weight_shape[2:], s.stride, s.padding, s.dilation)]
+    return (s.input_shape[0], s.weight_shape[0], *spatial)
 
 
 @dataclass
@@ -367,16 +413,21 @@ def strategy_cost(w: Workload, strategy: str) -> Cost:
     return _COSTS[strategy](w)
 
 
+@torch.compiler.assume_constant_result
+def decision(sig: tuple, requested: str) -> Decision:
+    """The decision for a call of :func:`signature` ``sig``, made once per signature and
+    ``requested`` strategy and remembered. Under torch.compile it is made while tracing, outside
+    the graph, whose code sees the result as a constant (the signature's sizes are guarded)."""
+    return _decision_cached(sig, requested)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decision_cached(sig: tuple, requested: str) -> Decision:
+    return decide(Workload.of_signature(sig), requested)
+
+
 def decide(w: Workload, requested: str) -> Decision:
-    """The strategy for ``w``: ``requested`` itself, or for "auto" the rule of the module doc.
-
-    Memoised in eager mode; traced through (constant-folded) under torch.compile."""
-    if torch.compiler.is_compiling():
-        return _decide(w, requested)
-    return _decide_cached(w, requested)
-
-
-def _decide(w: Workload, requested: str) -> Decision:
+    """The strategy for ``w``: ``requested`` itself, or for "auto" the rule of the module doc."""
     device = DEVICES.get(w.device_type, DEVICES["cuda"])
     candidates = applicable(w.math)
     costs = {name: strategy_cost(w, name) for name in candidates}
@@ -394,8 +445,6 @@ def _decide(w: Workload, requested: str) -> Decision:
     via_weight = strategy == "bypass" and "input gradient through W'" in costs["bypass"].notes
     return Decision(strategy, reason, costs, via_weight)
 
-
-_decide_cached = functools.lru_cache(maxsize=4096)(_decide)
 
 
 def frozen_seconds(w: Workload) -> float:
