@@ -47,6 +47,8 @@ class GradInParameterLayout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        # a list, not a generator: torch.compile (2.14) fails a fullgraph trace that leaves a generator
+        # made in an autograd.Function's backward for it to close
         return tuple([ops.in_layout(g, shape, stride) for g, (shape, stride) in zip(grads, ctx.layouts)])
 
 
