@@ -20,7 +20,7 @@ import functools
 import math as pymath
 import operator
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
@@ -74,47 +74,10 @@ DEVICES = {
 
 @dataclass(frozen=True)
 class Workload:
-    """What the cost model needs of one call: shapes, dtypes, geometry, ranks, needed gradients."""
-
-    weight_shape: tuple
-    input_shape: tuple
-    output_shape: tuple
-    groups: int
-    dtype: torch.dtype
-    weight_dtype: torch.dtype
-    device_type: str
-    math: methods.AdapterMath
-    adapter_shapes: tuple
-    need_input: bool
-    need_weight: bool
-    need_bias: bool
-    need_adapter: bool
-    dropout: bool
-    fused: bool
-
-    @classmethod
-    def of(cls, call: AdaptedCall) -> "Workload":
-        return cls.of_signature(signature(call))
-
-    @classmethod
-    def of_signature(cls, sig: tuple) -> "Workload":
-        """The workload of a call with this :func:`signature`."""
-        s = CallSignature(*sig)
-        return cls(s.weight_shape, s.input_shape, _output_shape(s), s.groups, s.dtype, s.weight_dtype, s.device_type,
-                   methods.AdapterMath.from_key(s.math), s.adapter_shapes, s.need_input, s.need_weight, s.need_bias,
-                   s.need_adapter, s.dropout, s.impl != "reference")
-
-    @property
-    def ranks(self) -> tuple:
-        """Tucker: the core's shape; lora: (r,); scales: ()."""
-        if self.math.delta == "tucker":
-            return self.adapter_shapes[0]
-        return (self.adapter_shapes[0][1],) if self.math.delta == "lora" else ()
-
-
-class CallSignature(NamedTuple):
-    """Everything the cost model reads of one call. :func:`signature` makes it as a plain tuple in
-    this order (torch.compile turns plain tuples of Python values into constants, not named ones)."""
+    """What the cost model reads of one call: shapes, geometry, dtypes, the adapter's math and
+    shapes, the gradients needed, adapter dropout, the backend. Its fields, in order, are what
+    :func:`signature` returns: Python ints, strings, bools and dtypes only (``math_key`` is
+    ``AdapterMath.key``), so that torch.compile sees them as a constant."""
 
     weight_shape: tuple
     input_shape: tuple
@@ -125,7 +88,7 @@ class CallSignature(NamedTuple):
     dtype: torch.dtype
     weight_dtype: torch.dtype
     device_type: str
-    math: str  # AdapterMath.key
+    math_key: str
     adapter_shapes: tuple
     need_input: bool
     need_weight: bool
@@ -133,6 +96,34 @@ class CallSignature(NamedTuple):
     need_adapter: bool
     dropout: bool
     impl: str
+
+    @classmethod
+    def of(cls, call: AdaptedCall) -> "Workload":
+        return cls(*signature(call))
+
+    @property
+    def math(self) -> methods.AdapterMath:
+        return methods.AdapterMath.from_key(self.math_key)
+
+    @property
+    def fused(self) -> bool:
+        """Whether a fused backend builds ``W'`` (one pass) rather than the reference math."""
+        return self.impl != "reference"
+
+    @property
+    def output_shape(self) -> tuple:
+        if len(self.weight_shape) == 2:
+            return (self.input_shape[0], self.weight_shape[0])
+        spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+                   zip(self.input_shape[2:], self.weight_shape[2:], self.stride, self.padding, self.dilation)]
+        return (self.input_shape[0], self.weight_shape[0], *spatial)
+
+    @property
+    def ranks(self) -> tuple:
+        """Tucker: the core's shape; lora: (r,); scales: ()."""
+        if self.math.delta == "tucker":
+            return self.adapter_shapes[0]
+        return (self.adapter_shapes[0][1],) if self.math.delta == "lora" else ()
 
 
 def _specialised_sizes(shape) -> tuple:
@@ -143,22 +134,14 @@ def _specialised_sizes(shape) -> tuple:
 
 
 def signature(call: AdaptedCall) -> tuple:
-    """The fields of :class:`CallSignature` of ``call``: Python ints, strings, bools and dtypes,
-    hashable, and a constant under torch.compile."""
+    """The fields of ``call``'s :class:`Workload`, as a plain tuple: hashable, and a constant
+    under torch.compile (which makes no constant of a dataclass built while tracing)."""
     sizes = _specialised_sizes if torch.compiler.is_compiling() else tuple
     needs = call.needs()
     return (sizes(call.weight.shape), sizes(call.x.shape), tuple(call.stride), tuple(call.padding),
             tuple(call.dilation), call.groups, call.x.dtype, call.weight.dtype, call.weight.device.type, call.math.key,
             tuple([sizes(t.shape) for t in call.adapter]), needs["input"], needs["weight"], needs["bias"],
             needs["adapter"], call.dropped_x is not None, call.impl)
-
-
-def _output_shape(s: CallSignature) -> tuple:
-    if len(s.weight_shape) == 2:
-        return (s.input_shape[0], s.weight_shape[0])
-    spatial = [(size + 2 * p - d * (k - 1) - 1) // st + 1 for size, k, st, p, d in
-               zip(s.input_shape[2:], s.weight_shape[2:], s.stride, s.padding, s.dilation)]
-    return (s.input_shape[0], s.weight_shape[0], *spatial)
 
 
 @dataclass
@@ -423,7 +406,7 @@ def decision(sig: tuple, requested: str) -> Decision:
 
 @functools.lru_cache(maxsize=4096)
 def _decision_cached(sig: tuple, requested: str) -> Decision:
-    return decide(Workload.of_signature(sig), requested)
+    return decide(Workload(*sig), requested)
 
 
 def decide(w: Workload, requested: str) -> Decision:
