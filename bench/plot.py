@@ -17,6 +17,7 @@ from bench import report, suite, summary
 ROUTE_MARKERS = {"reference": "o", "native": "s", "triton": "^", "compiled": "D"}
 BASELINE_MARKERS = "ovsD^<>ph*"
 FULL_FT_STYLE = dict(color="0.45", marker="_", markersize=14, markeredgewidth=2.0, linestyle="none")
+FROZEN_LABEL = "frozen layer = 1"
 LORA_STYLE = dict(color="black", marker="x", markersize=6, markeredgewidth=1.2, linestyle="none")
 
 
@@ -71,23 +72,16 @@ def _family_separators(ax, shapes: list) -> None:
             ax.axvline(i - 0.5, color="0.8", linewidth=0.8, zorder=0)
 
 
-def plot_run(rows: list, path: Path, meta: dict, lora: Optional[str]) -> Optional[Path]:
-    """Draws the run into ``path`` (PNG). Returns the path, or None (with a note printed) when
-    matplotlib is missing or no ratio was measured."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter, LogLocator
-    except ImportError:
-        print("note: matplotlib is not installed; the plot is skipped (pip install matplotlib)")
-        return None
+def figure(rows: list, meta: dict, lora: Optional[str]):
+    """The plot of a run as a matplotlib Figure (None when no ratio was measured); needs matplotlib."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
     measured = summary.Rows(rows)
     groups = {title: [p for p in members if _series(measured, p)[0]]
               for title, members in summary.provider_groups(measured.providers).items()}
     groups = {title: members for title, members in groups.items() if members}
     if not groups:
-        print("note: no ratios to plot")
         return None
     shapes = measured.shapes
     width = max(11.0, 0.42 * len(shapes) + 6.5)
@@ -97,12 +91,11 @@ def plot_run(rows: list, path: Path, meta: dict, lora: Optional[str]) -> Optiona
     for ax, (title, members) in zip(axes[:, 0], groups.items()):
         baseline_panel = title == summary.BASELINE_GROUP
         for provider in members:
-            colour = colours[provider]
             parts = suite.adapter_provider_parts(provider)
             marker = (BASELINE_MARKERS[members.index(provider) % len(BASELINE_MARKERS)] if parts is None
                       else ROUTE_MARKERS.get(parts[1], "o"))
             forced = parts is not None and parts[2] != "auto"
-            ax.plot(*_series(measured, provider), linestyle="none", marker=marker, color=colour,
+            ax.plot(*_series(measured, provider), linestyle="none", marker=marker, color=colours[provider],
                     markersize=5 if forced else 7, fillstyle="none" if forced else "full",
                     label=_legend_label(provider))
         if not baseline_panel:
@@ -111,7 +104,7 @@ def plot_run(rows: list, path: Path, meta: dict, lora: Optional[str]) -> Optiona
             if lora:
                 ax.plot(*_series(measured, lora), label=f"{lora}: the LoRA baseline", **LORA_STYLE)
         ax.axhline(1.0, color="black", linewidth=1.0, zorder=1)
-        ax.annotate("frozen layer = 1", xy=(0, 1.0), xycoords=("axes fraction", "data"), xytext=(3, 2),
+        ax.annotate(FROZEN_LABEL, xy=(0, 1.0), xycoords=("axes fraction", "data"), xytext=(3, 2),
                     textcoords="offset points", fontsize=8, va="bottom")
         _family_separators(ax, shapes)
         ax.set_title(title if baseline_panel else f"{title}: every backend and strategy", loc="left", fontsize=10)
@@ -129,6 +122,23 @@ def plot_run(rows: list, path: Path, meta: dict, lora: Optional[str]) -> Optiona
     fig.suptitle("\n".join(["One training step (forward + backward) of one layer: time over the frozen layer's "
                            "time on the same shape (log scale; lower is better)", *report.run_description_lines(meta)]),
                  fontsize=10.5)
+    return fig
+
+
+def plot_run(rows: list, path: Path, meta: dict, lora: Optional[str]) -> Optional[Path]:
+    """Draws the run into ``path`` (PNG). Returns the path, or None (with a note printed) when
+    matplotlib is missing or no ratio was measured."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; the plot is skipped (pip install matplotlib)")
+        return None
+    fig = figure(rows, meta, lora)
+    if fig is None:
+        print("note: no ratios to plot")
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
