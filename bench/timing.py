@@ -214,3 +214,10 @@ def kept_for_backward(step: Step) -> KeptBytes:
                      held=sum(n for ptr, n in alive.items() if ptr not in saved and ptr != output))
 
 
+
+
+def saved_for_backward_mib(step: Step) -> float:
+    """MiB that autograd keeps from the forward for the backward beyond the input and the weights
+    (which live anyway): :attr:`KeptBytes.saved_beyond_inputs`. The activation memory a layer adds
+    to a training step; a weight-sized W' kept for backward shows up here."""
+    return kept_for_backward(step).saved_beyond_inputs / 2 ** 20
