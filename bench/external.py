@@ -22,6 +22,7 @@ install them). Nothing is imported before a provider is set up.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.metadata
 import importlib.util
 import warnings
@@ -93,6 +94,13 @@ def _installed(package: str) -> bool:
 def providers() -> dict:
     """Provider name -> setup function, for the providers whose package is installed."""
     return {name: setup for name, setup in SETUPS.items() if _installed(PACKAGES[name])}
+
+
+def import_packages(selected) -> None:
+    """Imports the packages of the selected providers of this module (peft takes seconds: once,
+    before anything is measured)."""
+    for package in sorted({PACKAGES[name] for name in selected if name in PACKAGES}):
+        importlib.import_module(package)
 
 
 def describe(name: str) -> tuple:
