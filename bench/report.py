@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from bench import summary
+from bench import suite, summary
 
 TABLE_COLUMNS = (("shape", 34, "<"), ("provider", 28, "<"), ("strategy", 10, "<"), ("ms fwd", 9, ">"),
                  ("ms bwd", 9, ">"),
@@ -126,6 +126,12 @@ def _ratio_cell(row: Optional[Row], show_strategy: bool) -> str:
     return ("-" if ratio is None else f"{ratio:.2f}") + chosen
 
 
+def _chooses_strategy(provider: str) -> bool:
+    """Whether the strategy a provider's rows ran is news: not for a forced ``<method>_<route>:<strategy>``."""
+    parts = suite.adapter_provider_parts(provider)
+    return parts is None or parts[2] == "auto"
+
+
 def per_shape_tables(rows: list, groups: dict) -> list:
     """One Markdown table per group (``title -> providers``): a line per shape, the frozen layer's
     fwd+bwd ms, then each provider's fwd+bwd time over the frozen layer's (``[strategy]`` where
@@ -138,7 +144,7 @@ def per_shape_tables(rows: list, groups: dict) -> list:
         for shape in shapes:
             frozen = cells.get((shape, "frozen"))
             frozen_ms = f"{frozen.ms['fwd_bwd']:.3f}" if frozen is not None and frozen.status == "ok" else "-"
-            body.append((shape, frozen_ms, *(_ratio_cell(cells.get((shape, p)), ":" not in p) for p in providers)))
+            body.append((shape, frozen_ms, *(_ratio_cell(cells.get((shape, p)), _chooses_strategy(p)) for p in providers)))
         tables.append(f"### {title}\n\n" + format_table(("shape", "frozen ms", *providers), body, markdown=True))
     return tables
 
