@@ -292,14 +292,20 @@ def run_timing(shapes: list, providers: dict, ctx: suite.Context, warmup: int, r
     return rows
 
 
-def prepare_native(providers: dict) -> Optional[float]:
+def prepare_native(providers: dict) -> Optional[dict]:
     """Loads (on first use: builds) the native library before anything is timed, when a native
-    provider is selected; returns the seconds it took (None when no native provider runs)."""
+    provider is selected: ``{"s": seconds it took, "available": bool, "reason": why not}``, None
+    when no native provider runs."""
     if not any("_native" in name for name in providers):
         return None
     started = time.perf_counter()
-    native_available()
-    return round(time.perf_counter() - started, 1)
+    available = native_available()
+    state = {"s": round(time.perf_counter() - started, 1), "available": available}
+    if not available:
+        from lrtensor_kernels.kernels import native_build
+
+        state["reason"] = native_build.unavailable_reason()
+    return state
 
 
 def main(argv=None) -> int:
@@ -337,7 +343,7 @@ def main(argv=None) -> int:
           "(--rows prints them as they are measured)", flush=True)
 
     meta = environment(device, args, warmup, repeats)
-    meta["native_library_s"] = prepare_native(providers)
+    meta["native_library"] = prepare_native(providers)
     external.import_packages(providers)
     # Every row frees its layer with gc.collect(); the objects alive now (torch, the imported
     # packages: hundreds of thousands) stay, and walking them took ~0.2 s a collection, most of a
@@ -372,14 +378,21 @@ def measure_all(args, ctx, full_shapes, shapes, providers, warmup, repeats, meta
     return finish(args, meta, rows, checks, save)
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def time_note(meta: dict) -> str:
     """How long the run took and what that depended on."""
-    parts = [f"{meta['wall_s'] / 60:.1f} min in all"]
-    parts += [f"{name} {meta[key] / 60:.1f} min" for name, key in (("verify", "verify_s"), ("timing", "timing_s"))
+    parts = [f"{_duration(meta['wall_s'])} in all"]
+    parts += [f"{name} {_duration(meta[key])}" for name, key in (("verify", "verify_s"), ("timing", "timing_s"))
               if meta.get(key) is not None]
-    if meta.get("native_library_s") is not None:
-        parts.append(f"native library ready in {meta['native_library_s']:.0f} s (a first build takes minutes, "
+    native = meta.get("native_library")
+    if native is not None and native["available"]:
+        parts.append(f"native library ready in {native['s']:.0f} s (a first build takes half a minute to minutes, "
                      "then it is cached)")
+    elif native is not None:
+        parts.append(f"native library unavailable ({native['reason']}; its rows are skipped)")
     load = (f"load average {meta['load_average_at_start']:.1f} at the start, {meta['load_average_at_end']:.1f} at "
             f"the end, on {os.cpu_count()} cores")
     return (f"time: {'; '.join(parts)}; {load}. It depends on the cores and what else runs on them, the threads "

@@ -14,7 +14,8 @@ Two tables:
   as a user gets it): x frozen, x full fine-tuning, x LoRA, kept x frozen;
 - :func:`strategy_lines`: per method x backend, x frozen under ``auto`` and under each forced
   strategy, and ``auto / best``: the geometric mean over shapes of auto's time over the fastest
-  forced strategy's on that shape (1.00: auto always picked the fastest; above 1: it lost time).
+  forced strategy's on that shape (1.00: auto always picked the fastest; above 1: it lost time),
+  given only where every strategy that can run the method was run.
 """
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ def strategy_lines(rows: Rows) -> list:
             continue
         x_frozen = {st: geometric_mean(rows.ratios(p, suite.FLOOR)) for st, p in by_strategy.items()}
         auto_over_best = None
-        if "auto" in by_strategy:
+        if "auto" in by_strategy and set(by_strategy) == set(suite.method_strategies(method)):
             forced = [p for st, p in by_strategy.items() if st != "auto"]
             losses = []
             for shape in rows.shapes:

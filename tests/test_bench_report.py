@@ -18,11 +18,12 @@ TIMES = {
     "peft_lora": (3.0, None, 6.0),  # refused on the second shape
     "flora_reference": (2.0, 8.0, 4.0),
     "flora_reference:merged": (3.0, 8.0, 5.0),
+    "flora_reference:two_branch": (4.0, 9.0, 6.0),
     "flora_reference:bypass": (2.0, 6.0, 8.0),
     "ssl_native": (1.0, 4.0, 4.0),
 }
 KEPT = {"frozen": 2.0, "full_ft": 2.0, "torch_lora": 3.0, "peft_lora": 3.0, "flora_reference": 4.0,
-        "flora_reference:merged": 4.0, "flora_reference:bypass": 2.0, "ssl_native": 1.0}
+        "flora_reference:merged": 4.0, "flora_reference:two_branch": 4.0, "flora_reference:bypass": 2.0, "ssl_native": 1.0}
 META = {"mode": "cpu", "device": "Test CPU", "cpu_threads": 1, "dtype": "float32", "torch": "2.x",
         "repeats": 10, "warmup": 3, "shape_scaling": "test shapes"}
 
@@ -71,8 +72,11 @@ def test_strategy_table_compares_auto_with_the_fastest_forced_strategy():
     ((method, backend, x_frozen, auto_over_best),) = summary.strategy_lines(rows)
     assert (method, backend) == ("flora", "reference")
     assert x_frozen["bypass"] == pytest.approx(geomean(2 / 1, 6 / 2, 8 / 4))
-    # per shape: auto / min(merged, bypass) = 2/2, 8/6, 4/5
+    # per shape: auto / min(merged, two_branch, bypass) = 2/2, 8/6, 4/5
     assert auto_over_best == pytest.approx(geomean(1.0, 8 / 6, 4 / 5))
+    # without every strategy that can run the method, "the best" is unknown: no figure
+    partial = summary.Rows([r for r in made_up_rows() if r.provider != "flora_reference:two_branch"])
+    assert summary.strategy_lines(partial)[0][3] is None
 
 
 def test_lora_baseline_is_real_peft_where_it_ran_else_the_plain_one():
@@ -94,7 +98,7 @@ def test_markdown_report_has_the_summary_first_and_every_row():
                             "## Every shape: fwd+bwd time / frozen (lower is better)"]
     assert "### flora" in headings and "### ssl" in headings
     assert "| resnet50/a | 1.000 | 2.00 | 4.00 [bypass] | 3.00 [bypass] |" in text  # a LoRA baseline says what it ran
-    assert "| resnet50/a | 1.000 | 2.00 [bypass] | 3.00 | 2.00 |" in text  # a forced strategy needs no label
+    assert "| resnet50/a | 1.000 | 2.00 [bypass] | 3.00 | 4.00 | 2.00 |" in text  # a forced strategy needs no label
     for row in rows:
         if row.status == "ok":
             assert f"{row.ratio_to_frozen['fwd_bwd']:.2f}" in text
