@@ -251,10 +251,10 @@ def run_verify(shapes: list, providers: dict, ctx: suite.Context, every_check: b
         for c in shape_checks:
             if every_check or c.status in ("MISMATCH", "error"):
                 print("    " + verify.format_check(c), flush=True)
-    mismatches = sum(c.status == "MISMATCH" for c in checks)
+    mismatches, skipped = (sum(c.status == s for c in checks) for s in ("MISMATCH", "skipped"))
     print(f"verify: {sum(c.status == 'ok' for c in checks)} ok, {mismatches} mismatches, "
-          f"{sum(c.status == 'error' for c in checks)} errors, {sum(c.status == 'skipped' for c in checks)} skipped "
-          "(skipped: the provider cannot run that layer; the reason is in the JSON and the Markdown file)")
+          f"{sum(c.status == 'error' for c in checks)} errors, {skipped} skipped"
+          + (" (the provider cannot run that layer; why: the JSON and the Markdown file)" if skipped else ""))
     return checks
 
 

@@ -89,7 +89,7 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def format_check(check: Check) -> str:
-    head = f"{check.shape:<34} {check.provider:<17}"
+    head = f"{check.shape:<34} {check.provider:<22}"
     if check.status in ("error", "skipped"):
         return f"{head} {check.status}: {check.note}"
     return (f"{head} out {_fmt(check.output):>8}  grad_in {_fmt(check.grad_input):>8}  "
