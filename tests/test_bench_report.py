@@ -161,3 +161,24 @@ def test_short_run_end_to_end(tmp_path, capsys):
     assert "| ssl_reference | ssl | reference | 1 |" in summary_text
     assert out.with_suffix(".md").read_text().startswith("# One training step of one layer")
     assert "== summary ==" in printed and "time: " in printed
+
+
+def test_plot_colours_stay_distinct_with_every_cuda_route():
+    """On CUDA a method has 4 backends x 4 strategies: 16 series in one panel, none the same colour."""
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    from bench import plot
+
+    rows = [report.Row("linear/c", "frozen", ms={"fwd_bwd": 1.0}), report.Row("linear/c", "full_ft", ms={"fwd_bwd": 2.0})]
+    providers = [f"flora_{route}" + (f":{st}" if st != "auto" else "")
+                 for route in ("reference", "native", "triton", "compiled")
+                 for st in ("auto", "merged", "two_branch", "bypass")]
+    rows += [report.Row("linear/c", p, ms={"fwd_bwd": 1.0 + i / 10}) for i, p in enumerate(providers)]
+    for r in rows:
+        r.set_ratios(rows[0])
+    fig = plot.figure(rows, {**META, "mode": "cuda"}, None)
+    flora = fig.axes[-1]
+    colours = [matplotlib.colors.to_hex(line.get_color()) for line in flora.get_lines()
+               if line.get_label().startswith(("reference", "native", "triton", "compiled"))]
+    assert len(colours) == 16 == len(set(colours))
