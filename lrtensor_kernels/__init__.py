@@ -1,4 +1,4 @@
-"""lrtensor_kernels: low-rank tensor adapters (FLoRA, LieRA, SSL, SSB) for Conv1d/2d/3d and Linear.
+"""lrtensor_kernels: low-rank tensor adapters (FLoRA, LoRA, LieRA, SSL, SSB) for Conv1d/2d/3d and Linear.
 
 Quick use::
 
@@ -30,6 +30,10 @@ from .layers import (
     LieRAConv2d,
     LieRAConv3d,
     LieRALinear,
+    LoRAConv1d,
+    LoRAConv2d,
+    LoRAConv3d,
+    LoRALinear,
     SSBConv1d,
     SSBConv2d,
     SSBConv3d,
@@ -51,7 +55,7 @@ from .diagnostics import detect_nonfinite, is_detect_nonfinite_enabled, set_dete
 __all__ = [
     "__version__", "BACKENDS", "get_backend", "set_backend", "use_backend", "AdapterLayer",
     "FLoRAConv1d", "FLoRAConv2d", "FLoRAConv3d", "FLoRALinear",
-    "LieRAConv1d", "LieRAConv2d", "LieRAConv3d", "LieRALinear",
+    "LieRAConv1d", "LieRAConv2d", "LieRAConv3d", "LieRALinear", "LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRALinear",
     "SSLConv1d", "SSLConv2d", "SSLConv3d", "SSLLinear", "SSBConv1d", "SSBConv2d", "SSBConv3d", "SSBLinear",
     "AdapterMath", "effective_weight", "tucker_product", "mpc_loss", "save_adapters", "load_adapters",
     "adapter_layers", "inject", "merge", "unmerge", "unload", "STRATEGIES", "Plan", "plan",

@@ -5,6 +5,8 @@ for which the whole trainable count (adapters plus modules trained in full) stay
 budget. What ``r`` means per method:
 
 - ``"flora"``: ``ranks=r``: Tucker ranks (r, r, min(k, 2), ...), each clipped to its mode size;
+- ``"lora"``: ``rank=r``: A (r, prod(W.shape[1:])), B (out, r): on a Linear and a dense conv exactly
+  what ``match_lora_rank=r`` counts; on a grouped conv A has in/groups * prod(k) columns, fewer;
 - ``"liera"``: ``rank=r`` (delta "lora": B (out, r), A (r, prod(W.shape[1:])); delta "tucker": as
   FLoRA); ``alpha`` stays what is given (default 8), so the scale ``alpha / r`` follows the rank;
 - ``"ssl"``, ``"ssb"``: no rank; the count is what it is, and a budget below it is an error.
@@ -28,7 +30,7 @@ from . import trainable
 from .layers import LAYERS
 from .surgery import TargetSpec, _select, adaptable_type, inject, select_trainable
 
-RANKED = {"flora": "ranks", "liera": "rank"}
+RANKED = {"flora": "ranks", "lora": "rank", "liera": "rank"}
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def _describe(config: dict) -> str:
     if "ranks" in config:
         return "ranks " + "x".join(map(str, config["ranks"]))
     if "rank" in config:
-        return f"rank {config['rank']} ({config['delta']})"
+        return f"rank {config['rank']}" + (f" ({config['delta']})" if "delta" in config else "")
     return ""
 
 
