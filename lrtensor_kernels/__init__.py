@@ -45,7 +45,7 @@ from .layers import (
 )
 from .methods import AdapterMath, effective_weight, tucker_product
 from .official import load_official_flora, load_official_liera
-from .regularizers import mpc_loss
+from .regularizers import mpc_loss, tucker_orthogonality_loss
 from .serialization import load_adapters, save_adapters
 from .strategies import STRATEGIES
 from .plan import Plan, plan
@@ -57,7 +57,7 @@ __all__ = [
     "FLoRAConv1d", "FLoRAConv2d", "FLoRAConv3d", "FLoRALinear",
     "LieRAConv1d", "LieRAConv2d", "LieRAConv3d", "LieRALinear", "LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRALinear",
     "SSLConv1d", "SSLConv2d", "SSLConv3d", "SSLLinear", "SSBConv1d", "SSBConv2d", "SSBConv3d", "SSBLinear",
-    "AdapterMath", "effective_weight", "tucker_product", "mpc_loss", "save_adapters", "load_adapters",
+    "AdapterMath", "effective_weight", "tucker_product", "mpc_loss", "tucker_orthogonality_loss", "save_adapters", "load_adapters",
     "adapter_layers", "inject", "merge", "unmerge", "unload", "STRATEGIES", "Plan", "plan",
     "AdapterError", "AdapterConfigError", "AdapterTypeError", "AdapterInputError", "AdapterFileError",
     "NonFiniteError", "SharedWeightError", "detect_nonfinite", "set_detect_nonfinite", "is_detect_nonfinite_enabled",

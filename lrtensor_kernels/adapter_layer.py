@@ -66,7 +66,8 @@ class AdapterLayer(nn.Module):
 
     adapter_method: str = ""
     adapter_param_names: tuple = ()
-    adapter_name: Optional[str] = None
+    adapter_name: Optional[str] = None  # the layer's dotted name in its model (error messages)
+    active_adapter: Optional[str] = "default"  # the name of the adapter the layer runs (None: none)
 
     # -- construction ------------------------------------------------------------------
     def _init_adapter(self, device, dropout: float, strategy: str, **config):
