@@ -50,6 +50,8 @@ from .serialization import load_adapters, save_adapters
 from .strategies import STRATEGIES
 from .plan import Plan, plan
 from .surgery import adapter_layers, inject, merge, unload, unmerge
+from .named_adapters import delete_adapter, disable_adapters, set_adapter
+from .summary import TrainableSummary, trainable_summary
 from .diagnostics import detect_nonfinite, is_detect_nonfinite_enabled, set_detect_nonfinite
 
 __all__ = [
@@ -62,4 +64,5 @@ __all__ = [
     "AdapterError", "AdapterConfigError", "AdapterTypeError", "AdapterInputError", "AdapterFileError",
     "NonFiniteError", "SharedWeightError", "detect_nonfinite", "set_detect_nonfinite", "is_detect_nonfinite_enabled",
     "BudgetPlan", "lora_parameter_count", "ranks_for_budget", "load_official_flora", "load_official_liera",
+    "set_adapter", "delete_adapter", "disable_adapters", "TrainableSummary", "trainable_summary",
 ]

@@ -27,6 +27,7 @@ from typing import Optional
 from torch import nn
 
 from . import trainable
+from .adapter_layer import AdapterLayer
 from .layers import LAYERS
 from .surgery import TargetSpec, _select, adaptable_type, inject, select_trainable
 
@@ -102,7 +103,7 @@ def lora_parameter_count(module: nn.Module, rank: int) -> int:
 
 
 def _count(module: nn.Module, method: str, name: str, kwargs: dict) -> LayerCount:
-    cls = LAYERS[method][adaptable_type(module)]
+    cls = LAYERS[method][module._nn_base() if isinstance(module, AdapterLayer) else adaptable_type(module)]
     try:
         layer = cls(**cls._base_kwargs(module), device="meta", dtype=module.weight.dtype, **kwargs)
     except (TypeError, ValueError) as err:
