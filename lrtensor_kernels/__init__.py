@@ -45,6 +45,7 @@ from .layers import (
 )
 from .methods import AdapterMath, effective_weight, tucker_product
 from .official import load_official_flora, load_official_liera
+from .lycoris import load_locon
 from .regularizers import mpc_loss, tucker_orthogonality_loss
 from .serialization import load_adapters, save_adapters
 from .strategies import STRATEGIES
@@ -64,5 +65,5 @@ __all__ = [
     "AdapterError", "AdapterConfigError", "AdapterTypeError", "AdapterInputError", "AdapterFileError",
     "NonFiniteError", "SharedWeightError", "detect_nonfinite", "set_detect_nonfinite", "is_detect_nonfinite_enabled",
     "BudgetPlan", "lora_parameter_count", "ranks_for_budget", "load_official_flora", "load_official_liera",
-    "set_adapter", "delete_adapter", "disable_adapters", "TrainableSummary", "trainable_summary",
+    "load_locon", "set_adapter", "delete_adapter", "disable_adapters", "TrainableSummary", "trainable_summary",
 ]
