@@ -19,7 +19,10 @@ weight (nothing to merge; only a bypass ``op(x, W) + B sigma(A x)`` could run it
 
 ``tucker_orthogonality_loss``: this package's extension to Tucker factors (FLoRA, LieRA with
 delta "tucker"), ``sum_n ||U_n^T U_n - I||_F^2`` over every factor, which the paper does not
-define. It has no diagonal variant.
+define. ``mpc_loss`` adds it by default (``tucker_factors=True``, as before this package
+separated the two) with kind "o" only: the paper defines no diagonal form for Tucker factors and
+neither does this package, so kind "d" on a model with Tucker factors is refused unless
+``tucker_factors=False`` leaves them out.
 
 Both read the active adapter of each layer (inactive named adapters are frozen).
 """
@@ -28,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import AdapterConfigError
+from .errors import AdapterConfigError, AdapterTypeError
 from .surgery import adapter_layers
 
 MPC_KINDS = ("o", "d")
@@ -62,28 +65,37 @@ def _total(terms: list, layers: list) -> torch.Tensor:
     return torch.zeros((), device=layers[0].weight.device)
 
 
-def mpc_loss(model: nn.Module, kind: str = "o") -> torch.Tensor:
+def mpc_loss(model: nn.Module, kind: str = "o", tucker_factors: bool = True) -> torch.Tensor:
     """The paper's MPC summed over the layers with LoRA's factors (see the module doc): kind "o"
     is ``||lora_A lora_A^T - I||_F^2 + ||lora_B^T lora_B - I||_F^2`` (Eq. 25), kind "d" is
     ``||lora_A lora_A^T - I||_F^2 + ||lora_B^T lora_B - diag(lora_B^T lora_B)||_F^2`` (Eq. 26).
 
-    Layers without LoRA's factors add nothing (SSL/SSB have no factors). A model whose adapters
-    are Tucker factors only is refused: the paper defines no MPC for them; use
-    :func:`tucker_orthogonality_loss`. Returns a scalar tensor (zero when nothing applies).
+    tucker_factors: add this package's extension to Tucker factors (FLoRA, LieRA-tucker),
+    :func:`tucker_orthogonality_loss`, which the paper does not define; kind "o" only (kind "d"
+    with Tucker factors present is refused). False: the paper's MPC alone. SSL/SSB layers have no
+    factors and add nothing. Returns a scalar tensor (zero when nothing applies).
     """
     if not isinstance(kind, str) or kind not in MPC_KINDS:
         raise AdapterConfigError(f"mpc_loss: unknown MPC kind {kind!r}; expected one of {MPC_KINDS}")
+    if not isinstance(tucker_factors, bool):
+        raise AdapterTypeError(f"mpc_loss: tucker_factors must be True or False, got {tucker_factors!r}")
     layers = _adapted(model, "mpc_loss")
-    pairs = [layer for layer in layers if _has_lora_factors(layer)]
-    tucker = [layer for layer in layers if _has_tucker_factors(layer)]
-    if not pairs and tucker:
+    tucker = [layer for layer in layers if _has_tucker_factors(layer)] if tucker_factors else []
+    if tucker and kind == "d":
         raise AdapterConfigError(
-            f"mpc_loss: {tucker[0]._label()} and every other adapter layer of {type(model).__name__} with factors "
-            "has Tucker factors, for which the paper defines no MPC (it defines MPC on LoRA's A and B); use "
-            "lk.tucker_orthogonality_loss(model), this package's orthonormality penalty on Tucker factors")
+            f"mpc_loss: kind 'd' on {tucker[0]._label()}, whose Tucker factors have no diagonal form of MPC (the "
+            "paper defines MPC_d on LoRA's A and B; this package's Tucker extension is the orthonormality of every "
+            "factor, kind 'o'); pass tucker_factors=False to leave Tucker factors out, and add "
+            "lk.tucker_orthogonality_loss(model) for them if wanted")
     terms = [gram_penalty(layer.lora_A @ layer.lora_A.t())
-             + gram_penalty(layer.lora_B.t() @ layer.lora_B, diagonal_free=kind == "d") for layer in pairs]
+             + gram_penalty(layer.lora_B.t() @ layer.lora_B, diagonal_free=kind == "d")
+             for layer in layers if _has_lora_factors(layer)]
+    terms += [_tucker_penalty(layer) for layer in tucker]
     return _total(terms, layers)
+
+
+def _tucker_penalty(layer) -> torch.Tensor:
+    return sum(gram_penalty(u.t() @ u) for u in layer.factors)
 
 
 def tucker_orthogonality_loss(model: nn.Module) -> torch.Tensor:
@@ -91,5 +103,4 @@ def tucker_orthogonality_loss(model: nn.Module) -> torch.Tensor:
     (FLoRA; LieRA with delta "tucker"): this package's extension of MPC_o to Tucker factors (the
     paper does not define one). Other layers add nothing; returns a scalar tensor."""
     layers = _adapted(model, "tucker_orthogonality_loss")
-    terms = [gram_penalty(u.t() @ u) for layer in layers if _has_tucker_factors(layer) for u in layer.factors]
-    return _total(terms, layers)
+    return _total([_tucker_penalty(layer) for layer in layers if _has_tucker_factors(layer)], layers)

@@ -124,9 +124,10 @@ def test_sum_over_layers_each_loss_its_own_layers():
     set_(tucker.factors[1], U1)
     ssl = lk.SSLConv2d(3, 4, 3, dtype=F64)
     model = nn.Sequential(ssl, nn.ReLU(), liera, nn.Sequential(tucker, lk.SSBLinear(2, 2)), lora)
-    assert lk.mpc_loss(model, "o").item() == pytest.approx(43.0 + 43.0, rel=1e-12)
-    assert lk.mpc_loss(model, "d").item() == pytest.approx(27.0 + 27.0, rel=1e-12)
+    assert lk.mpc_loss(model, "o", tucker_factors=False).item() == pytest.approx(43.0 + 43.0, rel=1e-12)
+    assert lk.mpc_loss(model, "d", tucker_factors=False).item() == pytest.approx(27.0 + 27.0, rel=1e-12)
     assert lk.tucker_orthogonality_loss(model).item() == pytest.approx(43.0, rel=1e-12)
+    assert lk.mpc_loss(model, "o").item() == pytest.approx(43.0 + 43.0 + 43.0, rel=1e-12)
 
 
 def test_gradient_matches_hand_formula():
@@ -188,15 +189,22 @@ def test_unknown_kind_raises(kind):
         lk.mpc_loss(model, kind)
 
 
-@pytest.mark.parametrize("kind", ["o", "d"])
-def test_mpc_on_tucker_factors_only_is_refused_with_the_extension_named(kind):
-    model = nn.Sequential(lk.FLoRAConv2d(3, 4, 3), lk.SSLLinear(4, 2), lk.LieRALinear(2, 2, delta="tucker"))
-    with pytest.raises(lk.AdapterConfigError, match=r"FLoRAConv2d .*Tucker factors, for which the paper defines no "
-                                                    r"MPC.*lk\.tucker_orthogonality_loss\(model\)"):
-        lk.mpc_loss(model, kind)
-    # with one layer of LoRA's factors, the Tucker layers are left to the extension
-    mixed = nn.Sequential(*model, lk.LoRALinear(2, 3, rank=2, dtype=torch.float32))
-    assert lk.mpc_loss(mixed, kind).item() == pytest.approx(lk.mpc_loss(nn.Sequential(mixed[3]), kind).item())
+def test_mpc_adds_the_tucker_extension_for_kind_o_unless_told_not_to():
+    model = nn.Sequential(lk.FLoRAConv2d(3, 4, 3), lk.SSLLinear(4, 2), lk.LieRALinear(2, 2, delta="tucker"),
+                          lk.LoRALinear(2, 3, rank=2))
+    lora_only = lk.mpc_loss(nn.Sequential(model[3]), "o").item()
+    tucker = lk.tucker_orthogonality_loss(model).item()
+    assert tucker > 1e-3 and lora_only > 1e-3
+    assert lk.mpc_loss(model, "o").item() == pytest.approx(lora_only + tucker, rel=1e-6)
+    assert lk.mpc_loss(model, "o", tucker_factors=False).item() == pytest.approx(lora_only, rel=1e-6)
+    assert lk.mpc_loss(model, "d", tucker_factors=False).item() == pytest.approx(
+        lk.mpc_loss(nn.Sequential(model[3]), "d").item(), rel=1e-6)
+    assert lk.mpc_loss(nn.Sequential(model[0]), tucker_factors=False).item() == 0.0
+    with pytest.raises(lk.AdapterConfigError, match=r"kind 'd' on FLoRAConv2d, whose Tucker factors have no diagonal "
+                                                    r"form.*tucker_factors=False"):
+        lk.mpc_loss(model, "d")
+    with pytest.raises(lk.AdapterTypeError, match="tucker_factors must be True or False"):
+        lk.mpc_loss(model, "o", tucker_factors=1)
 
 
 # ----------------------------------------------------------------------------------------------
