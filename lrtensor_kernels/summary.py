@@ -62,7 +62,8 @@ class TrainableSummary:
             return head
         header = ("adapter", "method", "layers", "params", "trainable", "active on")
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-        line = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        line = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(r, widths))).rstrip()
         return "\n".join([head, line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
 
     __repr__ = __str__
