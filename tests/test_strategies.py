@@ -381,6 +381,11 @@ def test_bypass_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.lrtensor.tucker_bypass.default,
                           (x, None, flora.weight, flora.bias, flora.adapter_tensors(), "tucker:add", 4.0, [1, 1],
                            [1, 1], [1, 1], 2, True, "triton"), test_utils=checks)
+    lora = randomize_adapter(lk.LoRAConv2d(4, 6, 3, padding=1, groups=2, rank=3), 1)
+    for x_chain in (None, torch.randn(2, 4, 5, 5, requires_grad=True)):  # LoRA's chain has no P_in: u is x
+        torch.library.opcheck(torch.ops.lrtensor.tucker_bypass.default,
+                              (x, x_chain, lora.weight, lora.bias, lora.adapter_tensors(), "lora:add", lora.scale,
+                               [1, 1], [1, 1], [1, 1], 2, False, "triton"), test_utils=checks)
     ssb = randomize_adapter(lk.SSBConv2d(4, 6, 3, padding=1, groups=2), 1)
     for split in (False, True):
         torch.library.opcheck(torch.ops.lrtensor.scale_bypass.default,
