@@ -298,11 +298,14 @@ class AdapterLayer(HeldAdapters, nn.Module):
         self._merged_base = None
 
     def to_plain(self, merge: bool = True) -> nn.Module:
-        """A plain nn layer holding ``W'`` (``merge``; a new Parameter, refused if non-finite) or the
-        base weight (this layer's own Parameter when unmerged), and this layer's bias."""
+        """A plain nn layer holding ``W'`` (``merge``; a new Parameter, refused if non-finite; a merged
+        layer's the ``W'`` it holds, which a weighted merge made from several adapters) or the base
+        weight (this layer's own Parameter when unmerged), and this layer's bias."""
         base = self._nn_base()
         plain = base(**self._base_kwargs(self), device="meta", dtype=self.weight.dtype)
-        if merge or self.merged:
+        if merge and self.merged:
+            plain.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=self.weight.requires_grad)
+        elif merge or self.merged:
             weight = self.checked_effective_weight("unload(merge=True)") if merge else self._merged_base
             plain.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
         else:

@@ -253,6 +253,17 @@ def test_weighted_merge_of_additive_adapters_against_the_oracle(method, first, s
     assert all(torch.equal(layer.weight, base) and not layer.merged for layer, base in zip(layers(model), bases))
 
 
+def test_unload_after_a_weighted_merge_keeps_the_merged_weight():
+    _, model = two_adapters()
+    lk.merge(model, adapter_weights={"default": 0.5, "b": 0.5})
+    merged = [layer.weight.detach().clone() for layer in layers(model)]
+    y = model(x_input())
+    plain = lk.unload(model, merge=True)
+    assert not lk.adapter_layers(plain)
+    assert all(torch.equal(plain[i].weight, w) for i, w in zip((0, 2, 5), merged))
+    torch.testing.assert_close(plain(x_input()), y, rtol=0, atol=0)
+
+
 def test_one_adapter_at_weight_one_merges_what_merge_does():
     _, model = two_adapters(dtype=torch.float32)
     reference = copy.deepcopy(model)
