@@ -64,25 +64,32 @@ class HeldAdapters:
             value = getattr(self, attribute)
             delattr(self, attribute)
             setattr(stored, attribute, value)
+        self._store(name, stored)
+        self.active_adapter = None
+
+    def _store(self, name: str, stored: StoredAdapter) -> None:
         stored.requires_grad_(False)
         if INACTIVE_ADAPTERS not in self._modules:
             self.add_module(INACTIVE_ADAPTERS, nn.ModuleDict())
         self._modules[INACTIVE_ADAPTERS][name] = stored
-        self.active_adapter = None
+
+    def _unstore(self, name: str) -> StoredAdapter:
+        inactive = self._modules[INACTIVE_ADAPTERS]
+        stored = inactive[name]
+        del inactive[name]
+        if not len(inactive):
+            del self._modules[INACTIVE_ADAPTERS]
+        return stored
 
     def _unstash(self, name: str) -> None:
         """Make the stored adapter ``name`` the active one (trainable); none may be active."""
-        inactive = self._modules[INACTIVE_ADAPTERS]
-        stored = inactive[name]
+        stored = self._unstore(name)
         config = dict(stored.config)
         self.dropout = config.pop("dropout")
         self._configure(**config)
         for attribute, value in list(stored._parameters.items()) + list(stored._modules.items()):
             delattr(stored, attribute)
             setattr(self, attribute, value)
-        del inactive[name]
-        if not len(inactive):
-            del self._modules[INACTIVE_ADAPTERS]
         self.active_adapter = name
         for p in self.adapter_parameters():
             p.requires_grad_(True)
@@ -112,10 +119,7 @@ class HeldAdapters:
 
     def _add_stored(self, name: str, stored: StoredAdapter) -> None:
         """Hold ``stored`` (built by ``build_stored``) as the inactive adapter ``name``."""
-        stored.requires_grad_(False)
-        if INACTIVE_ADAPTERS not in self._modules:
-            self.add_module(INACTIVE_ADAPTERS, nn.ModuleDict())
-        self._modules[INACTIVE_ADAPTERS][name] = stored
+        self._store(name, stored)
         self._held = self.held_adapters() + [name]
 
     def build_stored(self, **adapter_kwargs) -> StoredAdapter:
@@ -123,8 +127,7 @@ class HeldAdapters:
         takes them), initialised as a fresh layer's, on the weight's device; the layer is unchanged."""
         base = self._nn_base()
         twin = base(**self._base_kwargs(self), device="meta", dtype=self.weight.dtype)
-        weight = self._merged_base if self.merged else self.weight
-        twin.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        twin.weight = nn.Parameter(self.base_weight().detach(), requires_grad=False)
         fresh = type(self).from_module(twin, **adapter_kwargs)
         stored = StoredAdapter(fresh.adapter_config())
         for attribute in fresh.adapter_param_names:
@@ -135,8 +138,5 @@ class HeldAdapters:
         """Drop the adapter ``name``; if it was active, none is active afterwards."""
         if name == self.active_adapter:
             self._stash()
-        inactive = self._modules[INACTIVE_ADAPTERS]
-        del inactive[name]
-        if not len(inactive):
-            del self._modules[INACTIVE_ADAPTERS]
+        self._unstore(name)
         self._held = [n for n in self.held_adapters() if n != name]
