@@ -89,7 +89,8 @@ def _select(model: nn.Module, method: str, target_modules: TargetSpec, exclude_m
     # a module registered under several names is excluded by any of them
     excluded = {id(named[n]) for n in _picked(model, named, exclude_modules, "exclude_modules") or ()}
     if targets is None:
-        names = [n for n, m in model.named_modules() if n and _takes(m, method, adapter) and owner_of(n, trained) is None]
+        names = [n for n, m in model.named_modules()
+                 if n and _takes(m, method, adapter) and owner_of(n, trained) is None]
     else:
         names = list(dict.fromkeys(first_name[id(named[n])] for n in targets))
         for n in names:

@@ -132,7 +132,8 @@ def test_kohya_prefixes_one_model_at_a_time():
     text = state_dict_for(model, {"time_emb": (3, False, 1.0)}, prefix="lora_te1")
     both = {**unet, **text, "lora_te1_time_emb.lora_up.weight_extra": torch.zeros(1)}
     snap = snapshot(model)
-    with pytest.raises(lk.AdapterConfigError, match=r"several models \(prefixes \['lora_te1', 'lora_unet'\]\).*prefix="):
+    with pytest.raises(lk.AdapterConfigError,
+                       match=r"several models \(prefixes \['lora_te1', 'lora_unet'\]\).*prefix="):
         lk.load_locon(model, both)
     assert_unchanged(model, snap)
     assert lk.load_locon(model, both, prefix="lora_unet") == ["proj_in"]
@@ -160,7 +161,8 @@ def test_kohya_prefixes_one_model_at_a_time():
      r"has all 6 input channels of a conv with groups=3"),
     (lambda sd: sd.update({"lora_unet_time_emb.lora_up.weight": torch.zeros(7, 2),
                            "lora_unet_time_emb.lora_down.weight": torch.zeros(2, 5),
-                           "lora_unet_time_emb.lora_mid.weight": torch.zeros(2, 2)}), r"lora_mid\.weight given for a Linear"),
+                           "lora_unet_time_emb.lora_mid.weight": torch.zeros(2, 2)}),
+     r"lora_mid\.weight given for a Linear"),
     (lambda sd: sd["lora_unet_proj_in.lora_up.weight"].fill_(float("nan")), r"hold non-finite values"),
     (lambda sd: sd.update({"lora_unet_proj_in.alpha": torch.ones(2)}), r"alpha must be a number"),
 ], ids=["loha", "dora", "unknown-module", "no-up", "shapes", "old-grouped", "mid-on-linear", "nan", "alpha-vector"])
