@@ -165,8 +165,8 @@ def select_shapes(patterns: Optional[list], quick: bool) -> list:
 # providers
 # ---------------------------------------------------------------------------------------------
 
-METHODS = ("flora", "liera", "ssl", "ssb")
-LORA_RANK = 8  # the rank of the LoRA baselines and of LieRA's lora delta
+METHODS = ("flora", "lora", "liera", "ssl", "ssb")
+LORA_RANK = 8  # the rank of the LoRA baselines, of the "lora" method and of LieRA's lora delta
 LORA_ALPHA = 8.0  # LieRA's
 # the LoRA baselines' alpha: scaling alpha / r = 2, so that an implementation that drops or
 # misplaces its scaling differs from the oracles, which apply LORA_BASELINE_SCALING themselves
@@ -174,6 +174,7 @@ LORA_BASELINE_ALPHA = 16.0
 LORA_BASELINE_SCALING = LORA_BASELINE_ALPHA / LORA_RANK
 METHOD_OPTIONS = {
     "flora": {},  # package defaults: conv ranks (16, 16, 2, 2), scale 4; linear ranks (8, 8), scale 2
+    "lora": {"rank": LORA_RANK, "alpha": LORA_BASELINE_ALPHA},  # this package's LoRA at the baselines' scaling
     "liera": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "mode": "exp", "delta": "lora"},
     "ssl": {},
     "ssb": {},

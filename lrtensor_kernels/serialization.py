@@ -22,9 +22,10 @@ from torch import nn
 from . import trainable
 from ._version import __version__
 from .errors import AdapterConfigError, AdapterError, AdapterFileError, AdapterTypeError, NonFiniteError
-from .adapter_layer import AdapterLayer
+from .adapter_layer import DEFAULT_ADAPTER, AdapterLayer
 from .layers import LAYERS
-from .surgery import adaptable_type, adapter_layers, build_all, freeze_all_but_adapters, install, names_by_module
+from .surgery import (adaptable_type, adapter_layers, build_all, build_stored_all, freeze_all_but_adapters, install,
+                      names_by_module)
 from . import validation
 from .validation import count_nonfinite
 
@@ -49,24 +50,40 @@ def tensor_key(layer_name: str, key: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # save
 # ----------------------------------------------------------------------------------------------
-def save_adapters(model: nn.Module, directory: str) -> None:
-    """Write every adapter layer's tensors to ``directory/adapters.safetensors`` (keys
-    ``"<layer>.<tensor>"``) and ``directory/adapter_config.json`` (per layer: method, keyword
-    arguments, base module type, weight shape and tensor shapes; package version), and the whole
-    state of every module trained in full (``inject(..., trainable_modules=...)``; keys
-    ``"<module>.<state key>"``, parameters and persistent buffers) with its type, shapes and dtypes
-    under ``"trainable_modules"``.
-
-    Refuses (NonFiniteError, nothing written) adapter tensors holding inf or NaN. Each file is
-    written to a temporary name and renamed, so a reader never sees half a file.
-    """
-    validation.model(model, "save_adapters")
+def _saved_adapters(model: nn.Module, adapter_name) -> list:
+    """``(layer name, layer, adapter name)`` of what ``save_adapters`` writes: every layer's active
+    adapter, or every layer's adapter ``adapter_name``."""
     layers = adapter_layers(model)
     if not layers:
         raise AdapterConfigError(f"save_adapters: {type(model).__name__} has no adapter layer; call inject first")
+    if adapter_name is None:
+        saved = [(n, layer, layer.active_adapter) for n, layer in layers if layer.active_adapter is not None]
+        if not saved:
+            raise AdapterConfigError(f"save_adapters: no adapter layer of {type(model).__name__} has an active "
+                                     "adapter; give adapter_name, or lk.set_adapter first")
+        return saved
+    from .named_adapters import _holding
+
+    return [(n, layer, adapter_name) for n, layer in _holding(model, adapter_name, "save_adapters")]
+
+
+def save_adapters(model: nn.Module, directory: str, adapter_name: str = None) -> None:
+    """Write every adapter layer's tensors to ``directory/adapters.safetensors`` (keys
+    ``"<layer>.<tensor>"``) and ``directory/adapter_config.json`` (per layer: method, keyword
+    arguments, base module type, weight shape and tensor shapes, and the adapter's name unless it is
+    "default"; package version), and the whole state of every module trained in full
+    (``inject(..., trainable_modules=...)``; keys ``"<module>.<state key>"``, parameters and
+    persistent buffers) with its type, shapes and dtypes under ``"trainable_modules"``.
+
+    The adapters written are each layer's active one, or with ``adapter_name`` the adapter of that
+    name of every layer holding it (active or not). Refuses (NonFiniteError, nothing written)
+    adapter tensors holding inf or NaN. Each file is written to a temporary name and renamed, so a
+    reader never sees half a file.
+    """
+    validation.model(model, "save_adapters")
     tensors, config = {}, {}
-    for name, layer in layers:
-        state = layer.adapter_state()
+    for name, layer, adapter in _saved_adapters(model, adapter_name):
+        state = layer.adapter_state_of(adapter)
         for key, t in state.items():
             if not torch.isfinite(t).all():
                 raise NonFiniteError(f"save_adapters: {layer._label()}: tensor {key} holds {count_nonfinite(t)} "
@@ -74,11 +91,13 @@ def save_adapters(model: nn.Module, directory: str) -> None:
             tensors[tensor_key(name, key)] = t.detach().contiguous().cpu()
         config[name] = dict(
             method=layer.adapter_method,
-            kwargs=layer.adapter_config(),
+            kwargs=layer.adapter_config_of(adapter),
             module_type=layer._nn_base().__name__,
             weight_shape=list(layer.weight.shape),
             tensors={key: list(t.shape) for key, t in state.items()},
         )
+        if adapter != DEFAULT_ADAPTER:
+            config[name]["adapter_name"] = adapter
     extra_tensors, extra_config = trainable.file_entries(model)
     for key, t in extra_tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -157,7 +176,20 @@ def _entry_problems(name: str, entry) -> list:
             problems.append(f"layer '{name}': missing field '{field}' (expected {expected})")
         elif not valid(entry[field]):
             problems.append(f"layer '{name}': field '{field}': expected {expected}, found {_shown(entry[field])}")
+    if "adapter_name" in entry and not _is_adapter_name(entry["adapter_name"]):
+        problems.append(f"layer '{name}': field 'adapter_name': expected a non-empty string without dots, found "
+                        f"{_shown(entry['adapter_name'])}")
     return problems
+
+
+def _is_adapter_name(value) -> bool:
+    from .named_adapters import check_adapter_name
+
+    try:
+        check_adapter_name(value, "")
+    except AdapterConfigError:
+        return False
+    return True
 
 
 def _read_config(path: str) -> tuple:
@@ -254,20 +286,21 @@ def _meta_layer(module: nn.Module, entry: dict) -> AdapterLayer:
     return cls(**cls._base_kwargs(module), device="meta", dtype=module.weight.dtype, **entry["kwargs"])
 
 
-def _plan_layer(name: str, entry: dict, modules: dict, model: nn.Module, header: dict):
-    """``((module, layer in place or None, {tensor name: file key}), [])``, or ``(None, problems)``."""
+def _plan_layer(name: str, entry: dict, modules: dict, model: nn.Module, header: dict, adapter: str):
+    """``((module, how, {tensor name: file key}), [])``, or ``(None, problems)``; ``how``: "inject" (a
+    plain module), "in place" (the adapter layer holds ``adapter``) or "add" (it gets ``adapter``)."""
     module = modules.get(name)
     if module is None:
         return None, [f"layer '{name}': no such module in {type(model).__name__}"]
-    adapter, base_type = isinstance(module, AdapterLayer), MODULE_TYPES[entry["module_type"]]
-    held = module._nn_base() if adapter else adaptable_type(module)
+    adapter_layer, base_type = isinstance(module, AdapterLayer), MODULE_TYPES[entry["module_type"]]
+    held = module._nn_base() if adapter_layer else adaptable_type(module)
     if held is not base_type:
         return None, [f"layer '{name}': a {type(module).__name__} in the model, an adapted {entry['module_type']} "
                       f"({entry['method']}) in {CONFIG_FILE}"]
     if list(module.weight.shape) != entry["weight_shape"]:
         return None, [f"layer '{name}': weight shape {list(module.weight.shape)} in the model, "
                       f"{entry['weight_shape']} in {CONFIG_FILE}"]
-    if not name and not adapter:
+    if not name and not adapter_layer:
         cls = LAYERS[entry["method"]][base_type].__name__
         return None, [f"layer '': the file holds a root-level adapter, and the model itself is a "
                       f"{type(module).__name__}, which load_adapters cannot replace: load into "
@@ -279,12 +312,13 @@ def _plan_layer(name: str, entry: dict, modules: dict, model: nn.Module, header:
     except (RuntimeError, OverflowError) as err:  # sizes too large even to describe
         return None, [f"layer '{name}': field 'kwargs' {_shown(entry['kwargs'])} describes tensors too large to "
                       f"build: {str(err)[:120]}"]
-    problems = _in_place_problems(name, module, meta) if adapter else []
+    how = "inject" if not adapter_layer else "in place" if adapter in module.held_adapters() else "add"
+    problems = _in_place_problems(name, module, meta, adapter, how) if adapter_layer else []
     problems = problems or _tensor_problems(name, entry, {k: tuple(t.shape) for k, t in meta.adapter_state().items()},
                                             header)
     if problems:
         return None, problems
-    return (module, module if adapter else None, {key: tensor_key(name, key) for key in meta.adapter_state()}), []
+    return (module, how, {key: tensor_key(name, key) for key in meta.adapter_state()}), []
 
 
 def _tensor_problems(name: str, entry: dict, shapes: dict, header: dict) -> list:
@@ -306,27 +340,30 @@ def _tensor_problems(name: str, entry: dict, shapes: dict, header: dict) -> list
     return problems
 
 
-def _in_place_problems(name: str, module: AdapterLayer, meta: AdapterLayer) -> list:
+def _in_place_problems(name: str, module: AdapterLayer, meta: AdapterLayer, adapter: str, how: str) -> list:
     if module.adapter_method != meta.adapter_method:
         return [f"layer '{name}': a {type(module).__name__} in the model, an adapted {meta._nn_base().__name__} "
-                f"({meta.adapter_method}) in {CONFIG_FILE}"]
-    ours, theirs = module.adapter_config(), meta.adapter_config()
+                f"({meta.adapter_method}) in {CONFIG_FILE} (a layer holds adapters of one method)"]
+    if how == "add":
+        return []
+    ours, theirs = module.adapter_config_of(adapter), meta.adapter_config()
     differ = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
     if differ:
         return [f"layer '{name}': the model's {type(module).__name__} has "
                 + ", ".join(f"{k}={ours.get(k)!r}" for k in differ) + f"; {CONFIG_FILE} has "
                 + ", ".join(f"{k}={theirs.get(k)!r}" for k in differ)
+                + ("" if adapter == DEFAULT_ADAPTER else f" for adapter {adapter!r}")
                 + " (load into a model without adapters on this layer, or inject with the file's configuration)"]
     if module.merged:
         return [f"layer '{name}': merged; unmerge before loading adapters"]
     return []
 
 
-def _plan(model: nn.Module, layers: dict, extras: dict, header: dict, directory: str) -> tuple:
+def _plan(model: nn.Module, layers: dict, extras: dict, header: dict, directory: str, adapters: dict) -> tuple:
     modules = dict(model.named_modules(remove_duplicate=False))
     problems, plan, owner = [], {}, {}
     for name, entry in layers.items():
-        result, found = _plan_layer(name, entry, modules, model, header)
+        result, found = _plan_layer(name, entry, modules, model, header, adapters[name])
         if found:
             problems += found
             continue
@@ -366,9 +403,13 @@ def _read_tensors(path: str, keys: list) -> dict:
     return tensors
 
 
-def load_adapters(model: nn.Module, directory: str) -> list:
+def load_adapters(model: nn.Module, directory: str, adapter_name: str = None) -> list:
     """Load adapters saved by :func:`save_adapters` into ``model``, injecting layers where needed.
 
+    Each layer's adapter is loaded under ``adapter_name``, or the name the file gives it
+    ("default" when it gives none): into a plain module, as the adapter layer's only (active)
+    adapter; into an adapter layer holding that name, in place (same configuration); into an
+    adapter layer of the same method without it, as a new inactive adapter (``lk.set_adapter``).
     Every layer name, module type, weight shape, method, configuration, tensor name, shape and
     dtype is checked before anything is allocated or changed; any mismatch raises one
     AdapterFileError listing all of them; so is the state of every module trained in full
@@ -388,21 +429,36 @@ def load_adapters(model: nn.Module, directory: str) -> list:
     for path in (config_path, tensors_path):
         if not os.path.isfile(path):
             raise AdapterFileError(f"load_adapters: {path} does not exist", path)
+    if adapter_name is not None:
+        from .named_adapters import check_adapter_name
+
+        check_adapter_name(adapter_name, "load_adapters")
     layers, extras = _read_config(config_path)
-    plan, extra_plan = _plan(model, layers, extras, _read_header(tensors_path), directory)
+    adapters = {name: adapter_name or entry.get("adapter_name", DEFAULT_ADAPTER) for name, entry in layers.items()}
+    plan, extra_plan = _plan(model, layers, extras, _read_header(tensors_path), directory, adapters)
     extra_keys = [f"{name}.{key}" for name, state in extra_plan.items() for key in state]
     tensors = _read_tensors(tensors_path, [key for _, _, keys in plan.values() for key in keys.values()] + extra_keys)
-    built = {name: layer for name, (_, layer, _) in plan.items() if layer is not None}
-    built.update(build_all(model, {name: (layers[name]["method"], layers[name]["kwargs"])
-                                   for name, (_, layer, _) in plan.items() if layer is None}))
+    added = build_stored_all(model, {name: layers[name]["kwargs"] for name, (_, how, _) in plan.items()
+                                     if how == "add"})
+    by_adapter = {}
+    for name, (_, how, _) in plan.items():
+        if how == "inject":
+            by_adapter.setdefault(adapters[name], {})[name] = (layers[name]["method"], layers[name]["kwargs"])
+    built = {}
+    for adapter, specs in by_adapter.items():
+        built.update(build_all(model, specs, adapter))
     with torch.no_grad():
-        for name, layer in built.items():
-            for key, t in layer.adapter_state().items():
-                t.copy_(tensors[plan[name][2][key]])
+        for name, (module, how, keys) in plan.items():
+            state = (built[name].adapter_state() if how == "inject" else dict(added[name].named_parameters())
+                     if how == "add" else module.adapter_state_of(adapters[name]))
+            for key, t in state.items():
+                t.copy_(tensors[keys[key]])
     aliases = names_by_module(model)
-    for name, (module, in_place, _) in plan.items():
-        if in_place is None:
+    for name, (module, how, _) in plan.items():
+        if how == "inject":
             install(model, module, built[name], aliases)
+        elif how == "add":
+            module._add_stored(adapters[name], added[name])
     trainable.apply_load(model, extra_plan, tensors)
     freeze_all_but_adapters(model)
     return list(plan)
