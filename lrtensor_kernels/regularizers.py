@@ -19,14 +19,16 @@ weight (nothing to merge; only a bypass ``op(x, W) + B sigma(A x)`` could run it
 
 ``tucker_orthogonality_loss``: this package's extension to Tucker factors (FLoRA, LieRA with
 delta "tucker"), ``sum_n ||U_n^T U_n - I||_F^2`` over every factor, which the paper does not
-define. ``mpc_loss`` adds it by default (``tucker_factors=True``, as before this package
-separated the two) with kind "o" only: the paper defines no diagonal form for Tucker factors and
-neither does this package, so kind "d" on a model with Tucker factors is refused unless
-``tucker_factors=False`` leaves them out.
+define. ``mpc_loss`` adds it only when asked (``tucker_factors=True``; kind "o" only: the paper
+defines no diagonal form for Tucker factors and neither does this package); on a model holding
+Tucker factors it asks for that choice (``True`` adds the extension, ``False`` leaves the Tucker
+layers out) rather than add terms the paper does not define, or skip layers, without a word.
 
 Both read the active adapter of each layer (inactive named adapters are frozen).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -65,21 +67,31 @@ def _total(terms: list, layers: list) -> torch.Tensor:
     return torch.zeros((), device=layers[0].weight.device)
 
 
-def mpc_loss(model: nn.Module, kind: str = "o", tucker_factors: bool = True) -> torch.Tensor:
+def mpc_loss(model: nn.Module, kind: str = "o", tucker_factors: Optional[bool] = None) -> torch.Tensor:
     """The paper's MPC summed over the layers with LoRA's factors (see the module doc): kind "o"
     is ``||lora_A lora_A^T - I||_F^2 + ||lora_B^T lora_B - I||_F^2`` (Eq. 25), kind "d" is
     ``||lora_A lora_A^T - I||_F^2 + ||lora_B^T lora_B - diag(lora_B^T lora_B)||_F^2`` (Eq. 26).
 
-    tucker_factors: add this package's extension to Tucker factors (FLoRA, LieRA-tucker),
+    tucker_factors: True adds this package's extension to Tucker factors (FLoRA, LieRA-tucker),
     :func:`tucker_orthogonality_loss`, which the paper does not define; kind "o" only (kind "d"
-    with Tucker factors present is refused). False: the paper's MPC alone. SSL/SSB layers have no
-    factors and add nothing. Returns a scalar tensor (zero when nothing applies).
+    with Tucker factors present is refused). False: the paper's MPC alone, Tucker layers left out.
+    None (default): the paper's MPC, and an AdapterConfigError asking for the choice if the model
+    holds Tucker factors. SSL/SSB layers have no factors and add nothing. Returns a scalar tensor
+    (zero when nothing applies).
     """
     if not isinstance(kind, str) or kind not in MPC_KINDS:
         raise AdapterConfigError(f"mpc_loss: unknown MPC kind {kind!r}; expected one of {MPC_KINDS}")
-    if not isinstance(tucker_factors, bool):
-        raise AdapterTypeError(f"mpc_loss: tucker_factors must be True or False, got {tucker_factors!r}")
+    if tucker_factors is not None and not isinstance(tucker_factors, bool):
+        raise AdapterTypeError(f"mpc_loss: tucker_factors must be True, False or None, got {tucker_factors!r}")
     layers = _adapted(model, "mpc_loss")
+    if tucker_factors is None:
+        held = [layer for layer in layers if _has_tucker_factors(layer)]
+        if held:
+            raise AdapterConfigError(
+                f"mpc_loss: {held[0]._label()} has Tucker factors, on which the paper does not define MPC (it defines "
+                "it on LoRA's A and B); pass tucker_factors=True to add this package's extension "
+                "(sum ||U^T U - I||^2 over the factors, lk.tucker_orthogonality_loss) or tucker_factors=False to leave "
+                "the Tucker layers out")
     tucker = [layer for layer in layers if _has_tucker_factors(layer)] if tucker_factors else []
     if tucker and kind == "d":
         raise AdapterConfigError(

@@ -127,7 +127,7 @@ def test_sum_over_layers_each_loss_its_own_layers():
     assert lk.mpc_loss(model, "o", tucker_factors=False).item() == pytest.approx(43.0 + 43.0, rel=1e-12)
     assert lk.mpc_loss(model, "d", tucker_factors=False).item() == pytest.approx(27.0 + 27.0, rel=1e-12)
     assert lk.tucker_orthogonality_loss(model).item() == pytest.approx(43.0, rel=1e-12)
-    assert lk.mpc_loss(model, "o").item() == pytest.approx(43.0 + 43.0 + 43.0, rel=1e-12)
+    assert lk.mpc_loss(model, "o", tucker_factors=True).item() == pytest.approx(43.0 + 43.0 + 43.0, rel=1e-12)
 
 
 def test_gradient_matches_hand_formula():
@@ -189,21 +189,25 @@ def test_unknown_kind_raises(kind):
         lk.mpc_loss(model, kind)
 
 
-def test_mpc_adds_the_tucker_extension_for_kind_o_unless_told_not_to():
+def test_mpc_adds_the_tucker_extension_only_when_asked():
     model = nn.Sequential(lk.FLoRAConv2d(3, 4, 3), lk.SSLLinear(4, 2), lk.LieRALinear(2, 2, delta="tucker"),
                           lk.LoRALinear(2, 3, rank=2))
     lora_only = lk.mpc_loss(nn.Sequential(model[3]), "o").item()
     tucker = lk.tucker_orthogonality_loss(model).item()
     assert tucker > 1e-3 and lora_only > 1e-3
-    assert lk.mpc_loss(model, "o").item() == pytest.approx(lora_only + tucker, rel=1e-6)
+    assert lk.mpc_loss(model, "o", tucker_factors=True).item() == pytest.approx(lora_only + tucker, rel=1e-6)
+    for kind in ("o", "d"):  # unasked, neither adds terms the paper does not define nor skips layers silently
+        with pytest.raises(lk.AdapterConfigError, match=r"FLoRAConv2d has Tucker factors.*tucker_factors=True.*"
+                                                        r"tucker_factors=False"):
+            lk.mpc_loss(model, kind)
     assert lk.mpc_loss(model, "o", tucker_factors=False).item() == pytest.approx(lora_only, rel=1e-6)
     assert lk.mpc_loss(model, "d", tucker_factors=False).item() == pytest.approx(
         lk.mpc_loss(nn.Sequential(model[3]), "d").item(), rel=1e-6)
     assert lk.mpc_loss(nn.Sequential(model[0]), tucker_factors=False).item() == 0.0
     with pytest.raises(lk.AdapterConfigError, match=r"kind 'd' on FLoRAConv2d, whose Tucker factors have no diagonal "
                                                     r"form.*tucker_factors=False"):
-        lk.mpc_loss(model, "d")
-    with pytest.raises(lk.AdapterTypeError, match="tucker_factors must be True or False"):
+        lk.mpc_loss(model, "d", tucker_factors=True)
+    with pytest.raises(lk.AdapterTypeError, match="tucker_factors must be True, False or None"):
         lk.mpc_loss(model, "o", tucker_factors=1)
 
 
