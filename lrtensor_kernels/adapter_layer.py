@@ -164,7 +164,11 @@ class AdapterLayer(nn.Module):
 
     def _adapter_inputs(self) -> list:
         """``adapter_tensors()`` as the forward hands them to a backend: the same values, with
-        gradients that come back in each parameter's own layout (see ``GradInParameterLayout``)."""
+        gradients that come back in each parameter's own layout (see ``GradInParameterLayout``);
+        as they are under a torch.func transform or forward-mode AD, whose gradients are no
+        parameter's ``.grad``."""
+        if not torch.compiler.is_compiling() and ops.transformed():
+            return list(self.adapter_tensors())
         return list(GradInParameterLayout.apply(*self.adapter_tensors()))
 
     # -- names and errors ------------------------------------------------------------------

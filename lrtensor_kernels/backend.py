@@ -101,6 +101,8 @@ def _auto_cpu() -> str:
 def resolve(device: torch.device) -> str:
     """The concrete backend (``"reference"``, ``"triton"`` or ``"native"``) for tensors on ``device``."""
     name = _current()
+    if device.type == "meta":  # shapes only: every backend computes them with its differentiable reference math
+        return "reference" if name == "auto" else name
     if name == "auto":
         if device.type == "cuda":
             return "triton" if triton_available() else "reference"

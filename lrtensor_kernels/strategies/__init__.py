@@ -74,7 +74,8 @@ def adapted_forward(
     as autocast would run the plain layer.
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:  # autocast leaves float64 alone
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if autocast and x.dtype != torch.float64:  # autocast leaves float64 alone
         dtype = torch.get_autocast_dtype(device_type)
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         with torch.autocast(device_type, enabled=False):
