@@ -6,7 +6,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 from torch import nn
 
-from . import trainable, validation
+from . import suggestions, trainable, validation
 from .errors import AdapterConfigError, AdapterError, AdapterTypeError, SharedWeightError
 from .adapter_layer import AdapterLayer
 from .layers import LAYERS
@@ -39,9 +39,11 @@ def names_by_module(model: nn.Module) -> dict:
 
 
 def _picked(model: nn.Module, named: dict, spec: TargetSpec, what: str) -> Optional[list]:
-    """The names ``spec`` selects: one regex matched in full, or names matched exactly or as a dotted suffix."""
+    """The names ``spec`` selects: one regex matched in full, or names matched exactly or as a dotted suffix.
+    A spec that matches nothing is an error naming the closest names (of adaptable modules, for targets)."""
     if spec is None:
         return None
+    candidates = [n for n in named if what != "target_modules" or adaptable_type(named[n]) is not None]
     if isinstance(spec, str):
         try:
             regex = re.compile(spec)
@@ -49,7 +51,8 @@ def _picked(model: nn.Module, named: dict, spec: TargetSpec, what: str) -> Optio
             raise AdapterConfigError(f"{what} regex {spec!r} does not compile: {err}") from None
         hits = [n for n in named if regex.fullmatch(n)]
         if not hits:
-            raise AdapterConfigError(f"{what} regex {spec!r} matched no module")
+            raise AdapterConfigError(f"{what} regex {spec!r} matched no module of {type(model).__name__} (a regex "
+                                     "matches whole dotted names)" + suggestions.module_name_phrase(spec, candidates))
         return hits
     if not validation.is_sequence(spec) and not isinstance(spec, (set, frozenset)):
         raise AdapterTypeError(f"{what} must be a list of module names or one regex string, got {spec!r}")
@@ -63,7 +66,8 @@ def _picked(model: nn.Module, named: dict, spec: TargetSpec, what: str) -> Optio
             raise AdapterTypeError(f"{what} entries must be module names (str), got {pattern!r}")
         found = [n for n in named if _matches(n, pattern)]
         if not found:
-            raise AdapterConfigError(f"{what} entry {pattern!r} matched no module of {type(model).__name__}")
+            raise AdapterConfigError(f"{what} entry {pattern!r} matched no module of {type(model).__name__}"
+                                     + suggestions.module_name_phrase(pattern, candidates))
         hits.extend(found)
     return hits
 
