@@ -123,6 +123,11 @@ def plan_load(model: nn.Module, config: dict, stored: dict, adapter_names: list)
             problems.append(f"{what}: a {type(module).__name__} in the model, a {entry.get('module_type')} in the file")
             continue
         state = module.state_dict(keep_vars=True)
+        if any(t.device.type == "meta" for t in state.values()):
+            problems.append(f"{what}: its state is on the meta device and holds no values; give the model its base "
+                            "state first (model.load_state_dict(state, assign=True), or model.to_empty(device=...) "
+                            "and load it), then load the adapters")
+            continue
         if set(state) != set(expected):
             missing, extra = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
             problems.append(f"{what}: state keys differ: the model has {missing} that the file lacks, the file has "
