@@ -24,7 +24,7 @@ from . import adapter_files, suggestions, trainable
 from ._version import __version__
 from .adapter_files import CONFIG_FILE, LEGACY_TENSORS_FILE, is_shape as _is_shape, shown as _shown
 from .errors import AdapterConfigError, AdapterError, AdapterFileError, AdapterTypeError, NonFiniteError
-from .adapter_layer import AdapterLayer
+from .adapter_layer import AdapterLayer, oversized_adapters_collected
 from .layers import LAYERS
 from .surgery import adaptable_type, adapter_layers, build_all, freeze_all_but_adapters, install, names_by_module
 from . import validation
@@ -172,7 +172,8 @@ def _read_config(raw: bytes, path: str) -> tuple:
 def _meta_layer(module: nn.Module, entry: dict) -> AdapterLayer:
     """The layer the entry describes around ``module``'s geometry, on the meta device."""
     cls = LAYERS[entry["method"]][MODULE_TYPES[entry["module_type"]]]
-    return cls(**cls._base_kwargs(module), device="meta", dtype=module.weight.dtype, **entry["kwargs"])
+    with oversized_adapters_collected():  # the sizes a file was trained at are not news
+        return cls(**cls._base_kwargs(module), device="meta", dtype=module.weight.dtype, **entry["kwargs"])
 
 
 def _plan_layer(name: str, entry: dict, modules: dict, model: nn.Module, header: dict, tensors_name: str,
@@ -322,7 +323,7 @@ def load_adapters(model: nn.Module, directory: str) -> list:
                                 [key for _, _, keys in plan.values() for key in keys.values()] + extra_keys)
     built = {name: layer for name, (_, layer, _) in plan.items() if layer is not None}
     built.update(build_all(model, {name: (layers[name]["method"], layers[name]["kwargs"])
-                                   for name, (_, layer, _) in plan.items() if layer is None}))
+                                   for name, (_, layer, _) in plan.items() if layer is None}, warn_oversized=False))
     with torch.no_grad():
         for name, layer in built.items():
             for key, t in layer.adapter_state().items():

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Iterable, Optional, Sequence, Union
 
 from torch import nn
 
 from . import suggestions, trainable, validation
-from .errors import AdapterConfigError, AdapterError, AdapterTypeError, SharedWeightError
-from .adapter_layer import AdapterLayer
+from .errors import AdapterConfigError, AdapterError, AdapterTypeError, OversizedAdapterWarning, SharedWeightError
+from .adapter_layer import AdapterLayer, oversized_adapters_collected, oversized_description
 from .layers import LAYERS
 from .trainable import owner_of
 
 TargetSpec = Union[str, Sequence[str], None]
+OVERSIZED_SHOWN = 5  # layers an OversizedAdapterWarning names
 
 
 def adaptable_type(module: nn.Module) -> Optional[type]:
@@ -144,30 +146,52 @@ def _check_method(method) -> None:
 
 
 def build_adapter(module: nn.Module, method: str, name: str, **method_kwargs) -> AdapterLayer:
-    """The adapter layer of ``method`` around ``module`` (which is left untouched)."""
+    """The adapter layer of ``method`` around ``module`` (which is left untouched but for its
+    frozen weight and bias, which the layer shares)."""
+    layer = _sized_adapter(module, method, name, **method_kwargs)
+    layer.take_module(module)
+    return layer
+
+
+def _sized_adapter(module: nn.Module, method: str, name: str, **method_kwargs) -> AdapterLayer:
+    """``build_adapter``'s layer still on the meta device (``AdapterLayer.sized_for``), named."""
     _check_method(method)
     base = adaptable_type(module)
     if base is None:
         raise AdapterTypeError(f"module '{name}' is a {type(module).__name__}, which cannot be adapted")
     cls = LAYERS[method][base]
     try:
-        layer = cls.from_module(module, **method_kwargs)
+        layer = cls.sized_for(module, **method_kwargs)
     except AdapterError as err:
         raise type(err)(f"module '{name}': {err}") from None
-    except TypeError as err:  # an unknown keyword argument
+    except TypeError as err:
         raise AdapterTypeError(f"module '{name}' ({cls.__name__}): {err}") from None
     layer.adapter_name = name
     return layer
 
 
-def build_all(model: nn.Module, specs: dict) -> dict:
+def build_all(model: nn.Module, specs: dict, warn_oversized: bool = True) -> dict:
     """``{name: build_adapter(module, method, name, **kwargs)}`` for ``specs = {name: (method, kwargs)}``.
 
     Building freezes the base weights the new layers share with ``model``; if any build fails,
-    every ``requires_grad`` flag is restored before the error propagates."""
+    every ``requires_grad`` flag is restored before the error propagates. Every layer is sized (on
+    the meta device) before any adapter is allocated; layers whose adapters train more numbers
+    than their weights hold get one OversizedAdapterWarning for them all (``warn_oversized``),
+    before the allocation (a warning turned into an error leaves the model unchanged)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        return {n: build_adapter(model.get_submodule(n), method, n, **kwargs) for n, (method, kwargs) in specs.items()}
+        with oversized_adapters_collected() as oversized:
+            built = {n: _sized_adapter(model.get_submodule(n), method, n, **kwargs)
+                     for n, (method, kwargs) in specs.items()}
+        if oversized and warn_oversized:
+            shown = "; ".join(oversized_description(*found) for found in oversized[:OVERSIZED_SHOWN])
+            more = f"; and {len(oversized) - OVERSIZED_SHOWN} more" if len(oversized) > OVERSIZED_SHOWN else ""
+            warnings.warn(f"{len(oversized)} adapter layer{'s' if len(oversized) > 1 else ''} train more numbers than "
+                          f"the weights they adapt hold: {shown}{more}. A lower rank, or training such a layer in "
+                          "full (trainable_modules), trains fewer", OversizedAdapterWarning, stacklevel=3)
+        for n, layer in built.items():
+            layer.take_module(model.get_submodule(n))
+        return built
     except BaseException:
         for p, flag in flags:
             p.requires_grad_(flag)

@@ -18,8 +18,6 @@ from fused import fused_kernels
 from oracle import F64, _weight64, plain_twin, randomize_adapter, rel_err
 from lrtensor_kernels.strategies import cost
 
-pytestmark = pytest.mark.filterwarnings("ignore::lrtensor_kernels.OversizedAdapterWarning")
-
 FLOOR = 1e-10  # float64 against the float64 oracle: rounding only
 
 LAYERS = {

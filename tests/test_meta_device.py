@@ -13,8 +13,6 @@ import lrtensor_kernels as lk
 from fused import fused_kernels
 from lrtensor_kernels.strategies import cost
 
-pytestmark = pytest.mark.filterwarnings("ignore::lrtensor_kernels.OversizedAdapterWarning")
-
 LAYERS = {
     "flora_conv2d": lambda **kw: lk.FLoRAConv2d(4, 6, 3, padding=1, groups=2, **kw),
     "flora_linear": lambda **kw: lk.FLoRALinear(5, 4, **kw),
