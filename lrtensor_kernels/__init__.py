@@ -57,6 +57,7 @@ __all__ = [
     "AdapterMath", "effective_weight", "tucker_product", "mpc_loss", "save_adapters", "load_adapters",
     "adapter_layers", "inject", "merge", "unmerge", "unload", "STRATEGIES", "Plan", "plan",
     "AdapterError", "AdapterConfigError", "AdapterTypeError", "AdapterInputError", "AdapterFileError",
-    "NonFiniteError", "OversizedAdapterWarning", "SharedWeightError", "detect_nonfinite", "set_detect_nonfinite", "is_detect_nonfinite_enabled",
+    "NonFiniteError", "OversizedAdapterWarning", "SharedWeightError", "detect_nonfinite", "set_detect_nonfinite",
+    "is_detect_nonfinite_enabled",
     "BudgetPlan", "lora_parameter_count", "ranks_for_budget", "load_official_flora", "load_official_liera",
 ]

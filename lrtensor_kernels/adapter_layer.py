@@ -121,7 +121,8 @@ class AdapterLayer(nn.Module):
             if ours is not None:
                 hints.append(f"unexpected keyword argument '{key}' (PEFT's name; {ours})")
             else:
-                hints.append(f"unexpected keyword argument '{key}'" + suggestions.closest_phrase(key, own + sorted(taken)))
+                hints.append(f"unexpected keyword argument '{key}'"
+                             + suggestions.closest_phrase(key, own + sorted(taken)))
         raise AdapterTypeError(f"{cls.__name__}: " + "; ".join(hints) + f". Its keywords: {', '.join(own)} and "
                                f"nn.{cls._nn_base().__name__}'s")
 

@@ -14,6 +14,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from . import suggestions
 from .adapter_layer import AdapterLayer
 
 MARK = "lrtensor_trainable"  # attribute set on a marked module
@@ -113,7 +114,8 @@ def plan_load(model: nn.Module, config: dict, stored: dict, adapter_names: list)
             continue
         module = modules.get(name)
         if module is None:
-            problems.append(f"{what}: no such module in {type(model).__name__}")
+            problems.append(f"{what}: no such module in {type(model).__name__}"
+                            + suggestions.closest_phrase(name, [n for n in modules if n]))
             continue
         if isinstance(module, AdapterLayer):
             problems.append(f"{what}: an adapter layer ({type(module).__name__}) in the model; the file trains it "

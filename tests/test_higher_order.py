@@ -95,30 +95,24 @@ def test_torch_func_transforms_match_the_oracle(name, strategy, backend):
     layer, x, params = _setup(name, strategy, backend)
     f, f64 = _functions(layer)
     weights = torch.randn(f64(params, x).shape, generator=torch.Generator().manual_seed(5), dtype=F64)
-
-    def loss_of(fn):
-        return lambda p, inp: (fn(p, inp) * weights[: inp.shape[0]]).sum()
-
-    def per_sample(fn):
-        return lambda p, sample: (fn(p, sample.unsqueeze(0)) * weights[:1]).sum()
-
     tangents, x_tangent = _random_like(params, 7), torch.randn(x.shape, generator=torch.Generator().manual_seed(8),
                                                                dtype=F64)
-    with lk.use_backend(backend):
-        got = dict(
-            grad=grad(loss_of(f), argnums=(0, 1))(params, x),
-            per_sample=vmap(grad(per_sample(f)), in_dims=(None, 0))(params, x),
-            jacrev=jacrev(f, argnums=(0, 1))(params, x),
-            jvp=jvp(f, (params, x), (tangents, x_tangent)),
-            hvp=jvp(lambda p: grad(loss_of(f))(p, x), (params,), (tangents,)),
+
+    def transforms(fn):
+        def loss(p, inp):
+            return (fn(p, inp) * weights[: inp.shape[0]]).sum()
+
+        return dict(
+            grad=grad(loss, argnums=(0, 1))(params, x),
+            per_sample=vmap(grad(lambda p, sample: loss(p, sample.unsqueeze(0))), in_dims=(None, 0))(params, x),
+            jacrev=jacrev(fn, argnums=(0, 1))(params, x),
+            jvp=jvp(fn, (params, x), (tangents, x_tangent)),
+            hvp=jvp(lambda p: grad(loss)(p, x), (params,), (tangents,)),
         )
-    ref = dict(
-        grad=grad(loss_of(f64), argnums=(0, 1))(params, x),
-        per_sample=vmap(grad(per_sample(f64)), in_dims=(None, 0))(params, x),
-        jacrev=jacrev(f64, argnums=(0, 1))(params, x),
-        jvp=jvp(f64, (params, x), (tangents, x_tangent)),
-        hvp=jvp(lambda p: grad(loss_of(f64))(p, x), (params,), (tangents,)),
-    )
+
+    with lk.use_backend(backend):
+        got = transforms(f)
+    ref = transforms(f64)
     for key in ref:
         _assert_close(f"{name} {strategy} {backend} {key}", got[key], ref[key])
 

@@ -97,7 +97,8 @@ def test_unparseable_config(tmp_path, kind):
 
 
 CONFIG_EDITS = {
-    "no-format-version": (lambda c: c.pop("format_version"), r"has no field 'format_version', expected one of \(1, 2, 3\)"),
+    "no-format-version": (lambda c: c.pop("format_version"),
+                          r"has no field 'format_version', expected one of \(1, 2, 3\)"),
     "format-version-str": (lambda c: c.update(format_version="1"), r"has format_version \"1\", expected one of"),
     "format-version-bool": (lambda c: c.update(format_version=True), r"has format_version true, expected one of"),
     "format-version-float": (lambda c: c.update(format_version=1.0), r"has format_version 1\.0, expected one of"),

@@ -282,7 +282,8 @@ def test_layer_name_held_by_other_module_type(saved_flora):
 def test_extra_tensor(saved_flora):
     directory, base_state = saved_flora
     rewrite_tensors(directory, lambda t: t.__setitem__("head.extra", torch.zeros(3)))
-    check_fails_unchanged(fresh_like(base_state), directory, rf"tensor head\.extra in {TENSORS_NAME} belongs to no adapter")
+    check_fails_unchanged(fresh_like(base_state), directory,
+                          rf"tensor head\.extra in {TENSORS_NAME} belongs to no adapter")
 
 
 def test_missing_tensor(saved_flora):
