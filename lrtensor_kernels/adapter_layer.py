@@ -7,6 +7,9 @@ adapter tensors of one method. Its forward is ``op(x, W')`` with ``W' = combine(
 delta)`` as :mod:`lrtensor_kernels.methods` defines it; the strategy and the backend in force
 decide how that is computed (:mod:`lrtensor_kernels.strategies`, :mod:`lrtensor_kernels.backend`),
 the layer does not.
+
+A layer may hold several named adapters of its method, one of them active
+(:mod:`lrtensor_kernels.held_adapters`).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from torch import nn
 
 from . import methods, ops, strategies, suggestions, validation
 from .errors import AdapterConfigError, AdapterInputError, AdapterTypeError, OversizedAdapterWarning
+from .held_adapters import DEFAULT_ADAPTER, HeldAdapters, StoredAdapter  # noqa: F401 (re-exported)
 
 AdaptableBase = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # the state dict key of a merged layer's base weight (its ``weight`` key then holds W')
@@ -84,7 +88,7 @@ class GradInParameterLayout(torch.autograd.Function):
         return tuple(ops.in_layout(g, shape, stride) for g, (shape, stride) in zip(grads, ctx.layouts))
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(HeldAdapters, nn.Module):
     """What every adapter layer shares: forward dispatch, input checks, merge/unmerge, naming.
 
     ``weight`` and ``bias`` are frozen (``requires_grad=False``) however the layer is built; a user
@@ -100,7 +104,7 @@ class AdapterLayer(nn.Module):
 
     adapter_method: str = ""
     adapter_param_names: tuple = ()
-    adapter_name: Optional[str] = None
+    adapter_name: Optional[str] = None  # the layer's dotted name in its model (error messages)
 
     # -- construction ------------------------------------------------------------------
     peft_keywords: dict = {}  # PEFT's keyword -> this method's (see PEFT_KEYWORDS)
@@ -129,6 +133,8 @@ class AdapterLayer(nn.Module):
     def _init_adapter(self, device, dropout: float, strategy: str, **config):
         self.dropout = validation.probability(dropout, "dropout", self._label())
         self._merged_base: Optional[torch.Tensor] = None
+        self.active_adapter = DEFAULT_ADAPTER
+        self._held = [DEFAULT_ADAPTER]  # every adapter's name, in the order they were added
         self._configure(**config)
         self.strategy = strategy
         self._freeze_base()
@@ -170,8 +176,10 @@ class AdapterLayer(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # a conversion to a 16-bit (or narrower) float leaves the adapter tensors (and their
-        # gradients) in float32, converted once from the originals
-        keep = {id(t) for p in self.adapter_parameters() for t in (p, p.grad) if t is not None}
+        # gradients) in float32, converted once from the originals; inactive adapters' too
+        stored = self._stored()
+        params = self.adapter_parameters() + [p for a in stored.values() for p in a.parameters()]
+        keep = {id(t) for p in params for t in (p, p.grad) if t is not None}
 
         def keep_adapters_wide(t):
             out = fn(t)
@@ -248,7 +256,9 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def adapter_state(self) -> dict:
-        """The adapter tensors by name, as ``save_adapters`` writes them."""
+        """The active adapter's tensors by name, as ``save_adapters`` writes them ({} when none is active)."""
+        if self.active_adapter is None:
+            return {}
         return {name: t for name, t in self.named_parameters() if name.split(".")[0] in self.adapter_param_names}
 
     def adapter_parameters(self):
@@ -276,10 +286,16 @@ class AdapterLayer(nn.Module):
     def merged(self) -> bool:
         return self._merged_base is not None
 
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base weight ``W`` (the weight itself, or what a merge kept of it)."""
+        return self._merged_base if self.merged else self.weight
+
     def effective_weight(self) -> torch.Tensor:
-        """``W'`` computed by the reference math, differentiable w.r.t. the adapter tensors."""
-        base = self._merged_base if self.merged else self.weight
-        return methods.effective_weight(base, self.adapter_tensors(), self.adapter_math, self.scale)
+        """``W'`` computed by the reference math, differentiable w.r.t. the adapter tensors (a copy of
+        ``W`` when no adapter is active)."""
+        if self.active_adapter is None:
+            return self.base_weight().clone()
+        return methods.effective_weight(self.base_weight(), self.adapter_tensors(), self.adapter_math, self.scale)
 
     def _is_linear(self) -> bool:
         return isinstance(self, nn.Linear)
@@ -313,8 +329,18 @@ class AdapterLayer(nn.Module):
             return F.pad(x, pads), [0] * n
         return x, list(self.padding)
 
+    _adapters_disabled = False  # set by named_adapters.disable_adapters
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain layer's op on the base weight ``W``, exactly as the nn class computes it."""
+        if self._is_linear():
+            return F.linear(x, self.base_weight(), self.bias)
+        return self._conv_forward(x, self.base_weight(), self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self._adapters_disabled or self.active_adapter is None:
+            return self.base_forward(x)
         if self.merged:
             return super().forward(x)
         dropped = F.dropout(x, self.dropout, True) if self.dropout > 0 and self.training else None
@@ -368,11 +394,14 @@ class AdapterLayer(nn.Module):
         self._merged_base = None
 
     def to_plain(self, merge: bool = True) -> nn.Module:
-        """A plain nn layer holding ``W'`` (``merge``; a new Parameter, refused if non-finite) or the
-        base weight (this layer's own Parameter when unmerged), and this layer's bias."""
+        """A plain nn layer holding ``W'`` (``merge``; a new Parameter, refused if non-finite; a merged
+        layer's the ``W'`` it holds, which a weighted merge made from several adapters) or the base
+        weight (this layer's own Parameter when unmerged), and this layer's bias."""
         base = self._nn_base()
         plain = base(**self._base_kwargs(self), device="meta", dtype=self.weight.dtype)
-        if merge or self.merged:
+        if merge and self.merged:
+            plain.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=self.weight.requires_grad)
+        elif merge or self.merged:
             weight = self.checked_effective_weight("unload(merge=True)") if merge else self._merged_base
             plain.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
         else:
@@ -419,6 +448,11 @@ class AdapterLayer(nn.Module):
                 self._set_merged(merged if assign else torch.empty_like(self.weight).copy_(merged))
 
     def extra_repr(self) -> str:
-        cfg = ", ".join(f"{k}={v}" for k, v in self.adapter_config().items())
+        if self.active_adapter is None:
+            adapter = f"{self.adapter_method}(no active adapter)"
+        else:
+            adapter = f"{self.adapter_method}(" + ", ".join(f"{k}={v}" for k, v in self.adapter_config().items()) + ")"
+        if self.held_adapters() != [DEFAULT_ADAPTER]:
+            adapter += f", active_adapter={self.active_adapter!r} of {self.held_adapters()}"
         merged = ", merged" if self.merged else ""
-        return f"{super().extra_repr()}, {self.adapter_method}({cfg}), strategy={self.strategy}{merged}"
+        return f"{super().extra_repr()}, {adapter}, strategy={self.strategy}{merged}"

@@ -24,9 +24,10 @@ from . import adapter_files, suggestions, trainable
 from ._version import __version__
 from .adapter_files import CONFIG_FILE, LEGACY_TENSORS_FILE, is_shape as _is_shape, shown as _shown
 from .errors import AdapterConfigError, AdapterError, AdapterFileError, AdapterTypeError, NonFiniteError
-from .adapter_layer import AdapterLayer, oversized_adapters_collected
+from .adapter_layer import DEFAULT_ADAPTER, AdapterLayer, oversized_adapters_collected
 from .layers import LAYERS
-from .surgery import adaptable_type, adapter_layers, build_all, freeze_all_but_adapters, install, names_by_module
+from .surgery import (adaptable_type, adapter_layers, build_all, build_stored_all, freeze_all_but_adapters, install,
+                      names_by_module)
 from . import validation
 from .validation import count_nonfinite
 
@@ -46,38 +47,55 @@ def tensor_key(layer_name: str, key: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # save
 # ----------------------------------------------------------------------------------------------
-def save_adapters(model: nn.Module, directory: str) -> None:
-    """Write every adapter layer's tensors (keys ``"<layer>.<tensor>"``) to a safetensors file and
-    ``directory/adapter_config.json`` (per layer: method, keyword arguments, base module type,
-    weight shape and tensor shapes; package version; the tensors file's name,
-    ``adapters-<hash>.safetensors``), and the whole state of every module trained in full
-    (``inject(..., trainable_modules=...)``; keys ``"<module>.<state key>"``, parameters and
-    persistent buffers) with its type, shapes and dtypes under ``"trainable_modules"``.
-
-    Refuses (NonFiniteError, nothing written) adapter tensors holding inf or NaN, and
-    (AdapterConfigError) tensors on the meta device, which hold no values. All or nothing: the
-    directory holds the old pair of files or the new one, never a mix, also when the call fails
-    or is interrupted, and concurrent saves into one directory (threads or processes) run one
-    after the other (:mod:`lrtensor_kernels.adapter_files`). Files get the permissions the umask
-    gives any new file.
-    """
-    validation.model(model, "save_adapters")
+def _saved_adapters(model: nn.Module, adapter_name) -> list:
+    """``(layer name, layer, adapter name)`` of what ``save_adapters`` writes: every layer's active
+    adapter, or every layer's adapter ``adapter_name``."""
     layers = adapter_layers(model)
     if not layers:
         raise AdapterConfigError(f"save_adapters: {type(model).__name__} has no adapter layer; call inject first")
+    if adapter_name is None:
+        saved = [(n, layer, layer.active_adapter) for n, layer in layers if layer.active_adapter is not None]
+        if not saved:
+            raise AdapterConfigError(f"save_adapters: no adapter layer of {type(model).__name__} has an active "
+                                     "adapter; give adapter_name, or lk.set_adapter first")
+        return saved
+    from .named_adapters import _holding
+
+    return [(n, layer, adapter_name) for n, layer in _holding(model, adapter_name, "save_adapters")]
+
+
+def save_adapters(model: nn.Module, directory: str, adapter_name: str = None) -> None:
+    """Write every adapter layer's tensors (keys ``"<layer>.<tensor>"``) to a safetensors file and
+    ``directory/adapter_config.json`` (per layer: method, keyword arguments, base module type,
+    weight shape and tensor shapes, and the adapter's name unless it is "default"; package version;
+    the tensors file's name, ``adapters-<hash>.safetensors``), and the whole state of every module
+    trained in full (``inject(..., trainable_modules=...)``; keys ``"<module>.<state key>"``,
+    parameters and persistent buffers) with its type, shapes and dtypes under ``"trainable_modules"``.
+
+    The adapters written are each layer's active one, or with ``adapter_name`` the adapter of that
+    name of every layer holding it (active or not). Refuses (NonFiniteError, nothing written)
+    adapter tensors holding inf or NaN, and (AdapterConfigError) tensors on the meta device, which
+    hold no values. All or nothing: the directory holds the old pair of files or the new one, never
+    a mix, also when the call fails or is interrupted, and concurrent saves into one directory
+    (threads or processes) run one after the other (:mod:`lrtensor_kernels.adapter_files`). Files
+    get the permissions the umask gives any new file.
+    """
+    validation.model(model, "save_adapters")
     tensors, config = {}, {}
-    for name, layer in layers:
-        state = layer.adapter_state()
+    for name, layer, adapter in _saved_adapters(model, adapter_name):
+        state = layer.adapter_state_of(adapter)
         for key, t in state.items():
             _check_savable(f"{layer._label()}: tensor {key}", t)
             tensors[tensor_key(name, key)] = t.detach().contiguous().cpu()
         config[name] = dict(
             method=layer.adapter_method,
-            kwargs=layer.adapter_config(),
+            kwargs=layer.adapter_config_of(adapter),
             module_type=layer._nn_base().__name__,
             weight_shape=list(layer.weight.shape),
             tensors={key: list(t.shape) for key, t in state.items()},
         )
+        if adapter != DEFAULT_ADAPTER:
+            config[name]["adapter_name"] = adapter
     for name, module in trainable.marked_modules(model):
         for key, t in module.state_dict().items():
             _check_savable(f"trainable module tensor {name}.{key}", t)
@@ -130,7 +148,20 @@ def _entry_problems(name: str, entry) -> list:
             problems.append(f"layer '{name}': missing field '{field}' (expected {expected})")
         elif not valid(entry[field]):
             problems.append(f"layer '{name}': field '{field}': expected {expected}, found {_shown(entry[field])}")
+    if "adapter_name" in entry and not _is_adapter_name(entry["adapter_name"]):
+        problems.append(f"layer '{name}': field 'adapter_name': expected a non-empty string without dots, found "
+                        f"{_shown(entry['adapter_name'])}")
     return problems
+
+
+def _is_adapter_name(value) -> bool:
+    from .named_adapters import check_adapter_name
+
+    try:
+        check_adapter_name(value, "")
+    except AdapterConfigError:
+        return False
+    return True
 
 
 def _read_config(raw: bytes, path: str) -> tuple:
@@ -176,9 +207,10 @@ def _meta_layer(module: nn.Module, entry: dict) -> AdapterLayer:
         return cls(**cls._base_kwargs(module), device="meta", dtype=module.weight.dtype, **entry["kwargs"])
 
 
-def _plan_layer(name: str, entry: dict, modules: dict, model: nn.Module, header: dict, tensors_name: str,
-                trained: list):
-    """``((module, layer in place or None, {tensor name: file key}), [])``, or ``(None, problems)``.
+def _plan_layer(name: str, entry: dict, modules: dict, model: nn.Module, header: dict, adapter: str,
+                tensors_name: str, trained: list):
+    """``((module, how, {tensor name: file key}), [])``, or ``(None, problems)``; ``how``: "inject" (a
+    plain module), "in place" (the adapter layer holds ``adapter``) or "add" (it gets ``adapter``).
     ``trained``: the names of the model's modules trained in full."""
     module = modules.get(name)
     if module is None:
@@ -192,15 +224,15 @@ def _plan_layer(name: str, entry: dict, modules: dict, model: nn.Module, header:
         return None, [f"layer '{name}': its weight is on the meta device and holds no values; give the model its "
                       "base weights first (model.load_state_dict(state, assign=True), or model.to_empty(device=...) "
                       "and load them), then load the adapters"]
-    adapter, base_type = isinstance(module, AdapterLayer), MODULE_TYPES[entry["module_type"]]
-    held = module._nn_base() if adapter else adaptable_type(module)
+    adapter_layer, base_type = isinstance(module, AdapterLayer), MODULE_TYPES[entry["module_type"]]
+    held = module._nn_base() if adapter_layer else adaptable_type(module)
     if held is not base_type:
         return None, [f"layer '{name}': a {type(module).__name__} in the model, an adapted {entry['module_type']} "
                       f"({entry['method']}) in {CONFIG_FILE}"]
     if list(module.weight.shape) != entry["weight_shape"]:
         return None, [f"layer '{name}': weight shape {list(module.weight.shape)} in the model, "
                       f"{entry['weight_shape']} in {CONFIG_FILE}"]
-    if not name and not adapter:
+    if not name and not adapter_layer:
         cls = LAYERS[entry["method"]][base_type].__name__
         return None, [f"layer '': the file holds a root-level adapter, and the model itself is a "
                       f"{type(module).__name__}, which load_adapters cannot replace: load into "
@@ -212,12 +244,13 @@ def _plan_layer(name: str, entry: dict, modules: dict, model: nn.Module, header:
     except (RuntimeError, OverflowError) as err:  # sizes too large even to describe
         return None, [f"layer '{name}': field 'kwargs' {_shown(entry['kwargs'])} describes tensors too large to "
                       f"build: {str(err)[:120]}"]
-    problems = _in_place_problems(name, module, meta) if adapter else []
+    how = "inject" if not adapter_layer else "in place" if adapter in module.held_adapters() else "add"
+    problems = _in_place_problems(name, module, meta, adapter, how) if adapter_layer else []
     problems = problems or _tensor_problems(name, entry, {k: tuple(t.shape) for k, t in meta.adapter_state().items()},
                                             header, tensors_name)
     if problems:
         return None, problems
-    return (module, module if adapter else None, {key: tensor_key(name, key) for key in meta.adapter_state()}), []
+    return (module, how, {key: tensor_key(name, key) for key in meta.adapter_state()}), []
 
 
 def _tensor_problems(name: str, entry: dict, shapes: dict, header: dict, tensors_name: str) -> list:
@@ -239,28 +272,32 @@ def _tensor_problems(name: str, entry: dict, shapes: dict, header: dict, tensors
     return problems
 
 
-def _in_place_problems(name: str, module: AdapterLayer, meta: AdapterLayer) -> list:
+def _in_place_problems(name: str, module: AdapterLayer, meta: AdapterLayer, adapter: str, how: str) -> list:
     if module.adapter_method != meta.adapter_method:
         return [f"layer '{name}': a {type(module).__name__} in the model, an adapted {meta._nn_base().__name__} "
-                f"({meta.adapter_method}) in {CONFIG_FILE}"]
-    ours, theirs = module.adapter_config(), meta.adapter_config()
+                f"({meta.adapter_method}) in {CONFIG_FILE} (a layer holds adapters of one method)"]
+    if how == "add":
+        return []
+    ours, theirs = module.adapter_config_of(adapter), meta.adapter_config()
     differ = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
     if differ:
         return [f"layer '{name}': the model's {type(module).__name__} has "
                 + ", ".join(f"{k}={ours.get(k)!r}" for k in differ) + f"; {CONFIG_FILE} has "
                 + ", ".join(f"{k}={theirs.get(k)!r}" for k in differ)
+                + ("" if adapter == DEFAULT_ADAPTER else f" for adapter {adapter!r}")
                 + " (load into a model without adapters on this layer, or inject with the file's configuration)"]
     if module.merged:
         return [f"layer '{name}': merged; unmerge before loading adapters"]
     return []
 
 
-def _plan(model: nn.Module, layers: dict, extras: dict, header: dict, directory: str, tensors_name: str) -> tuple:
+def _plan(model: nn.Module, layers: dict, extras: dict, header: dict, directory: str, adapters: dict,
+          tensors_name: str) -> tuple:
     modules = dict(model.named_modules(remove_duplicate=False))
     problems, plan, owner = [], {}, {}
     trained = [n for n, _ in trainable.marked_modules(model)]
     for name, entry in layers.items():
-        result, found = _plan_layer(name, entry, modules, model, header, tensors_name, trained)
+        result, found = _plan_layer(name, entry, modules, model, header, adapters[name], tensors_name, trained)
         if found:
             problems += found
             continue
@@ -296,9 +333,13 @@ def _read_tensors(handle, path: str, header: adapter_files.Header, keys: list) -
     return tensors
 
 
-def load_adapters(model: nn.Module, directory: str) -> list:
+def load_adapters(model: nn.Module, directory: str, adapter_name: str = None) -> list:
     """Load adapters saved by :func:`save_adapters` into ``model``, injecting layers where needed.
 
+    Each layer's adapter is loaded under ``adapter_name``, or the name the file gives it
+    ("default" when it gives none): into a plain module, as the adapter layer's only (active)
+    adapter; into an adapter layer holding that name, in place (same configuration); into an
+    adapter layer of the same method without it, as a new inactive adapter (``lk.set_adapter``).
     Every layer name, module type, weight shape, method, configuration, tensor name, shape and
     dtype is checked before anything is allocated or changed; any mismatch raises one
     AdapterFileError listing all of them; so is the state of every module trained in full
@@ -314,24 +355,41 @@ def load_adapters(model: nn.Module, directory: str) -> list:
     if not os.path.isdir(directory):
         raise AdapterFileError(f"load_adapters: {directory} " + ("is not a directory" if os.path.exists(directory)
                                                                  else "does not exist"), directory)
+    if adapter_name is not None:
+        from .named_adapters import check_adapter_name
+
+        check_adapter_name(adapter_name, "load_adapters")
     (layers, extras), tensors_path, handle = adapter_files.open_pair(directory, _read_config)
     with handle:
         header = adapter_files.read_header(handle, tensors_path)
-        plan, extra_plan = _plan(model, layers, extras, header.tensors, directory, os.path.basename(tensors_path))
+        adapters = {name: adapter_name or entry.get("adapter_name", DEFAULT_ADAPTER) for name, entry in layers.items()}
+        plan, extra_plan = _plan(model, layers, extras, header.tensors, directory, adapters,
+                                 os.path.basename(tensors_path))
         extra_keys = [f"{name}.{key}" for name, state in extra_plan.items() for key in state]
         tensors = _read_tensors(handle, tensors_path, header,
                                 [key for _, _, keys in plan.values() for key in keys.values()] + extra_keys)
-    built = {name: layer for name, (_, layer, _) in plan.items() if layer is not None}
-    built.update(build_all(model, {name: (layers[name]["method"], layers[name]["kwargs"])
-                                   for name, (_, layer, _) in plan.items() if layer is None}, warn_oversized=False))
+    with oversized_adapters_collected():  # the sizes a file was trained at are not news
+        added = build_stored_all(model, {name: layers[name]["kwargs"] for name, (_, how, _) in plan.items()
+                                         if how == "add"})
+    by_adapter = {}
+    for name, (_, how, _) in plan.items():
+        if how == "inject":
+            by_adapter.setdefault(adapters[name], {})[name] = (layers[name]["method"], layers[name]["kwargs"])
+    built = {}
+    for adapter, specs in by_adapter.items():
+        built.update(build_all(model, specs, adapter, warn_oversized=False))
     with torch.no_grad():
-        for name, layer in built.items():
-            for key, t in layer.adapter_state().items():
-                t.copy_(tensors[plan[name][2][key]])
+        for name, (module, how, keys) in plan.items():
+            state = (built[name].adapter_state() if how == "inject" else dict(added[name].named_parameters())
+                     if how == "add" else module.adapter_state_of(adapters[name]))
+            for key, t in state.items():
+                t.copy_(tensors[keys[key]])
     aliases = names_by_module(model)
-    for name, (module, in_place, _) in plan.items():
-        if in_place is None:
+    for name, (module, how, _) in plan.items():
+        if how == "inject":
             install(model, module, built[name], aliases)
+        elif how == "add":
+            module._add_stored(adapters[name], added[name])
     trainable.apply_load(model, extra_plan, tensors)
     freeze_all_but_adapters(model)
     return list(plan)

@@ -106,8 +106,8 @@ def test_adapter_math_unknown_names():
 # inject
 # ----------------------------------------------------------------------------------------------
 def test_inject_unknown_method():
-    inject_fails(make_net(), ValueError, r"unknown method 'lora'; expected one of \('flora', 'liera', 'ssl', 'ssb'\)",
-                 "lora")
+    inject_fails(make_net(), ValueError,
+                 r"unknown method 'loha'; expected one of \('flora', 'lora', 'liera', 'ssl', 'ssb'\)", "loha")
 
 
 @pytest.mark.parametrize("target, match", [
@@ -173,9 +173,9 @@ def test_inject_bad_kwargs_on_a_later_layer_installs_nothing():
 # ----------------------------------------------------------------------------------------------
 # wrong input at forward time
 # ----------------------------------------------------------------------------------------------
-METHODS = [("flora", {}), ("liera", {}), ("liera", dict(delta="tucker")), ("ssl", {}), ("ssb", {})]
-M_IDS = ["flora", "liera-lora", "liera-tucker", "ssl", "ssb"]
-PREFIX = {"flora": "FLoRA", "liera": "LieRA", "ssl": "SSL", "ssb": "SSB"}
+METHODS = [("flora", {}), ("lora", {}), ("liera", {}), ("liera", dict(delta="tucker")), ("ssl", {}), ("ssb", {})]
+M_IDS = ["flora", "lora", "liera-lora", "liera-tucker", "ssl", "ssb"]
+PREFIX = {"flora": "FLoRA", "lora": "LoRA", "liera": "LieRA", "ssl": "SSL", "ssb": "SSB"}
 
 
 @pytest.mark.parametrize("method, kwargs", METHODS, ids=M_IDS)

@@ -23,6 +23,8 @@ FLOOR = 1e-10  # float64 against the float64 oracle: rounding only
 LAYERS = {
     "flora_conv2d_groups": lambda: lk.FLoRAConv2d(4, 6, 3, padding=1, groups=2, ranks=(3, 2, 2, 2)),
     "flora_linear": lambda: lk.FLoRALinear(5, 4, ranks=(3, 2)),
+    "lora_conv2d_groups": lambda: lk.LoRAConv2d(4, 6, 3, padding=1, groups=2, rank=2),
+    "lora_linear": lambda: lk.LoRALinear(5, 4, rank=2),
     "liera_conv1d_reflect": lambda: lk.LieRAConv1d(3, 4, 3, padding=1, padding_mode="reflect", rank=2),
     "liera_tucker_first_order_linear": lambda: lk.LieRALinear(5, 4, rank=2, delta="tucker", mode="first_order"),
     "ssl_conv2d_stride": lambda: lk.SSLConv2d(3, 4, 3, stride=2),

@@ -112,9 +112,9 @@ CONFIG_EDITS = {
     "entry-str": (lambda c: c["layers"].update(head="x"), r"layer 'head': expected an object, found a string"),
     **{f"no-{field}": ((lambda f: lambda c: head(c).pop(f))(field), rf"layer 'head': missing field '{field}'")
        for field in ("method", "kwargs", "module_type", "weight_shape", "tensors")},
-    "method-int": (lambda c: head(c).update(method=5), r"field 'method': expected one of \['flora', 'liera', 'ssl', "
-                                                       r"'ssb'\], found an integer \(5\)"),
-    "method-unknown": (lambda c: head(c).update(method="lora"), r"field 'method': expected one of .*found a string"),
+    "method-int": (lambda c: head(c).update(method=5), r"field 'method': expected one of \['flora', 'lora', "
+                                                       r"'liera', 'ssl', 'ssb'\], found an integer \(5\)"),
+    "method-unknown": (lambda c: head(c).update(method="loha"), r"field 'method': expected one of .*found a string"),
     "kwargs-list": (lambda c: head(c).update(kwargs=[1]), r"field 'kwargs': expected an object of keyword arguments, "
                                                           r"found a list"),
     "module-type": (lambda c: head(c).update(module_type="Conv4d"), r"field 'module_type': expected one of"),

@@ -19,9 +19,10 @@ from test_bad_input import assert_unchanged, inject_fails, snapshot
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
-METHODS = [("flora", {}), ("flora", dict(ranks=2, scale=1.5)), ("liera", dict(rank=3, alpha=2.0)),
+METHODS = [("flora", {}), ("flora", dict(ranks=2, scale=1.5)), ("lora", dict(rank=3, alpha=2.0)),
+           ("liera", dict(rank=3, alpha=2.0)),
            ("liera", dict(rank=2, mode="first_order", delta="tucker")), ("ssl", {}), ("ssb", dict(dropout=0.1))]
-M_IDS = ["flora", "flora-kwargs", "liera-lora", "liera-tucker-first_order", "ssl", "ssb"]
+M_IDS = ["flora", "flora-kwargs", "lora", "liera-lora", "liera-tucker-first_order", "ssl", "ssb"]
 methods = pytest.mark.parametrize("method, kwargs", METHODS, ids=M_IDS)
 
 

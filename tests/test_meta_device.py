@@ -16,6 +16,7 @@ from lrtensor_kernels.strategies import cost
 LAYERS = {
     "flora_conv2d": lambda **kw: lk.FLoRAConv2d(4, 6, 3, padding=1, groups=2, **kw),
     "flora_linear": lambda **kw: lk.FLoRALinear(5, 4, **kw),
+    "lora_conv2d": lambda **kw: lk.LoRAConv2d(4, 6, 3, padding=1, groups=2, rank=2, **kw),
     "liera_conv1d": lambda **kw: lk.LieRAConv1d(3, 4, 3, padding=1, padding_mode="reflect", rank=2, **kw),
     "ssl_conv3d": lambda **kw: lk.SSLConv3d(2, 3, 2, **kw),
     "ssb_linear": lambda **kw: lk.SSBLinear(5, 4, **kw),
@@ -57,7 +58,7 @@ def small_model():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 
 
-@pytest.mark.parametrize("method", ["flora", "liera", "ssb"])
+@pytest.mark.parametrize("method", ["flora", "lora", "liera", "ssb"])
 def test_plan_and_merge_on_a_meta_model(method):
     with torch.device("meta"):
         model = small_model()

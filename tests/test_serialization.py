@@ -63,12 +63,13 @@ BASE_NAME = {"pre": "Conv3d", "block.conv1": "Conv2d", "block.conv2": "Conv2d", 
 METHOD_KWARGS = [
     ("flora", {}),
     ("flora", dict(ranks=(2, 3, 1, 2), scale=0.7)),
+    ("lora", dict(rank=3, alpha=5.0, dropout=0.1)),
     ("liera", dict(rank=3, alpha=5.0)),
     ("liera", dict(rank=2, alpha=3.0, mode="first_order", delta="tucker", dropout=0.1)),
     ("ssl", {}),
     ("ssb", {}),
 ]
-MK_IDS = ["flora", "flora-kwargs", "liera-lora", "liera-tucker", "ssl", "ssb"]
+MK_IDS = ["flora", "flora-kwargs", "lora", "liera-lora", "liera-tucker", "ssl", "ssb"]
 
 
 def make_net(seed=0, **kwargs):

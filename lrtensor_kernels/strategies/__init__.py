@@ -7,9 +7,9 @@ computed, never its value (up to rounding), the parameters or what is saved to a
   takes the full weight gradient ``dL/dW'`` and projects it onto the adapter tensors.
 - ``"two_branch"`` (any method): ``op(x, W) + op(x, W' - W)``; keeps a small update's precision in
   bfloat16/float16 at the cost of one more op forward and backward.
-- ``"bypass"`` (FLoRA, SSL, SSB): the frozen op on ``W`` plus an exact cheap path for the update,
-  with no full weight gradient: FLoRA's Tucker chain (:mod:`.tucker_bypass`), SSL/SSB's scaled
-  activations (:mod:`.scale_bypass`).
+- ``"bypass"`` (FLoRA, LoRA, SSL, SSB): the frozen op on ``W`` plus an exact cheap path for the
+  update, with no full weight gradient: FLoRA's Tucker chain and LoRA's A-then-B chain
+  (:mod:`.tucker_bypass`), SSL/SSB's scaled activations (:mod:`.scale_bypass`).
 - ``"auto"`` (default): chosen per call by the cost model (:mod:`.cost`).
 
 Each strategy runs on every backend: in plain PyTorch on "reference", through custom ops on the
@@ -42,7 +42,7 @@ def check_strategy(strategy, math: methods.AdapterMath) -> str:
 
 
 def _run_bypass(call: AdaptedCall, decision: cost.Decision) -> Tensor:
-    if call.math.delta == "tucker":
+    if call.math.delta in ("tucker", "lora"):
         return tucker_bypass.run(call, decision.input_grad_via_weight)
     return scale_bypass.run(call)
 
