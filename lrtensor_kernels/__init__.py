@@ -18,6 +18,7 @@ from .errors import (
     AdapterInputError,
     AdapterTypeError,
     NonFiniteError,
+    OversizedAdapterWarning,
     SharedWeightError,
 )
 from .layers import (
@@ -64,7 +65,8 @@ __all__ = [
     "load_adapters",
     "adapter_layers", "inject", "merge", "unmerge", "unload", "STRATEGIES", "Plan", "plan",
     "AdapterError", "AdapterConfigError", "AdapterTypeError", "AdapterInputError", "AdapterFileError",
-    "NonFiniteError", "SharedWeightError", "detect_nonfinite", "set_detect_nonfinite", "is_detect_nonfinite_enabled",
+    "NonFiniteError", "OversizedAdapterWarning", "SharedWeightError", "detect_nonfinite", "set_detect_nonfinite",
+    "is_detect_nonfinite_enabled",
     "BudgetPlan", "lora_parameter_count", "ranks_for_budget", "load_official_flora", "load_official_liera",
     "load_locon", "set_adapter", "delete_adapter", "disable_adapters", "TrainableSummary", "trainable_summary",
 ]

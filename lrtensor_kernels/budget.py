@@ -27,7 +27,7 @@ from typing import Optional
 from torch import nn
 
 from . import trainable
-from .adapter_layer import AdapterLayer
+from .adapter_layer import AdapterLayer, oversized_adapters_collected
 from .layers import LAYERS
 from .surgery import TargetSpec, _select, adaptable_type, inject, select_trainable
 
@@ -105,7 +105,8 @@ def lora_parameter_count(module: nn.Module, rank: int) -> int:
 def _count(module: nn.Module, method: str, name: str, kwargs: dict) -> LayerCount:
     cls = LAYERS[method][module._nn_base() if isinstance(module, AdapterLayer) else adaptable_type(module)]
     try:
-        layer = cls(**cls._base_kwargs(module), device="meta", dtype=module.weight.dtype, **kwargs)
+        with oversized_adapters_collected():  # a candidate rank: inject warns for the one applied
+            layer = cls(**cls._base_kwargs(module), device="meta", dtype=module.weight.dtype, **kwargs)
     except (TypeError, ValueError) as err:
         raise type(err)(f"ranks_for_budget: module '{name}': {err}") from None
     return LayerCount(name, type(module).__name__, tuple(module.weight.shape), layer.adapter_config(),

@@ -66,8 +66,11 @@ class FLoRAMixin(TuckerDelta, AdapterLayer):
     adapter_method = "flora"
     adapter_param_names = ("core", "factors")
     adapter_math = methods.AdapterMath("tucker", "add")
+    peft_keywords = {"r": "FLoRA's is ranks (an int sets both channel modes; or one entry per weight mode)",
+                     "lora_alpha": "FLoRA's is scale, the update's multiplier itself (PEFT's lora_alpha / r)"}
 
     def __init__(self, *args, ranks=None, scale=None, dropout: float = 0.0, strategy: str = "auto", **kwargs):
+        self._check_keywords(kwargs)
         super().__init__(*args, **kwargs)
         self._init_adapter(kwargs.get("device"), dropout, strategy, ranks=ranks, scale=scale)
 
@@ -123,9 +126,12 @@ class LoRAMixin(LowRankDelta, AdapterLayer):
     adapter_method = "lora"
     adapter_param_names = ("lora_A", "lora_B")
     adapter_math = methods.AdapterMath("lora", "add")
+    peft_keywords = {"r": "LoRA's is rank", "lora_alpha": "LoRA's is alpha (scale = alpha / rank, as PEFT's "
+                                                          "lora_alpha / r)"}
 
     def __init__(self, *args, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0, strategy: str = "auto",
                  **kwargs):
+        self._check_keywords(kwargs)
         super().__init__(*args, **kwargs)
         self._init_adapter(kwargs.get("device"), dropout, strategy, rank=rank, alpha=alpha)
 
@@ -155,9 +161,12 @@ class LieRAMixin(TuckerDelta, LowRankDelta, AdapterLayer):
     """
 
     adapter_method = "liera"
+    peft_keywords = {"r": "LieRA's is rank", "lora_alpha": "LieRA's is alpha (scale = alpha / rank, as PEFT's "
+                                                            "lora_alpha / r)"}
 
     def __init__(self, *args, rank: int = 8, alpha: float = 8.0, mode: str = "exp", delta: str = "lora",
                  dropout: float = 0.0, strategy: str = "auto", **kwargs):
+        self._check_keywords(kwargs)
         super().__init__(*args, **kwargs)
         self._init_adapter(kwargs.get("device"), dropout, strategy, rank=rank, alpha=alpha, mode=mode, delta=delta)
 
@@ -194,8 +203,10 @@ class ScalingMixin(AdapterLayer):
     adapter_math = methods.AdapterMath("scales", "mul")
     scale = 1.0
     scales_outputs = False
+    peft_keywords = {"r": "the scalings have no rank", "lora_alpha": "the scalings have no scale"}
 
     def __init__(self, *args, dropout: float = 0.0, strategy: str = "auto", **kwargs):
+        self._check_keywords(kwargs)
         super().__init__(*args, **kwargs)
         self._init_adapter(kwargs.get("device"), dropout, strategy)
 

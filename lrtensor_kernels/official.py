@@ -27,6 +27,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from .adapter_layer import oversized_adapters_collected
 from .errors import AdapterConfigError
 from .surgery import adaptable_type, build_adapter, freeze_all_but_adapters, replace_module
 
@@ -129,7 +130,8 @@ def load_official_flora(model: nn.Module, state_dict: Mapping, scale: float, pre
             continue
         core, factors = flora_from_official(tensors["G"], params)
         try:
-            layer = build_adapter(module, "flora", name, ranks=list(core.shape), scale=scale, dropout=dropout)
+            with oversized_adapters_collected():  # the sizes the adapters were trained at are not news
+                layer = build_adapter(module, "flora", name, ranks=list(core.shape), scale=scale, dropout=dropout)
         except (TypeError, ValueError) as err:
             problems.append(f"layer '{name}': {err}")
             continue
@@ -164,8 +166,9 @@ def load_official_liera(model: nn.Module, state_dict: Mapping, alpha: float, pre
                             f"[r, {module.in_features}] and [{module.out_features}, r]")
             continue
         try:
-            layer = build_adapter(module, "liera", name, rank=rank, alpha=alpha, mode="first_order", delta="lora",
-                                  dropout=dropout)
+            with oversized_adapters_collected():
+                layer = build_adapter(module, "liera", name, rank=rank, alpha=alpha, mode="first_order",
+                                      delta="lora", dropout=dropout)
         except (TypeError, ValueError) as err:
             problems.append(f"layer '{name}': {err}")
             continue

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Iterable, Optional, Sequence, Union
 
 from torch import nn
 
-from . import trainable, validation
-from .errors import AdapterConfigError, AdapterError, AdapterTypeError, SharedWeightError
-from .adapter_layer import DEFAULT_ADAPTER, AdapterLayer
+from . import suggestions, trainable, validation
+from .errors import AdapterConfigError, AdapterError, AdapterTypeError, OversizedAdapterWarning, SharedWeightError
+from .adapter_layer import DEFAULT_ADAPTER, AdapterLayer, oversized_adapters_collected, oversized_description
 from .layers import LAYERS
 from .trainable import owner_of
 
 TargetSpec = Union[str, Sequence[str], None]
+OVERSIZED_SHOWN = 5  # layers an OversizedAdapterWarning names
 
 
 def adaptable_type(module: nn.Module) -> Optional[type]:
@@ -39,9 +41,11 @@ def names_by_module(model: nn.Module) -> dict:
 
 
 def _picked(model: nn.Module, named: dict, spec: TargetSpec, what: str) -> Optional[list]:
-    """The names ``spec`` selects: one regex matched in full, or names matched exactly or as a dotted suffix."""
+    """The names ``spec`` selects: one regex matched in full, or names matched exactly or as a dotted suffix.
+    A spec that matches nothing is an error naming the closest names (of adaptable modules, for targets)."""
     if spec is None:
         return None
+    candidates = [n for n in named if what != "target_modules" or adaptable_type(named[n]) is not None]
     if isinstance(spec, str):
         try:
             regex = re.compile(spec)
@@ -49,7 +53,8 @@ def _picked(model: nn.Module, named: dict, spec: TargetSpec, what: str) -> Optio
             raise AdapterConfigError(f"{what} regex {spec!r} does not compile: {err}") from None
         hits = [n for n in named if regex.fullmatch(n)]
         if not hits:
-            raise AdapterConfigError(f"{what} regex {spec!r} matched no module")
+            raise AdapterConfigError(f"{what} regex {spec!r} matched no module of {type(model).__name__} (a regex "
+                                     "matches whole dotted names)" + suggestions.module_name_phrase(spec, candidates))
         return hits
     if not validation.is_sequence(spec) and not isinstance(spec, (set, frozenset)):
         raise AdapterTypeError(f"{what} must be a list of module names or one regex string, got {spec!r}")
@@ -63,7 +68,8 @@ def _picked(model: nn.Module, named: dict, spec: TargetSpec, what: str) -> Optio
             raise AdapterTypeError(f"{what} entries must be module names (str), got {pattern!r}")
         found = [n for n in named if _matches(n, pattern)]
         if not found:
-            raise AdapterConfigError(f"{what} entry {pattern!r} matched no module of {type(model).__name__}")
+            raise AdapterConfigError(f"{what} entry {pattern!r} matched no module of {type(model).__name__}"
+                                     + suggestions.module_name_phrase(pattern, candidates))
         hits.extend(found)
     return hits
 
@@ -155,31 +161,55 @@ def _check_method(method) -> None:
 
 
 def build_adapter(module: nn.Module, method: str, name: str, **method_kwargs) -> AdapterLayer:
-    """The adapter layer of ``method`` around ``module`` (which is left untouched)."""
+    """The adapter layer of ``method`` around ``module`` (which is left untouched but for its
+    frozen weight and bias, which the layer shares)."""
+    layer = _sized_adapter(module, method, name, **method_kwargs)
+    layer.take_module(module)
+    return layer
+
+
+def _sized_adapter(module: nn.Module, method: str, name: str, **method_kwargs) -> AdapterLayer:
+    """``build_adapter``'s layer still on the meta device (``AdapterLayer.sized_for``), named."""
     _check_method(method)
     base = adaptable_type(module)
     if base is None:
         raise AdapterTypeError(f"module '{name}' is a {type(module).__name__}, which cannot be adapted")
     cls = LAYERS[method][base]
     try:
-        layer = cls.from_module(module, **method_kwargs)
+        layer = cls.sized_for(module, **method_kwargs)
     except AdapterError as err:
         raise type(err)(f"module '{name}': {err}") from None
-    except TypeError as err:  # an unknown keyword argument
+    except TypeError as err:
         raise AdapterTypeError(f"module '{name}' ({cls.__name__}): {err}") from None
     layer.adapter_name = name
     return layer
 
 
-def build_all(model: nn.Module, specs: dict, adapter: str = DEFAULT_ADAPTER) -> dict:
+def build_all(model: nn.Module, specs: dict, adapter: str = DEFAULT_ADAPTER, warn_oversized: bool = True,
+              oversized_elsewhere: Sequence = ()) -> dict:
     """``{name: build_adapter(module, method, name, **kwargs)}`` for ``specs = {name: (method, kwargs)}``,
     each layer running adapter ``adapter`` (its only one).
 
     Building freezes the base weights the new layers share with ``model``; if any build fails,
-    every ``requires_grad`` flag is restored before the error propagates."""
+    every ``requires_grad`` flag is restored before the error propagates. Every layer is sized (on
+    the meta device) before any adapter is allocated; layers whose adapters train more numbers
+    than their weights hold get one OversizedAdapterWarning for them all (``warn_oversized``;
+    with those of ``oversized_elsewhere``, collected by the caller), before the allocation (a
+    warning turned into an error leaves the model unchanged)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        built = {n: build_adapter(model.get_submodule(n), method, n, **kwargs) for n, (method, kwargs) in specs.items()}
+        with oversized_adapters_collected() as oversized:
+            built = {n: _sized_adapter(model.get_submodule(n), method, n, **kwargs)
+                     for n, (method, kwargs) in specs.items()}
+        oversized = list(oversized_elsewhere) + oversized
+        if oversized and warn_oversized:
+            shown = "; ".join(oversized_description(*found) for found in oversized[:OVERSIZED_SHOWN])
+            more = f"; and {len(oversized) - OVERSIZED_SHOWN} more" if len(oversized) > OVERSIZED_SHOWN else ""
+            warnings.warn(f"{len(oversized)} adapter layer{'s' if len(oversized) > 1 else ''} train more numbers than "
+                          f"the weights they adapt hold: {shown}{more}. A lower rank, or training such a layer in "
+                          "full (trainable_modules), trains fewer", OversizedAdapterWarning, stacklevel=3)
+        for n, layer in built.items():
+            layer.take_module(model.get_submodule(n))
     except BaseException:
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -243,8 +273,10 @@ def inject(model: nn.Module, method: str, target_modules: TargetSpec = None, exc
     trained = extras + [n for n, _ in trainable.marked_modules(model)]
     names = _select(model, method, target_modules, exclude_modules, trained, adapter)
     adapted = [n for n in names if isinstance(model.get_submodule(n), AdapterLayer)]
-    stored = build_stored_all(model, {n: method_kwargs for n in adapted})
-    built = build_all(model, {n: (method, method_kwargs) for n in names if n not in stored}, adapter)
+    with oversized_adapters_collected() as oversized:  # a named adapter added to an adapted layer
+        stored = build_stored_all(model, {n: method_kwargs for n in adapted})
+    built = build_all(model, {n: (method, method_kwargs) for n in names if n not in stored}, adapter,
+                      oversized_elsewhere=oversized)
     aliases = names_by_module(model)
     for n, layer in built.items():
         install(model, model.get_submodule(n), layer, aliases)

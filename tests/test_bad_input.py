@@ -154,8 +154,10 @@ def test_inject_already_adapted_target():
     ("liera", dict(mode="log"), ValueError, r"module 'pre': LieRAConv3d: unknown mode 'log'"),
     ("liera", dict(delta="cp"), ValueError, r"unknown delta 'cp'"),
     ("ssb", dict(dropout=1.0), ValueError, r"module 'pre': SSBConv3d: dropout must be in \[0, 1\), got 1\.0"),
-    ("flora", dict(rnk=3), TypeError, r"module 'pre' \(FLoRAConv3d\): .*unexpected keyword argument 'rnk'"),
-    ("ssl", dict(ranks=3), TypeError, r"module 'pre' \(SSLConv3d\): .*unexpected keyword argument 'ranks'"),
+    ("flora", dict(rnk=3), TypeError, r"module 'pre': FLoRAConv3d: unexpected keyword argument 'rnk'; closest: "
+                                      r"'ranks'"),
+    ("ssl", dict(ranks=3), TypeError, r"module 'pre': SSLConv3d: unexpected keyword argument 'ranks'\. Its keywords: "
+                                      r"dropout, strategy and nn\.Conv3d's"),
 ], ids=["ranks-0", "ranks-tuple-partial", "rank-neg", "mode", "delta", "dropout", "unknown-kwarg", "ssl-ranks"])
 def test_inject_bad_kwargs(method, kwargs, error, match):
     inject_fails(make_net(), error, match, method, **kwargs)

@@ -303,7 +303,7 @@ def tucker_bypass_cost(w: Workload) -> Cost:
         if not (w.need_adapter and projects_input):
             s.grouped_op(through_chain, f_mid, z, u)
         through_weight = s.transform(Cost())
-        dev = DEVICES[w.device_type]
+        dev = DEVICES.get(w.device_type, DEVICES["cuda"])
         if w.dropout or through_chain.seconds(dev, w.dtype) <= through_weight.seconds(dev, w.dtype):
             cost.merge(through_chain)
             cost.notes.append("input gradient through W and the chain")

@@ -30,9 +30,9 @@ r_1 or r_2 channels), mapped back to the core and factors (or A and B). Saved fo
 (it is recomputed otherwise; LoRA's ``u`` is ``x``); ``z`` is recomputed from ``u``.
 
 One op for every backend, ``lrtensor::tucker_bypass`` and its backward (:class:`ops.FusedOp`: a
-custom op under torch.compile, the same functions in a plain autograd.Function eagerly); the
-backends differ only in how the backward builds ``W'`` (the reference math, or the backend's
-transform kernel).
+custom op under torch.compile, the same functions in a plain autograd.Function eagerly, the chain
+under autograd for torch.func and higher-order gradients); the backends differ only in how the
+backward builds ``W'`` (the reference math, or the backend's transform kernel).
 """
 from __future__ import annotations
 
@@ -111,15 +111,17 @@ def chain_input_projection(x_chain: Tensor, weights: list, groups: int) -> Tenso
 
 
 def forward(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], adapter, scale: float,
-            geometry: tuple, math: str = "tucker:add") -> tuple:
-    """``(y, u)``: ``y = op(x, W, bias) + P_out(op_K(P_in(x_chain)))`` (``x_chain`` None: ``x``)."""
+            geometry: tuple, math: str = "tucker:add", in_place: bool = True) -> tuple:
+    """``(y, u)``: ``y = op(x, W, bias) + P_out(op_K(P_in(x_chain)))`` (``x_chain`` None: ``x``).
+    ``in_place``: the chain's output added into the frozen op's (not under torch.func's vmap, where
+    the chain may be batched and the frozen op not)."""
     stride, padding, dilation, groups = geometry
     weights, _ = chain_weights(adapter, scale, groups, tuple(weight.shape), x.dtype, math)
     u = chain_input_projection(x if x_chain is None else x_chain, weights, groups)
     z = ops.base_op(u, weights[1], None, stride, padding, dilation, groups)
     y = ops.base_op(x, weight.to(x.dtype), bias, stride, padding, dilation, groups)
-    y += ops.base_op(z, weights[2], None, *_pointwise(weight.dim() - 2), groups)
-    return y, u
+    update = ops.base_op(z, weights[2], None, *_pointwise(weight.dim() - 2), groups)
+    return (y.add_(update) if in_place else y + update), u
 
 
 def keeps_u(u: Tensor, x_chain: Tensor) -> bool:
@@ -209,7 +211,17 @@ def _tucker_bypass(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: O
     return y, u.contiguous()  # as the fake promises
 
 
-tucker_bypass_op = ops.FusedOp("tucker_bypass", _tucker_bypass, list_index=4)
+def _tucker_bypass_composite(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+                             adapter: list[Tensor], math: str, scale: float, stride: list[int], padding: list[int],
+                             dilation: list[int], groups: int, input_grad_via_weight: bool, impl: str) -> tuple:
+    """:func:`_tucker_bypass` in differentiable PyTorch ops (torch.func, higher-order gradients)."""
+    with ops.autocast_off(x):
+        y, u = forward(x, x_chain, weight, bias, adapter, scale, (stride, padding, dilation, groups), math,
+                       in_place=False)
+    return y, (u if has_input_projection(math) else x.new_empty(0))
+
+
+tucker_bypass_op = ops.FusedOp("tucker_bypass", _tucker_bypass, list_index=4, composite=_tucker_bypass_composite)
 
 
 @tucker_bypass_op.register_fake
