@@ -40,13 +40,14 @@ def require(backend_name: str) -> None:
 
 
 def injected_model():
-    """Every method once: FLoRA on a padded conv and a 1x1 conv, LieRA on a grouped conv, SSB and SSL on linears."""
+    """Every method once: FLoRA on a padded conv, LieRA on a grouped conv, LoRA on a 1x1 conv, SSB and SSL on linears."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.Flatten(),
                           nn.Linear(16 * 5 * 5, 12), nn.ReLU(), nn.Linear(12, 4)).to(DEVICE)
-    lk.inject(model, "flora", target_modules=["0", "4"])
+    lk.inject(model, "flora", target_modules=["0"])
     lk.inject(model, "liera", target_modules=["2"], rank=3)
+    lk.inject(model, "lora", target_modules=["4"], rank=3)
     lk.inject(model, "ssb", target_modules=["6"])
     lk.inject(model, "ssl", target_modules=["8"])
     for i, (_, layer) in enumerate(lk.adapter_layers(model)):
@@ -170,7 +171,7 @@ REAL_MODELS = {
                          r"fc|.*bn\d|.*downsample\.1"),
     "convnext_atto_standin": (_standin("timm", lambda: models.ConvNeXtAtto(num_classes=10)), ["head"]),
 }
-METHOD_KWARGS = {"flora": {}, "liera": dict(rank=4), "ssl": {}, "ssb": {}}
+METHOD_KWARGS = {"flora": {}, "liera": dict(rank=4), "lora": dict(rank=4), "ssl": {}, "ssb": {}}
 METHOD_STRATEGIES = [(method, strategy) for method, kwargs in METHOD_KWARGS.items() for strategy in
                      ("auto",) + cost.applicable(lk.layers.LAYERS[method][nn.Conv2d](4, 4, 1, **kwargs).adapter_math)]
 # Every strategy on the reference backend, whose strategies trace as plain torch ops. On the native
@@ -180,6 +181,10 @@ METHOD_STRATEGIES = [(method, strategy) for method, kwargs in METHOD_KWARGS.item
 ONE_GRAPH_CASES = [pytest.param(method, strategy, backend_name, id=f"{method}-{strategy}-{backend_name}")
                    for backend_name in ("reference", "native") for method, strategy in METHOD_STRATEGIES
                    if backend_name == "reference" or strategy in ("auto", "bypass")]
+
+
+def test_every_method_is_compiled():
+    assert set(METHOD_KWARGS) == set(lk.layers.LAYERS)
 
 
 def real_model(name: str, method: str, strategy: str = "auto", seed: int = 0):
