@@ -88,6 +88,9 @@ def _variants():
     yield "input gradient needed", base, _call(layer, x.clone().requires_grad_())
     frozen = randomize_adapter(lk.FLoRAConv2d(64, 64, 3, padding=1), 0).requires_grad_(False)
     yield "adapter gradients needed", base, _call(frozen, x)
+    lora = randomize_adapter(lk.LoRAConv2d(64, 64, 3, padding=1, rank=8), 0)
+    yield "method", base, _call(lora, x)
+    yield "LoRA rank", _call(lora, x), _call(randomize_adapter(lk.LoRAConv2d(64, 64, 3, padding=1, rank=32), 0), x)
 
 
 def test_every_input_of_the_cost_model_is_in_the_signature(decisions):
@@ -105,7 +108,7 @@ def test_every_input_of_the_cost_model_is_in_the_signature(decisions):
         assert {s: c.seconds(cost.DEVICES["cpu"], changed.x.dtype) for s, c in remembered.costs.items()} \
             == costs[1], name
         checked += 1
-    assert checked == 8
+    assert checked == 10
 
 
 def test_grad_mode_is_part_of_the_key(decisions):
