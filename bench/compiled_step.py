@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import lrtensor_kernels as lk
 
-METHODS = {"flora": {}, "liera": dict(rank=4), "ssl": {}, "ssb": {}}
+METHODS = {"flora": {}, "liera": dict(rank=4), "lora": {}, "ssl": {}, "ssb": {}}
 
 
 def resnet18():
