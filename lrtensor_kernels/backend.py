@@ -85,6 +85,7 @@ _warned_native = False
 _warned_native_lock = threading.Lock()
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it while tracing: its lock and warning stay out of graphs
 def _auto_cpu() -> str:
     global _warned_native
     if native_available():
