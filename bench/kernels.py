@@ -84,8 +84,7 @@ def kernel_bytes(shape, dtype, key, backend, adapter, device) -> tuple:
         from lrtensor_kernels.kernels import triton_transform as tt
 
         form = LowRankForm(torch.empty(shape, device="meta", dtype=dtype), adapter, key.split(":")[0], 1.0)
-        cfg = tt._launch_config(form, device, dtype)
-        col_blocks, splits = cfg["grid"]
+        col_blocks, splits = tt._plan(form, device).grid
         backward += 2 * 4 * form.rank1 * (col_blocks * form.out_rows + splits * form.cols)
     return forward, backward
 
