@@ -238,6 +238,7 @@ def test_first_use_in_two_processes_builds_once(tmp_path):
     assert sum(err.count("compiling the native backend") for _, err in results) == 1, [e for _, e in results]
 
 
+@pytest.mark.slow
 def test_a_build_killed_halfway_is_built_again(tmp_path):
     """A library without the 'built' marker (its build was killed) and torch's lock file left behind
     neither load a broken library nor block the next build."""
