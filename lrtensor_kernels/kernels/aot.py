@@ -17,9 +17,9 @@ against each target's limits by ``tests/test_aot.py``:
 - spills of at most :data:`SPILL_BOUND_BYTES` per thread: the kernels stream weight-sized tensors,
   and a spilled tile is a local-memory round trip per element in their inner loop (the plans before
   these checks spilled up to 38 KB of stores per thread), so the plans keep every tile in registers. The bound
-  is 16 bytes, not 0, for one measured case: ptxas for sm_100 keeps some 8-warp kernels at 128
-  registers, two blocks per multiprocessor, and spills one or two values (8-12 bytes); with
-  ``.maxnreg 255`` they use 136-162 registers and spill nothing, at half the resident blocks;
+  is 16 bytes, not 0, for what was measured: in one case on sm_90 and seven on sm_100 ptxas caps
+  the kernel at 128 registers (for more resident blocks) and spills one to four values (8-16
+  bytes); with ``.maxnreg 255`` the sm_100 ones used 136-162 registers and spilled nothing;
 - 64-bit address products (:func:`narrow_products`): every multiplication of two run-time values
   that feeds the address of a tensor which can hold 2^31 elements or more is done in int64.
 
