@@ -7,13 +7,21 @@ seconds, headline numbers, the last lines of its output and its tool's data) the
 with its output appended to ``$OUT/gpu_check.log`` as it runs: a run cut off still reports every
 stage that finished. ``$OUT/summary.json`` and the table printed at the end list them all.
 
-| stage | what | estimated on an H200 |
-|---|---|---|
-| correctness | every op and strategy of the Triton backend on CUDA against the float64 oracle and the reference (pytest on the fused kernel, layer and property tests; 8 workers) | 150 s: about 200 kernel specialisations at 2-4 s of Triton compile each, over 8 processes, plus the tests |
-| native | the native backend's CUDA build (started in the background at the beginning, ninja on 8 jobs) and its tests on CUDA | 90 s: 4 .cu and 6 .cpp files, the slowest .cu about a minute |
-| layers | per-layer step times, bfloat16: frozen, full fine-tuning, PEFT-style LoRA and every method on the Triton backend under auto (bench.run --quick --verify) | 60 s: 4 shapes x 7 providers, 25 steps each, plus compiles |
-| kernels | achieved bandwidth of the transform and projection against a device copy (bench.kernels, bfloat16) | 45 s: 6 weights x 4 methods, 50 timed runs each |
-| models | one training step of ResNet-50 and ConvNeXt-T: probe, full fine-tuning, PEFT LoRA, each method (bench.models) | 60 s |
+Stages, each with its estimate on an H200 and how it was made (none has been measured there yet):
+
+- ``correctness``: every op and strategy of the Triton backend on CUDA against the float64 oracle
+  and the reference (pytest on the fused kernel, layer and property tests, 8 workers). 150 s:
+  about 200 kernel specialisations at 2-4 s of Triton compile each over 8 processes, plus the tests.
+- ``native``: the native backend's CUDA build (started in the background at the beginning, ninja
+  on 8 jobs) and its tests on CUDA. 90 s: 4 .cu and 6 .cpp files, the slowest .cu about a minute.
+- ``layers``: per-layer step times in bfloat16 of frozen, full fine-tuning, PEFT-style LoRA and
+  every method on the Triton backend under auto (``bench.run --quick --verify``). 60 s: 4 shapes x
+  7 providers, 25 steps each, plus compiles.
+- ``kernels``: achieved bandwidth of the transform and projection against a device copy
+  (``bench.kernels``, bfloat16). 45 s: 6 weights x 4 methods, 50 timed runs each.
+- ``models``: one training step of ResNet-50 and ConvNeXt-T as a linear probe, with full
+  fine-tuning, PEFT LoRA and each method (``bench.models``). 60 s: 2 x 7 rows of 13 steps, plus
+  compiles.
 
 Setup (the import checks, wheels from ``.whl/`` installed into a temporary directory when a
 package is missing: the device machine has no network) takes about 15 s; the estimates add up to
@@ -115,7 +123,8 @@ def _junit_counts(path: Path) -> dict:
 
 def _progress_counts(lines: list) -> dict:
     """Test counts from pytest's progress lines (``..F.s [ 40%]``), for a run stopped before its report."""
-    marks = "".join(line.split("[")[0].strip() for line in lines if re.fullmatch(r"[.FEsxX]+(\s+\[\s*\d+%\])?", line.strip()))
+    progress = re.compile(r"[.FEsxX]+(\s+\[\s*\d+%\])?")
+    marks = "".join(line.split("[")[0].strip() for line in lines if progress.fullmatch(line.strip()))
     failed = marks.count("F") + marks.count("E")
     return dict(tests=len(marks), passed=marks.count("."), failures=failed, errors=0, skipped=marks.count("s"),
                 failed=[], partial=True) if marks else {}
@@ -145,11 +154,11 @@ def headline(stage: str, work: Path, output: str = "") -> dict:
                     bwd_of_copy=share("bwd_of_copy"), data=data)
     if stage == "models":
         rows = data.get("rows", [])
-        return dict(steps_ms={f"{r['model']} {r['provider']}": round(r["ms"], 2) for r in rows if r.get("status") == "ok"},
-                    not_finite=[f"{r['model']} {r['provider']}" for r in rows if r.get("status") == "ok"
-                                and not r["finite"]],
-                    errors=[f"{r['model']} {r['provider']}: {r.get('note')}" for r in rows if r.get("status") == "error"],
-                    data=data)
+        ok = [r for r in rows if r.get("status") == "ok"]
+        return dict(steps_ms={f"{r['model']} {r['provider']}": round(r["ms"], 2) for r in ok},
+                    not_finite=[f"{r['model']} {r['provider']}" for r in ok if not r["finite"]],
+                    errors=[f"{r['model']} {r['provider']}: {r.get('note')}" for r in rows
+                            if r.get("status") == "error"], data=data)
     return {}
 
 
@@ -157,8 +166,7 @@ def missing_packages(names) -> list:
     return [n for n in names if importlib.util.find_spec(n) is None]
 
 
-def run_stage(stage: Stage, dry_run: bool, out: Path, work: Path, env: dict, deadline: float, workers: int,
-              log) -> dict:
+def run_stage(stage: Stage, dry_run: bool, work: Path, env: dict, deadline: float, workers: int, log) -> dict:
     started = time.time()
     record = dict(stage=stage.name, estimate_s=stage.estimate_s, dry_run=dry_run)
     missing = missing_packages(stage.needs)
@@ -259,7 +267,7 @@ def main(argv=None) -> int:
         for stage in selected:
             if stage.name == "native" and prebuild is not None:
                 prebuild.wait(timeout=max(1.0, min(stage.limit_s, deadline - time.time())))
-            record = run_stage(stage, args.dry_run, args.out, work, env, deadline, workers, log)
+            record = run_stage(stage, args.dry_run, work, env, deadline, workers, log)
             records.append(record)
             (args.out / f"{stage.name}.json").write_text(json.dumps(record, indent=1, default=str))
             summary = dict(environment=environment, seconds=round(time.time() - started, 1), budget_s=args.budget,

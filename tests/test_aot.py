@@ -155,7 +155,8 @@ def test_problems_name_what_is_over_its_limit():
     assert len(found) == 3
     assert "229376 B of shared memory per block, over the 166912 B of sm_80" in found[0]
     assert "spills 12 B (stores) + 8 B (loads)" in found[1] and "32-bit address products" in found[2]
-    assert aot.problems(dict(case="k", target=90, error="CompilationError: x")) == ["does not compile: CompilationError: x"]
+    failed = dict(case="k", target=90, error="CompilationError: x")
+    assert aot.problems(failed) == ["does not compile: CompilationError: x"]
 
 
 @pytest.mark.slow

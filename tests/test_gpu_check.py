@@ -22,7 +22,8 @@ def _gpu_check(out: Path, *args: str, timeout: float = 1800) -> subprocess.Compl
 
 
 def _reports(out: Path) -> dict:
-    return {stage: json.loads((out / f"{stage}.json").read_text()) for stage in STAGES if (out / f"{stage}.json").is_file()}
+    return {stage: json.loads((out / f"{stage}.json").read_text()) for stage in STAGES
+            if (out / f"{stage}.json").is_file()}
 
 
 @pytest.mark.slow

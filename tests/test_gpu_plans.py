@@ -162,8 +162,8 @@ def test_one_and_two_pass_projections_agree():
         assert rel_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("dtype,exact,low,high", [(torch.bfloat16, 1e-6, 1e-4, 3e-3), (torch.float32, 2e-7, 2.5e-7, 2e-6)],
-                         ids=["tf32", "tf32x3"])
+@pytest.mark.parametrize("dtype,exact,low,high", [(torch.bfloat16, 1e-6, 1e-4, 3e-3),
+                                                  (torch.float32, 2e-7, 2.5e-7, 2e-6)], ids=["tf32", "tf32x3"])
 def test_interpreted_tensor_core_dots_are_rounded(dtype, exact, low, high):
     """Above rank 32 the kernels' dots run on the tensor cores: tf32 for bfloat16 weights, tf32x3 for
     float32. Their error shows against the float64 oracle (here 7e-4 and 3.6e-7 relative, where

@@ -451,8 +451,8 @@ def run(targets=None, jobs: Optional[int] = None, match=None, timeout: float = 3
             processes = []
             for index in range(jobs):
                 out = Path(tmp) / f"worker{index}.jsonl"
-                command = [sys.executable, "-m", "lrtensor_kernels.kernels.aot", "--worker", str(index), "--jobs", str(jobs), "--out",
-                           str(out), "--targets", ",".join(map(str, capabilities))]
+                command = [sys.executable, "-m", "lrtensor_kernels.kernels.aot", "--worker", str(index), "--jobs",
+                           str(jobs), "--out", str(out), "--targets", ",".join(map(str, capabilities))]
                 command += [a for m in (match or []) for a in ("--match", m)]
                 worker_env = dict(env, TRITON_CACHE_DIR=str(Path(tmp) / f"cache{index}"), TRITON_ALWAYS_COMPILE="1")
                 processes.append((subprocess.Popen(command, env=worker_env, stdout=subprocess.PIPE,
