@@ -16,7 +16,7 @@ Stages, each with its estimate on an H200 and how it was made (none has been mea
   on 8 jobs) and its tests on CUDA. 90 s: 4 .cu and 6 .cpp files, the slowest .cu about a minute.
 - ``layers``: per-layer step times in bfloat16 of frozen, full fine-tuning, PEFT-style LoRA and
   every method on the Triton backend under auto (``bench.run --quick --verify``). 60 s: 4 shapes x
-  7 providers, 25 steps each, plus compiles.
+  9 providers, 25 steps each, plus compiles.
 - ``kernels``: achieved bandwidth of the transform and projection against a device copy
   (``bench.kernels``, bfloat16). 45 s: 6 weights x 4 methods, 50 timed runs each.
 - ``models``: one training step of ResNet-50 and ConvNeXt-T as a linear probe, with full
@@ -92,9 +92,9 @@ def commands(stage: str, dry_run: bool, work: Path, workers: int) -> list:
         command = [sys.executable, "-m", "bench.run", "--verify", "--quick", "--no-plot", "--strategies", "auto",
                    "--out", str(work / "layers.json")]
         if dry_run:
-            return [command + ["--device", "cpu", "--shapes", "resnet50", "--providers", "frozen,full_ft,peft,flora",
+            return [command + ["--device", "cpu", "--shapes", "resnet50", "--providers", "frozen,full_ft,torch_lora,flora",
                                "--warmup", "0", "--repeats", "1"]]
-        return [command + ["--dtype", "bfloat16", "--providers", "frozen,full_ft,peft,triton"]]
+        return [command + ["--dtype", "bfloat16", "--providers", "frozen,full_ft,torch_lora,peft,lycoris,triton"]]
     if stage == "kernels":
         command = [sys.executable, "-m", "bench.kernels", "--out", str(work / "kernels.json")]
         if dry_run:

@@ -11,7 +11,7 @@ elementwise passes read or write, and the number of ops. The per-device constant
 "auto" takes the cheapest applicable strategy, with two rules before cost:
 - LieRA (multiplicative ``exp``/``first_order``) runs merged: it has no bypass, its floor is full
   fine-tuning; two_branch is offered for precision, not picked.
-- FLoRA and SSL/SSB in bfloat16/float16 never run merged: rounding ``W'`` to the op's dtype loses
+- FLoRA, LoRA and SSL/SSB in bfloat16/float16 never run merged: rounding ``W'`` to the op's dtype loses
   most of a small update (see the README's precision table), which bypass and two_branch keep.
 """
 from __future__ import annotations
@@ -252,10 +252,16 @@ def two_branch_cost(w: Workload) -> Cost:
 
 
 def _chain_parts(s: _Sizes, w: Workload) -> tuple:
-    """FLOPs and element counts of the Tucker chain's three ops: ``(in, mid, out)`` FLOPs, ``u`` and
-    ``z`` elements (see tucker_bypass)."""
-    r1, r2 = w.ranks[0], w.ranks[1]
+    """FLOPs and element counts of the chain's ops (see tucker_bypass): ``(in, mid, out)`` FLOPs
+    (``in`` 0 for LoRA's chain, which has no input projection), ``u`` and ``z`` elements (LoRA's
+    ``u`` is ``x``)."""
     g = w.groups
+    if w.math.delta == "lora":
+        r = w.ranks[0]
+        z = s.batch * g * r * s.pixels_out
+        flops_mid = 2.0 * s.batch * s.pixels_out * g * r * s.c_group * s.kernel
+        return 0.0, flops_mid, 2.0 * s.batch * s.pixels_out * s.c_out * r, s.x, z
+    r1, r2 = w.ranks[0], w.ranks[1]
     u = s.batch * g * r2 * s.pixels_in
     z = s.batch * g * r1 * s.pixels_out
     flops_in = 2.0 * s.batch * s.pixels_in * s.c_in * r2
@@ -265,33 +271,39 @@ def _chain_parts(s: _Sizes, w: Workload) -> tuple:
 
 
 def tucker_bypass_cost(w: Workload) -> Cost:
+    """FLoRA's Tucker chain or LoRA's chain (A on x, then B) beside the frozen op."""
     from .tucker_bypass import SAVE_U_FRACTION
 
     s = _Sizes(w)
     f_in, f_mid, f_out, u, z = _chain_parts(s, w)
-    cost = s.conv_pass(Cost(notes=["op(x, W) + Tucker chain"]))
-    s.op(cost, f_in, s.x, u)
+    projects_input = w.math.delta == "tucker"
+    cost = s.conv_pass(Cost(notes=["op(x, W) + " + ("Tucker chain" if projects_input else "LoRA chain")]))
+    if projects_input:
+        s.op(cost, f_in, s.x, u)
     s.grouped_op(cost, f_mid, u, z)
     s.op(cost, f_out, z, s.y, s.y)
     keeps_u = u <= SAVE_U_FRACTION * s.x
     if w.need_adapter:
-        if not keeps_u:
+        if projects_input and not keeps_u:
             s.op(cost, f_in, s.x, u)
         s.grouped_op(cost, f_mid, u, z)
         s.op(cost, f_out, s.y, z)  # grad z
-        s.op(cost, f_out, s.y, z)  # grad U_1
-        s.grouped_op(cost, f_mid, z, u)  # grad u
-        s.grouped_op(cost, f_mid, z, u, weight_grad=True)  # grad K
-        s.op(cost, f_in, u, s.x)  # grad U_2
+        s.op(cost, f_out, s.y, z)  # grad U_1 (B)
+        if projects_input:
+            s.grouped_op(cost, f_mid, z, u)  # grad u
+        s.grouped_op(cost, f_mid, z, u, weight_grad=True)  # grad K (A)
+        if projects_input:
+            s.op(cost, f_in, u, s.x)  # grad U_2
     if w.need_input or w.dropout:
         s.conv_pass(cost)
         through_chain = Cost()
-        s.op(through_chain, f_in, u, s.x, s.x, s.x)
+        s.op(through_chain, f_in if projects_input else 0, u, s.x, s.x, s.x)
         if not w.need_adapter:
             s.op(through_chain, f_out, s.y, z)
+        if not (w.need_adapter and projects_input):
             s.grouped_op(through_chain, f_mid, z, u)
         through_weight = s.transform(Cost())
-        dev = DEVICES[w.device_type]
+        dev = DEVICES.get(w.device_type, DEVICES["cuda"])
         if w.dropout or through_chain.seconds(dev, w.dtype) <= through_weight.seconds(dev, w.dtype):
             cost.merge(through_chain)
             cost.notes.append("input gradient through W and the chain")
@@ -300,7 +312,8 @@ def tucker_bypass_cost(w: Workload) -> Cost:
             cost.notes.append("input gradient through W'")
     if w.need_weight:
         s.weight_grad_pass(cost)
-    cost.notes.append("u kept" if keeps_u else "u recomputed")
+    if projects_input:
+        cost.notes.append("u kept" if keeps_u else "u recomputed")
     return cost
 
 
@@ -350,14 +363,15 @@ class Decision:
 
 APPLICABLE = {
     "tucker:add": ("merged", "two_branch", "bypass"),
+    "lora:add": ("merged", "two_branch", "bypass"),
     "scales:mul": ("merged", "two_branch", "bypass"),
 }
 _COSTS = {"merged": merged_cost, "two_branch": two_branch_cost}
-_BYPASS_COSTS = {"tucker": tucker_bypass_cost, "scales": scale_bypass_cost}
+_BYPASS_COSTS = {"tucker": tucker_bypass_cost, "lora": tucker_bypass_cost, "scales": scale_bypass_cost}
 
 
 def applicable(math: methods.AdapterMath) -> tuple:
-    """The strategies that can run ``math`` (bypass needs an additive Tucker or a scaling update)."""
+    """The strategies that can run ``math`` (bypass needs an additive Tucker or LoRA update, or a scaling one)."""
     return APPLICABLE.get(math.key, ("merged", "two_branch"))
 
 

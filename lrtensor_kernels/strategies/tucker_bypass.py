@@ -1,4 +1,4 @@
-"""FLoRA's "bypass" strategy: the frozen op plus the Tucker chain; no full weight gradient.
+"""FLoRA's and LoRA's "bypass" strategy: the frozen op plus a low-rank chain; no full weight gradient.
 
 FLoRA's update is ``dW[o, i, k] = sum_{a,b} U_1[o, a] U_2[i, b] K[a, b, k]`` with the kernel
 core ``K = core x_3 U_3 ... x_N U_N`` of shape (r_1, r_2, k_1..k_n). For a convolution with
@@ -14,18 +14,25 @@ a 1x1 channel projection commutes with padding of any mode. Per output pixel the
 ``C_in r_2 (input pixels per output pixel) + g r_1 r_2 k + C_out r_1`` multiply-adds, against the
 frozen op's ``C_out C_g k`` (k: kernel numel).
 
+LoRA's update ``dW = (B A).reshape(W.shape)`` is the same chain without the input projection
+(``U_2 = I``, ``u = x``) and with the kernel core ``K = A`` reshaped to (r, C_g, k_1..k_n): ``z =
+op_A(x)`` runs the layer's op with weight ``A`` repeated per group (g r, C_g, k...), g groups, so
+group j's r channels see only group j's inputs, as the grouped weight does; ``P_out`` maps output
+channel o (in group j) from group j's r channels with ``scale * B[o]``. Per output pixel ``g r
+C_g k + C_out r`` multiply-adds; A's gradient is the sum of the g copies' gradients.
+
 Backward: the input gradient is one op on the materialised ``W'`` (exactly the frozen layer's
 op; ``input_grad_via_weight``) or ``op^T(grad, W)`` plus the chain transposed, whichever the cost
 model finds cheaper; with adapter dropout the chain's input is the dropped ``x`` and receives the
 chain's part. The adapter gradients are the chain's weight gradients (ops on activations of
-r_1 or r_2 channels), mapped back to the core and factors. Saved for backward: ``x``, the
-adapter tensors and ``u`` when it has at most ``SAVE_U_FRACTION`` of ``x``'s elements (it is
-recomputed otherwise); ``z`` is recomputed from ``u``.
+r_1 or r_2 channels), mapped back to the core and factors (or A and B). Saved for backward:
+``x``, the adapter tensors and ``u`` when it has at most ``SAVE_U_FRACTION`` of ``x``'s elements
+(it is recomputed otherwise; LoRA's ``u`` is ``x``); ``z`` is recomputed from ``u``.
 
 One op for every backend, ``lrtensor::tucker_bypass`` and its backward (:class:`ops.FusedOp`: a
-custom op under torch.compile, the same functions in a plain autograd.Function eagerly); the
-backends differ only in how the backward builds ``W'`` (the reference math, or the backend's
-transform kernel).
+custom op under torch.compile, the same functions in a plain autograd.Function eagerly, the chain
+under autograd for torch.func and higher-order gradients); the backends differ only in how the
+backward builds ``W'`` (the reference math, or the backend's transform kernel).
 """
 from __future__ import annotations
 
@@ -40,27 +47,42 @@ from .call import AdaptedCall
 SAVE_U_FRACTION = 0.25
 
 
-def chain_weights(adapter, scale: float, groups: int, spatial_dims: int, dtype: torch.dtype) -> tuple:
+def has_input_projection(math: str) -> bool:
+    """Whether the chain of ``math`` (a ``methods.AdapterMath`` key) starts with ``P_in`` (Tucker) or
+    runs its kernel on ``x`` itself (LoRA)."""
+    return methods.AdapterMath.from_key(math).delta == "tucker"
+
+
+def chain_weights(adapter, scale: float, groups: int, weight_shape: tuple, dtype: torch.dtype,
+                  math: str = "tucker:add") -> tuple:
     """``([w_in, w_mid, w_out], exponents)``: the chain's weights in ``dtype``, as ``ops.base_op``
     weights: conv (g r_2, C_g, 1..), (g r_1, r_2, *k), (C_out, r_1, 1..); linear U_2^T, core,
-    scale * U_1. Each is ``2^e`` times the factor it stands for (``exponents``, summing to 0).
+    scale * U_1. LoRA: ``w_in`` None, ``w_mid`` A as (g r, C_g, *k) (linear: A), ``w_out`` scale * B
+    as (C_out, r, 1..). Each is ``2^e`` times the factor it stands for (``exponents``, summing to 0).
 
-    In 16-bit dtypes the three are first balanced by powers of two to the same magnitude (exact):
+    In 16-bit dtypes the weights are first balanced by powers of two to the same magnitude (exact):
     a core that is still small next to its factors (it starts at zero) would otherwise round to
     float16's subnormals and lose its precision."""
-    core, u1, u2, *kernel_factors = adapter
-    kernel = methods.tucker_product(core, kernel_factors, first_mode=2) if kernel_factors else core
-    weights = [u2.t(), kernel, scale * u1]
+    spatial_dims = len(weight_shape) - 2
+    ones = (1,) * spatial_dims
+    if has_input_projection(math):
+        core, u1, u2, *kernel_factors = adapter
+        kernel = methods.tucker_product(core, kernel_factors, first_mode=2) if kernel_factors else core
+        weights = [u2.t(), kernel, scale * u1]
+    else:
+        lora_B, lora_A = adapter
+        u1 = lora_B
+        weights = [lora_A.reshape(lora_A.shape[0], *weight_shape[1:]), scale * lora_B]
     exponents = None
     if dtype in (torch.float16, torch.bfloat16):
         weights, exponents = _balanced(weights)
-    w_in, w_mid, w_out = weights
+    w_in, w_mid, w_out = weights if len(weights) == 3 else [None, *weights]
     if spatial_dims:
-        ones = (1,) * spatial_dims
-        w_in = w_in.repeat(groups, 1).reshape(groups * u2.shape[1], u2.shape[0], *ones)
+        if w_in is not None:
+            w_in = w_in.repeat(groups, 1).reshape(groups * u2.shape[1], u2.shape[0], *ones)
         w_mid = w_mid.repeat(groups, *ones, 1)
         w_out = w_out.reshape(*u1.shape, *ones)
-    return [w.to(dtype).contiguous() for w in (w_in, w_mid, w_out)], exponents
+    return [None if w is None else w.to(dtype).contiguous() for w in (w_in, w_mid, w_out)], exponents
 
 
 def _balanced(weights: list) -> tuple:
@@ -82,20 +104,24 @@ def _pointwise(spatial_dims: int) -> tuple:
 
 
 def chain_input_projection(x_chain: Tensor, weights: list, groups: int) -> Tensor:
-    """``u = P_in(x)``."""
+    """``u = P_in(x)`` (``x`` itself for a chain without an input projection)."""
+    if weights[0] is None:
+        return x_chain
     return ops.base_op(x_chain, weights[0], None, *_pointwise(weights[1].dim() - 2), groups)
 
 
 def forward(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], adapter, scale: float,
-            geometry: tuple) -> tuple:
-    """``(y, u)``: ``y = op(x, W, bias) + P_out(op_K(P_in(x_chain)))`` (``x_chain`` None: ``x``)."""
+            geometry: tuple, math: str = "tucker:add", in_place: bool = True) -> tuple:
+    """``(y, u)``: ``y = op(x, W, bias) + P_out(op_K(P_in(x_chain)))`` (``x_chain`` None: ``x``).
+    ``in_place``: the chain's output added into the frozen op's (not under torch.func's vmap, where
+    the chain may be batched and the frozen op not)."""
     stride, padding, dilation, groups = geometry
-    weights, _ = chain_weights(adapter, scale, groups, weight.dim() - 2, x.dtype)
+    weights, _ = chain_weights(adapter, scale, groups, tuple(weight.shape), x.dtype, math)
     u = chain_input_projection(x if x_chain is None else x_chain, weights, groups)
     z = ops.base_op(u, weights[1], None, stride, padding, dilation, groups)
     y = ops.base_op(x, weight.to(x.dtype), bias, stride, padding, dilation, groups)
-    y += ops.base_op(z, weights[2], None, *_pointwise(weight.dim() - 2), groups)
-    return y, u
+    update = ops.base_op(z, weights[2], None, *_pointwise(weight.dim() - 2), groups)
+    return (y.add_(update) if in_place else y + update), u
 
 
 def keeps_u(u: Tensor, x_chain: Tensor) -> bool:
@@ -104,7 +130,8 @@ def keeps_u(u: Tensor, x_chain: Tensor) -> bool:
 
 def backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tensor, adapter, u: Optional[Tensor],
              scale: float, geometry: tuple, input_grad_via_weight: bool, effective_weight, need_input: bool,
-             need_chain_input: bool, need_weight: bool, need_bias: bool, need_adapter: bool) -> tuple:
+             need_chain_input: bool, need_weight: bool, need_bias: bool, need_adapter: bool,
+             math: str = "tucker:add") -> tuple:
     """``(grad_x, grad_x_chain, grad_weight, grad_bias, adapter_grads)``, None for what is not needed.
 
     ``effective_weight()`` returns ``W'`` in ``x``'s dtype; it is called only when the input
@@ -120,16 +147,19 @@ def backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tenso
                                              need_input, need_weight, need_bias)
     grad_chain_x, adapter_grads = None, None
     if need_adapter or chain_input_grad:
-        weights, exponents = chain_weights(adapter, scale, groups, n, x.dtype)
+        weights, exponents = chain_weights(adapter, scale, groups, tuple(weight.shape), x.dtype, math)
         w_in, w_mid, w_out = weights
         if u is None:
             u = chain_input_projection(chain_in, weights, groups)
         z = ops.base_op(u, w_mid, None, stride, padding, dilation, groups)
         grad_z, grad_w_out, _ = ops.op_backward(grad_y, z, w_out, *pointwise, groups, True, need_adapter)
-        grad_u, grad_w_mid, _ = ops.op_backward(grad_z, u, w_mid, stride, padding, dilation, groups, True,
-                                                need_adapter)
-        grad_chain_x, grad_w_in, _ = ops.op_backward(grad_u, chain_in, w_in, *pointwise, groups, chain_input_grad,
-                                                     need_adapter)
+        grad_u, grad_w_mid, _ = ops.op_backward(grad_z, u, w_mid, stride, padding, dilation, groups,
+                                                w_in is not None or chain_input_grad, need_adapter)
+        if w_in is None:
+            grad_chain_x, grad_w_in = (grad_u if chain_input_grad else None), None
+        else:
+            grad_chain_x, grad_w_in, _ = ops.op_backward(grad_u, chain_in, w_in, *pointwise, groups,
+                                                         chain_input_grad, need_adapter)
         if need_adapter:
             adapter_grads = _adapter_grads(adapter, scale, groups, (grad_w_in, grad_w_mid, grad_w_out), exponents)
     if x_chain is None:
@@ -140,14 +170,19 @@ def backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tenso
 
 
 def _adapter_grads(adapter, scale: float, groups: int, chain_grads, exponents) -> list:
-    """Gradients of ``[core, U_1, U_2, U_3...]`` from those of the chain weights (which stand for
-    their factors times ``2^exponents``)."""
-    core, u1, u2, *kernel_factors = adapter
-    acc = core.dtype
-    grad_in, grad_mid, grad_out = (g.to(acc) for g in chain_grads)
+    """Gradients of ``[core, U_1, U_2, U_3...]`` (or ``[B, A]``) from those of the chain weights
+    (which stand for their factors times ``2^exponents``)."""
+    acc = adapter[0].dtype
+    chain_grads = [g for g in chain_grads if g is not None]
+    chain_grads = [g.to(acc) for g in chain_grads]
     if exponents is not None:
-        grad_in, grad_mid, grad_out = (g * torch.exp2(e).to(acc) for g, e in zip((grad_in, grad_mid, grad_out),
-                                                                                  exponents))
+        chain_grads = [g * torch.exp2(e).to(acc) for g, e in zip(chain_grads, exponents)]
+    if len(chain_grads) == 2:  # LoRA: no input projection
+        (lora_B, lora_A), (grad_mid, grad_out) = adapter, chain_grads
+        grad_a = grad_mid.reshape(groups, *lora_A.shape).sum(0) if groups > 1 else grad_mid.reshape(lora_A.shape)
+        return [(scale * grad_out.reshape(lora_B.shape)).contiguous(), grad_a.contiguous()]
+    core, u1, u2, *kernel_factors = adapter
+    grad_in, grad_mid, grad_out = chain_grads
     grad_u1 = scale * grad_out.reshape(u1.shape)
     if grad_in.dim() == 2:
         grad_u2, grad_kernel = grad_in.t(), grad_mid
@@ -170,17 +205,31 @@ def _tucker_bypass(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: O
                    dilation: list[int], groups: int, input_grad_via_weight: bool, impl: str) -> tuple[Tensor, Tensor]:
     """``(y, u)`` of :func:`forward`; ``u`` is returned only for the backward to keep."""
     with ops.autocast_off(x):
-        y, u = forward(x, x_chain, weight, bias, adapter, scale, (stride, padding, dilation, groups))
+        y, u = forward(x, x_chain, weight, bias, adapter, scale, (stride, padding, dilation, groups), math)
+    if not has_input_projection(math):
+        return y, x.new_empty(0)  # u is the chain's input itself, which the backward has
     return y, u.contiguous()  # as the fake promises
 
 
-tucker_bypass_op = ops.FusedOp("tucker_bypass", _tucker_bypass, list_index=4)
+def _tucker_bypass_composite(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+                             adapter: list[Tensor], math: str, scale: float, stride: list[int], padding: list[int],
+                             dilation: list[int], groups: int, input_grad_via_weight: bool, impl: str) -> tuple:
+    """:func:`_tucker_bypass` in differentiable PyTorch ops (torch.func, higher-order gradients)."""
+    with ops.autocast_off(x):
+        y, u = forward(x, x_chain, weight, bias, adapter, scale, (stride, padding, dilation, groups), math,
+                       in_place=False)
+    return y, (u if has_input_projection(math) else x.new_empty(0))
+
+
+tucker_bypass_op = ops.FusedOp("tucker_bypass", _tucker_bypass, list_index=4, composite=_tucker_bypass_composite)
 
 
 @tucker_bypass_op.register_fake
 def _(x, x_chain, weight, bias, adapter, math, scale, stride, padding, dilation, groups, input_grad_via_weight,
       impl):
     y = ops.base_op(x, weight.to(x.dtype), bias, stride, padding, dilation, groups)
+    if not has_input_projection(math):
+        return y, x.new_empty(0)
     u_channels = groups * adapter[2].shape[1]
     u = x.new_empty((x.shape[0], u_channels, *x.shape[2:]))
     return y, u
@@ -201,7 +250,7 @@ def _tucker_bypass_backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor]
         grad_x, grad_chain, grad_w, grad_b, grads = backward(
             grad_y, x, x_chain, weight, adapter, u, scale, (stride, padding, dilation, groups),
             input_grad_via_weight, effective_weight, need_input, need_chain_input, need_weight, need_bias,
-            need_adapter)
+            need_adapter, math)
     return ops.gradients_as_promised([(grad_x, x), (grad_chain, x_chain), (grad_w, weight), (grad_b, grad_b),
                                       *zip(grads or [], adapter)])
 
@@ -219,7 +268,7 @@ def _(grad_y, x, x_chain, weight, adapter, u, math, scale, stride, padding, dila
 def _setup_context(ctx, inputs, output):
     x, x_chain, weight, bias, adapter, *config = inputs
     u = output[1]
-    kept_u = u if keeps_u(u, x if x_chain is None else x_chain) else None
+    kept_u = u if u.numel() and keeps_u(u, x if x_chain is None else x_chain) else None
     ctx.save_for_backward(x, x_chain, weight, kept_u, *adapter)
     ctx.config = config  # math, scale, stride, padding, dilation, groups, input_grad_via_weight, impl
 
