@@ -87,14 +87,15 @@ def workload(shape: suite.Shape, method: str, dtype: torch.dtype, impl: str = "t
 
 
 def step_cost(w: cost.Workload, provider: str, strategy: str) -> Optional[cost.Cost]:
-    """The model's cost of one step of ``provider`` on ``w`` (None: not modelled)."""
+    """The model's cost of one step of ``provider`` on ``w`` (None: not modelled; module doc)."""
     if provider == suite.FLOOR:
         return cost.frozen_cost(w)
     if provider == suite.FULL_FINE_TUNING:
         s = cost._Sizes(w)
         return s.weight_grad_pass(cost.frozen_cost(w))
-    parts = suite.adapter_provider_parts(provider)
-    if parts is not None:
+    if provider in PLAIN_LORA:
+        return cost.strategy_cost(w, "bypass") if w.groups == 1 else None
+    if suite.adapter_provider_parts(provider) is not None:
         return cost.strategy_cost(w, strategy)
     return None
 
@@ -114,18 +115,14 @@ def predict(layers: dict, after: cost.DeviceModel) -> list:
         method = parts[0] if parts else ("lora" if provider in PLAIN_LORA else "flora")
         impl = "reference" if provider in PLAIN_LORA else "triton"
         w = workload(shape, method, dtype, impl)
-        if provider in PLAIN_LORA and shape.groups > 1:
-            step = None
-        elif provider in PLAIN_LORA:
-            step = dataclasses.replace(cost.strategy_cost(w, "bypass"), kind="frozen")  # plain PyTorch: no adapter host cost
-        else:
-            step = step_cost(w, provider, row["strategy"] or "auto")
+        step = step_cost(w, provider, row["strategy"] or "auto")
+        no_host = dataclasses.replace(after, adapter_op_overhead=0.0)
+        plain = no_host if provider in PLAIN_LORA else after  # plain PyTorch: no adapter host cost
         entry = dict(shape=shape.name, provider=provider, strategy=row["strategy"] or "-",
                      measured_ms=row["ms"]["fwd_bwd"], ops=step.ops if step else None,
                      before_ms=step.seconds(BEFORE, dtype) * 1e3 if step else None,
-                     after_ms=step.seconds(after, dtype) * 1e3 if step else None)
+                     after_ms=step.seconds(plain, dtype) * 1e3 if step else None)
         if parts is not None:
-            no_host = dataclasses.replace(after, adapter_op_overhead=0.0)
             entry["device_ms"] = step.seconds(no_host, dtype) * 1e3
             entry["auto_after"] = _decide(w, after).strategy
         out.append(entry)
