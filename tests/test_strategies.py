@@ -370,9 +370,11 @@ def test_bypass_custom_ops_pass_opcheck():
     flora = randomize_adapter(lk.FLoRAConv2d(4, 6, 3, padding=1, groups=2), 1)
     x = torch.randn(2, 4, 5, 5, requires_grad=True)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    factors = [f.detach().requires_grad_() for f in
+               lk.strategies.tucker_bypass.chain_factors(flora.adapter_tensors(), 4.0, x.dtype)]
     torch.library.opcheck(torch.ops.lrtensor.tucker_bypass.default,
-                          (x, None, flora.weight, flora.bias, flora.adapter_tensors(), "tucker:add", 4.0, [1, 1],
-                           [1, 1], [1, 1], 2, True, "triton"), test_utils=checks)
+                          (x, None, flora.weight, flora.bias, factors, [1, 1], [1, 1], [1, 1], 2, True, "triton"),
+                          test_utils=checks)
     ssb = randomize_adapter(lk.SSBConv2d(4, 6, 3, padding=1, groups=2), 1)
     for split in (False, True):
         torch.library.opcheck(torch.ops.lrtensor.scale_bypass.default,
