@@ -21,6 +21,15 @@ DTYPES = {"triton": [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
+@pytest.fixture(autouse=True)
+def _poisoned_workspace(monkeypatch):
+    """Every scratch tensor the fused ops borrow starts as NaN: an element a kernel does not write
+    shows, instead of a stale value from an earlier call."""
+    from lrtensor_kernels.kernels import workspace
+
+    monkeypatch.setattr(workspace, "fill_on_borrow", float("nan"))
+
+
 @pytest.fixture(params=FUSED_BACKENDS)
 def fused(request):
     """The name of a fused backend, its kernels built or importable (else skipped / failed as
@@ -328,3 +337,38 @@ def test_autocast_with_dropout_matches_reference(name, strategy, fused):
     outs = _outputs_with_same_dropout(layer, x, fused, 5, AUTOCAST_DTYPE)
     assert outs[1].dtype == AUTOCAST_DTYPE
     assert rel_err(outs[1], outs[0]) < 1e-2
+
+
+def test_workspace_lends_one_buffer_per_shape_and_thread(monkeypatch):
+    import threading
+
+    from lrtensor_kernels.kernels import workspace
+
+    workspace.clear()
+    with workspace.borrowed((3, 4), torch.float32, torch.device("cpu")) as first:
+        assert torch.isnan(first).all()  # poisoned (the fixture above)
+        with workspace.borrowed((3, 4), torch.float32, torch.device("cpu")) as nested:
+            assert nested is not first  # never lent twice at once
+    with workspace.borrowed((3, 4), torch.float32, torch.device("cpu")) as again:
+        assert again is first or again is nested
+    seen = []
+
+    def other_thread():
+        with workspace.borrowed((3, 4), torch.float32, torch.device("cpu")) as t:
+            seen.append(t)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert seen[0] is not first and seen[0] is not nested
+    with workspace.borrowed((3, 4), torch.float32, torch.device("meta")) as none:
+        assert none is None
+    monkeypatch.setattr(workspace, "LIMIT_BYTES", 100)
+    with workspace.borrowed((30,), torch.float32, torch.device("cpu")) as too_big:
+        assert too_big is None
+    with workspace.borrowed((5,), torch.float32, torch.device("cpu")):
+        pass
+    with workspace.borrowed((6,), torch.float32, torch.device("cpu")):
+        pass  # 24 + 20 + the (3, 4) pair's 96 bytes > 100: the least recently used go
+    assert sum(t.nbytes for t in workspace._pool().values()) <= 100
+    workspace.clear()

@@ -398,5 +398,19 @@ def _decide(w: Workload, requested: str) -> Decision:
 _decide_cached = functools.lru_cache(maxsize=4096)(_decide)
 
 
+def device_model(device_type: str) -> DeviceModel:
+    """The constants of ``device_type`` (CUDA's for a device type without its own)."""
+    return DEVICES.get(device_type, DEVICES["cuda"])
+
+
 def frozen_seconds(w: Workload) -> float:
-    return frozen_cost(w).seconds(DEVICES.get(w.device_type, DEVICES["cuda"]), w.dtype)
+    return frozen_cost(w).seconds(device_model(w.device_type), w.dtype)
+
+
+def full_fine_tuning_cost(w: Workload) -> Cost:
+    """The plain layer with its weight trained: the frozen layer's ops and the weight gradient."""
+    return _Sizes(w).weight_grad_pass(frozen_cost(w))
+
+
+def full_fine_tuning_seconds(w: Workload) -> float:
+    return full_fine_tuning_cost(w).seconds(device_model(w.device_type), w.dtype)

@@ -1,0 +1,568 @@
+"""CPU step time against the cost model: per layer, strategy and backend, and a whole ResNet-18.
+
+Two parts, each one command, each writing JSON and Markdown next to ``--out``:
+
+- ``layers``: one training step (forward + backward, input requiring grad, as inside a network) of
+  every bench row (the suite's CPU-scaled layers) and of every distinct convolution of a
+  ResNet-18 on an 8x3x112x112 batch, for the frozen layer, full fine-tuning, real PEFT LoRA r8
+  (where ``peft`` imports) and every method on every CPU backend under every strategy, forced and
+  under ``auto``. Each cell: the measured time, the cost model's prediction for what ran, and
+  their ratio; per row, ``auto``'s choice (strategy and backend) against the fastest forced one.
+  ``--profile`` adds where the time went (torch.profiler, one provider per method).
+- ``resnet18``: one training step (AdamW, cross entropy) of a ResNet-18 (torchvision's where it
+  imports, else the same convolutions written out in tests/models.py) on 8x3x112x112, every
+  convolution adapted and the classifier trained in full, against training the classifier alone:
+  full fine-tuning, PEFT LoRA r8, FLoRA (auto, default ranks and at LoRA r8's parameter budget,
+  and merged), LieRA r8, SSL, SSB; with the FLOPs of each at 224x224, batch 2.
+
+The clock: with one thread (the default) the calling thread's CPU time (``time.thread_time``),
+which other processes on a shared machine do not inflate by preempting it; with more threads the
+wall clock. Every provider of a row (every config of the model) runs its steps in turn in each of
+``--rounds`` interleaved rounds; a cell is the median over rounds.
+
+Run: ``python -m bench.cpu_time`` (both parts), ``--part layers --rows resnet18`` and so on.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from torch import nn
+
+import lrtensor_kernels as lk
+from bench import suite, timing
+from lrtensor_kernels import strategies
+from lrtensor_kernels.strategies import cost
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_OUT = BENCH_DIR / "out" / "cpu_time.json"
+BACKENDS = ("reference", "native")
+LORA_RANK = 8
+RESNET_BATCH, RESNET_SIZE = 8, 112
+BIG_ROW_MS = 1.0  # the model's accuracy target applies to rows whose frozen step takes longer
+
+
+# ---------------------------------------------------------------------------------------------
+# rows: the suite's CPU-scaled layers and ResNet-18's convolutions
+# ---------------------------------------------------------------------------------------------
+
+
+def resnet18(num_classes: int = 1000) -> nn.Module:
+    """torchvision's resnet18 where it imports, else the same layers written out (tests/models.py)."""
+    torch.manual_seed(0)
+    try:
+        import torchvision
+
+        return torchvision.models.resnet18(num_classes=num_classes)
+    except ImportError:
+        spec = importlib.util.spec_from_file_location("_lk_test_models", BENCH_DIR.parent / "tests" / "models.py")
+        models = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(models)
+        return models.ResNet18(num_classes)
+
+
+def resnet18_source() -> str:
+    return "torchvision" if importlib.util.find_spec("torchvision") else "tests/models.py (torchvision's layers)"
+
+
+def resnet18_rows(batch: int = RESNET_BATCH, size: int = RESNET_SIZE) -> list:
+    """Every distinct convolution of ResNet-18 on a ``batch`` x 3 x ``size`` x ``size`` input, as
+    bench shapes named ``resnet18/<first layer>`` (``count``: how many layers share it)."""
+    model, seen = resnet18(), {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            def hook(mod, args, name=name):
+                x = args[0]
+                shape = suite.conv(f"resnet18/{name}", mod.in_channels, mod.out_channels, x.shape[-1], x.shape[0],
+                                   kernel=mod.kernel_size[0], stride=mod.stride[0], padding=mod.padding[0])
+                key = dataclasses.replace(shape, name="")
+                seen.setdefault(key, [shape, 0])[1] += 1
+            hooks.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model.eval()(torch.zeros(batch, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return [(shape, count) for shape, count in seen.values()]
+
+
+def suite_rows() -> list:
+    return [(suite.scaled_for_cpu(shape), 1) for shape in suite.SUITE]
+
+
+def select_rows(patterns: Optional[list]) -> list:
+    rows = suite_rows() + resnet18_rows()
+    if patterns:
+        rows = [(s, c) for s, c in rows if any(p in s.name for p in patterns)]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# providers of the layer part
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Provider:
+    """One way to train one row's layer: what to time, and what the cost model is asked about."""
+
+    name: str
+    forward: Callable
+    trainable: list
+    method: str = ""
+    backend: str = ""  # "reference", "native" or "auto" (the cost model's choice)
+    strategy: str = ""  # as set on the layer; "auto" for the cost model's choice
+    layer: Optional[nn.Module] = None
+
+
+def _adapter_provider(shape, ctx, method: str, backend: str, strategy: str) -> Provider:
+    layer = suite.adapter_layer(shape, ctx, method, strategy)
+    return Provider(f"{method}_{backend}:{strategy}", suite.on_backend(layer, backend), layer.adapter_parameters(),
+                    method, backend, strategy, layer)
+
+
+def _peft_provider(shape, ctx) -> Optional[Provider]:
+    """PEFT's LoRA (rank 8, alpha 8) on the frozen layer, A and B randomised; None without peft."""
+    if importlib.util.find_spec("peft") is None:
+        return None
+    from peft import LoraConfig, inject_adapter_in_model
+
+    holder = nn.Sequential(suite.freeze(suite.base_module(shape, ctx)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.seed + 3)
+        holder = inject_adapter_in_model(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=["0"]), holder)
+    trainable = [p for n, p in holder.named_parameters() if "lora_" in n]
+    suite.perturb(trainable, ctx)
+    return Provider("peft_lora", holder, trainable)
+
+
+def providers(shape: suite.Shape, ctx: suite.Context, methods=suite.METHODS, backends=BACKENDS) -> list:
+    """frozen, full_ft, peft_lora (where installed), then every method on every backend under every
+    strategy it can run, and under auto on the "auto" backend (the cost model's choice of both)."""
+    frozen, full = suite.setup_frozen(shape, ctx), suite.setup_full_ft(shape, ctx)
+    out = [Provider("frozen", frozen.forward, frozen.trainable), Provider("full_ft", full.forward, full.trainable)]
+    peft = _peft_provider(shape, ctx)
+    if peft is not None:
+        out.append(peft)
+    for method in methods:
+        for backend in backends:
+            for strategy in suite.method_strategies(method):
+                out.append(_adapter_provider(shape, ctx, method, backend, strategy))
+        out.append(_adapter_provider(shape, ctx, method, "auto", "auto"))
+    return out
+
+
+def what_runs(provider: Provider, x: torch.Tensor) -> tuple:
+    """``(workload, decision)`` of the provider's layer on ``x`` (one forward, observed)."""
+    seen = []
+
+    def observe(call, decision):
+        seen.append((cost.Workload.of(call), decision))
+
+    strategies._observers.append(observe)
+    try:
+        provider.forward(x)
+    finally:
+        strategies._observers.remove(observe)
+    return seen[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------
+
+
+def clock() -> Callable[[], float]:
+    """The calling thread's CPU time with one torch thread (robust to preemption), else wall time."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def interleaved(steps: dict, rounds: int, per_round: int, warmup: int = 2) -> dict:
+    """``{name: [seconds per step, one per round]}``: every step runs ``per_round`` times in turn in
+    each round (after ``warmup`` untimed runs each), so that load that comes and goes spreads over
+    all of them alike."""
+    now = clock()
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples = defaultdict(list)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = now()
+            for _ in range(per_round):
+                step()
+            samples[name].append((now() - start) / per_round)
+    return dict(samples)
+
+
+def layer_step(forward, x: torch.Tensor, grad_out: torch.Tensor, trainable: list) -> Callable[[], None]:
+    step = timing.Step(forward, x, grad_out, trainable)
+
+    def run():
+        step.clear_grads()
+        step.run()
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# where the time went: torch.profiler self times by category
+# ---------------------------------------------------------------------------------------------
+
+CATEGORIES = ("convolution", "matmul", "native kernels", "weight-sized passes", "activation-sized passes",
+              "everything else")
+
+
+def categorize(name: str, shapes: list, weight_numel: int, activation_numel: int) -> str:
+    """The category of one profiled op: by name for convolutions, matmuls and the native kernels;
+    elementwise ops by the size of their largest input (an activation's, a weight's, or less)."""
+    if "conv" in name:
+        return "convolution"
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"):
+        return "matmul"
+    if name.startswith("lrtensor::"):
+        return "native kernels"
+    largest = max((math.prod(s) for s in shapes if s), default=0)
+    if activation_numel and largest >= 0.5 * activation_numel:
+        return "activation-sized passes"
+    if weight_numel and largest >= 0.5 * weight_numel:
+        return "weight-sized passes"
+    return "everything else"
+
+
+def profile_step(run: Callable[[], None], weight_numel: int, activation_numel: int, steps: int = 3) -> dict:
+    """Milliseconds per step by category (profiled self CPU time; the profiler's own per-op cost
+    inflates small ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            run()
+    totals = dict.fromkeys(CATEGORIES, 0.0)
+    for event in prof.events():
+        if event.self_cpu_time_total <= 0:
+            continue
+        shapes = [tuple(s) for s in (event.input_shapes or []) if isinstance(s, (list, tuple))]
+        kind = categorize(event.name, shapes, weight_numel, activation_numel)
+        totals[kind] += event.self_cpu_time_total / 1e3 / steps
+    return totals
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer part
+# ---------------------------------------------------------------------------------------------
+
+
+def predicted_seconds(work: cost.Workload, strategy: str) -> float:
+    return cost.strategy_cost(work, strategy).seconds(cost.device_model(work.device_type), work.dtype)
+
+
+def measure_row(shape: suite.Shape, count: int, ctx: suite.Context, rounds: int, per_round: int,
+                methods=suite.METHODS, profile_methods=()) -> dict:
+    """Every provider on one row: measured and predicted ms, what ran; auto against the best forced."""
+    x, grad_out = suite.make_inputs(shape, ctx)
+    provs = providers(shape, ctx, methods)
+    facts = {}
+    for p in provs:
+        if p.layer is not None:
+            work, decision = what_runs(p, x)
+            facts[p.name] = (work, decision)
+    steps = {p.name: layer_step(p.forward, x, grad_out, p.trainable) for p in provs}
+    samples = interleaved(steps, rounds, per_round)
+    any_work = next(iter(facts.values()))[0]
+    cells = {}
+    for p in provs:
+        ms = statistics.median(samples[p.name]) * 1e3
+        cell = {"ms": ms, "samples_ms": [s * 1e3 for s in samples[p.name]]}
+        if p.name in facts:
+            work, decision = facts[p.name]
+            cell.update(method=p.method, backend=p.backend, strategy=p.strategy, ran=decision.strategy,
+                        ran_on=work_backend(work), predicted_ms=predicted_seconds(work, decision.strategy) * 1e3)
+        elif p.name == "frozen":
+            cell["predicted_ms"] = cost.frozen_seconds(any_work) * 1e3
+        elif p.name == "full_ft":
+            cell["predicted_ms"] = cost.full_fine_tuning_seconds(any_work) * 1e3
+        cells[p.name] = cell
+    row = {"name": shape.name, "description": shape.describe(), "count": count, "cells": cells,
+           "auto": auto_against_forced(cells, methods)}
+    if profile_methods:
+        weight_numel = shape.weight_numel()
+        activation_numel = min(math.prod(shape.input_shape()), math.prod(shape.output_shape()))
+        row["profile_ms"] = {p.name: profile_step(steps[p.name], weight_numel, activation_numel)
+                             for p in provs if p.name in ("frozen", "full_ft") or (
+                                 p.method in profile_methods and p.backend == "auto")}
+    return row
+
+
+def work_backend(work: cost.Workload) -> str:
+    return "native" if work.fused else "reference"
+
+
+def auto_against_forced(cells: dict, methods) -> dict:
+    """Per method: auto's time over the fastest forced backend x strategy in the same run."""
+    out = {}
+    for method in methods:
+        forced = {n: c["ms"] for n, c in cells.items() if c.get("method") == method and c["backend"] != "auto"}
+        auto = cells.get(f"{method}_auto:auto")
+        if not forced or auto is None:
+            continue
+        best = min(forced, key=forced.get)
+        out[method] = {"auto_ms": auto["ms"], "auto_ran": f"{auto['ran']} on {auto['ran_on']}", "best": best,
+                       "best_ms": forced[best], "ratio": auto["ms"] / forced[best]}
+    return out
+
+
+def layer_summary(rows: list) -> dict:
+    """Prediction error and auto's excess over the rows whose frozen step is over BIG_ROW_MS."""
+    big = [r for r in rows if r["cells"]["frozen"]["ms"] > BIG_ROW_MS]
+    ratios = [c["predicted_ms"] / c["ms"] for r in big for c in r["cells"].values() if "predicted_ms" in c]
+    autos = [a["ratio"] for r in big for a in r["auto"].values()]
+    within = [abs(q - 1) <= 0.25 for q in ratios]
+    return {
+        "rows_over_1ms": len(big),
+        "predicted_over_measured_median": statistics.median(ratios) if ratios else None,
+        "abs_log_error_median": statistics.median(abs(math.log(q)) for q in ratios) if ratios else None,
+        "cells_within_25pct": f"{sum(within)}/{len(within)}",
+        "auto_over_best_geomean": math.exp(statistics.fmean(math.log(a) for a in autos)) if autos else None,
+        "auto_over_best_max": max(autos) if autos else None,
+        "auto_cells_within_10pct": f"{sum(a <= 1.10 for a in autos)}/{len(autos)}",
+    }
+
+
+def layers_markdown(rows: list, summary: dict, meta: dict) -> str:
+    lines = [f"# CPU step time per layer: measured against the cost model", "", _meta_line(meta), "",
+             "Per row and method: auto's choice (strategy, backend), its measured ms, the fastest forced "
+             "backend x strategy, auto / fastest; then every cell as measured ms / predicted ms.", ""]
+    lines += ["| row | frozen ms (pred) | method | auto ran | auto ms | fastest forced | ms | auto / fastest |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        frozen = r["cells"]["frozen"]
+        for method, a in r["auto"].items():
+            lines.append(f"| {r['name']} | {frozen['ms']:.2f} ({frozen['predicted_ms']:.2f}) | {method} | "
+                         f"{a['auto_ran']} | {a['auto_ms']:.2f} | {a['best'].split('_', 1)[1]} | {a['best_ms']:.2f} | "
+                         f"{a['ratio']:.2f} |")
+    lines += ["", "Every cell: measured ms / predicted ms.", ""]
+    names = list(rows[0]["cells"]) if rows else []
+    lines += ["| row | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = []
+        for n in names:
+            c = r["cells"].get(n)
+            if c is None:
+                cells.append("-")
+            elif "predicted_ms" in c:
+                cells.append(f"{c['ms']:.2f} / {c['predicted_ms']:.2f}")
+            else:
+                cells.append(f"{c['ms']:.2f}")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    lines += ["", "Summary (rows whose frozen step is over 1 ms): " + ", ".join(f"{k} {_fmt(v)}" for k, v in
+                                                                              summary.items())]
+    profiled = [r for r in rows if "profile_ms" in r]
+    if profiled:
+        lines += ["", "Where the time went (profiled self CPU ms per step, by category):", "",
+                  "| row | provider | " + " | ".join(CATEGORIES) + " |", "|---|---|" + "---|" * len(CATEGORIES)]
+        for r in profiled:
+            for name, cats in r["profile_ms"].items():
+                lines.append(f"| {r['name']} | {name} | " + " | ".join(f"{cats[c]:.2f}" for c in CATEGORIES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# the ResNet-18 part
+# ---------------------------------------------------------------------------------------------
+
+RESNET_CONFIGS = ("fc", "full_ft", "peft_lora", "flora", "flora_budget", "flora_merged", "liera", "ssl", "ssb")
+
+
+def conv_names(model: nn.Module) -> list:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def resnet_config(name: str) -> Optional[nn.Module]:
+    """ResNet-18 set up for ``name`` (every conv adapted, fc trained in full), or None where the
+    config cannot be built here (peft not installed)."""
+    model = resnet18()
+    convs = conv_names(model)
+    if name == "full_ft":
+        return model
+    model.requires_grad_(False)
+    if name == "fc":
+        model.fc.requires_grad_(True)
+        return model
+    if name == "peft_lora":
+        if importlib.util.find_spec("peft") is None:
+            return None
+        from peft import LoraConfig, inject_adapter_in_model
+
+        model = inject_adapter_in_model(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=convs), model)
+        model.fc.requires_grad_(True)
+        return model
+    method, _, variant = name.partition("_")
+    kwargs = dict(target_modules=convs, trainable_modules=["fc"])
+    if variant == "budget":
+        plan = lk.ranks_for_budget(model, method, match_lora_rank=LORA_RANK, **kwargs)
+        kwargs.update(plan.kwargs)
+    elif variant:
+        kwargs["strategy"] = variant
+    if method == "liera":
+        kwargs.update(rank=LORA_RANK, alpha=LORA_RANK)
+    lk.inject(model, method, **kwargs)
+    return model
+
+
+def resnet_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), labels).backward()
+        optimizer.step()
+
+    return run
+
+
+def resnet_flops(model: nn.Module) -> int:
+    """FLOPs of one training step at 224x224, batch 2 (FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 3, 224, 224)
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def measure_resnet(configs, rounds: int, per_round: int) -> dict:
+    torch.manual_seed(1)
+    x, labels = torch.randn(RESNET_BATCH, 3, RESNET_SIZE, RESNET_SIZE), torch.randint(0, 1000, (RESNET_BATCH,))
+    models = {c: resnet_config(c) for c in configs}
+    missing = [c for c, m in models.items() if m is None]
+    models = {c: m for c, m in models.items() if m is not None}
+    flops = {c: resnet_flops(m) for c, m in models.items()}
+    samples = interleaved({c: resnet_step(m, x, labels) for c, m in models.items()}, rounds, per_round)
+    base = statistics.median(samples["fc"])
+    full = statistics.median(samples["full_ft"]) if "full_ft" in samples else None
+    table = {}
+    for c in models:
+        med = statistics.median(samples[c])
+        table[c] = {"ms": med * 1e3, "x_fc": med / base, "x_full_ft": med / full if full else None,
+                    "flops_x_fc": flops[c] / flops["fc"], "samples_ms": [s * 1e3 for s in samples[c]],
+                    "trainable": sum(p.numel() for p in models[c].parameters() if p.requires_grad)}
+    return {"configs": table, "not_run": missing, "model": resnet18_source(),
+            "input": f"{RESNET_BATCH}x3x{RESNET_SIZE}x{RESNET_SIZE}"}
+
+
+def resnet_markdown(result: dict, meta: dict) -> str:
+    lines = ["# ResNet-18: one training step per method", "", _meta_line(meta), "",
+             f"Model: {result['model']}; input {result['input']}; AdamW; every convolution adapted, the "
+             "classifier trained in full. Time and FLOPs (224x224, batch 2) relative to training the "
+             "classifier alone.", "",
+             "| config | ms | x fc | x full_ft | FLOPs x fc | trainable |", "|---|---|---|---|---|---|"]
+    for name, c in result["configs"].items():
+        full = "-" if c["x_full_ft"] is None else f"{c['x_full_ft']:.2f}"
+        lines.append(f"| {name} | {c['ms']:.1f} | {c['x_fc']:.2f} | {full} | {c['flops_x_fc']:.2f} | "
+                     f"{c['trainable']:,} |")
+    if result["not_run"]:
+        lines += ["", f"Not run (not installed): {', '.join(result['not_run'])}"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+
+def _meta_line(meta: dict) -> str:
+    return (f"{meta['cpu']}, torch {meta['torch']}, {meta['threads']} thread(s), clock {meta['clock']}, "
+            f"{meta['rounds']} interleaved rounds of {meta['per_round']} steps, load average at start "
+            f"{meta['load_average']}, commit {meta['commit']}")
+
+
+def environment(args) -> dict:
+    from bench.run import _cpu_name, _git_state
+
+    git = _git_state()
+    return {"cpu": _cpu_name(), "capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "clock": "thread CPU time" if torch.get_num_threads() == 1 else "wall time",
+            "rounds": args.rounds, "per_round": args.per_round, "load_average": round(os.getloadavg()[0], 2),
+            "commit": (git["commit"] or "?")[:10] + ("+dirty" if git["dirty"] else ""),
+            "native": lk.backend.native_available(), "command": sys.argv}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu_time", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", default="layers,resnet18", help="layers, resnet18 or both (comma-separated)")
+    parser.add_argument("--rows", help="comma-separated substrings of the layer rows to run")
+    parser.add_argument("--methods", default=",".join(suite.METHODS))
+    parser.add_argument("--configs", default=",".join(RESNET_CONFIGS), help="ResNet-18 configs (fc always runs)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per-round", type=int, default=3, help="steps per provider per round")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="add the profiled categories per row")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    meta = environment(args)
+    parts = set(args.part.split(","))
+    result = {"meta": meta}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    methods = tuple(m for m in args.methods.split(",") if m)
+
+    def save():
+        meta["wall_s"] = round(time.perf_counter() - started, 1)
+        args.out.write_text(json.dumps(result, indent=1))
+
+    markdown = []
+    if "resnet18" in parts:
+        configs = ["fc"] + [c for c in args.configs.split(",") if c and c != "fc"]
+        result["resnet18"] = measure_resnet(configs, args.rounds, args.per_round)
+        markdown.append(resnet_markdown(result["resnet18"], meta))
+        print(markdown[-1], flush=True)
+        save()
+    if "layers" in parts:
+        ctx = suite.Context(torch.device("cpu"), torch.float32)
+        rows = []
+        for shape, count in select_rows([p for p in (args.rows or "").split(",") if p]):
+            rows.append(measure_row(shape, count, ctx, args.rounds, args.per_round, methods,
+                                    methods if args.profile else ()))
+            print(f"{shape.name}: " + ", ".join(f"{m} {a['ratio']:.2f}" for m, a in rows[-1]["auto"].items()),
+                  flush=True)
+            result["layers"] = rows
+            save()
+        result["layer_summary"] = layer_summary(rows)
+        markdown.append(layers_markdown(rows, result["layer_summary"], meta))
+        print(json.dumps(result["layer_summary"]))
+    save()
+    args.out.with_suffix(".md").write_text("\n".join(markdown))
+    print(f"{args.out} and {args.out.with_suffix('.md')}; {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
