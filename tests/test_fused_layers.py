@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import lrtensor_kernels as lk
+from forms import chain_form, flora_strategies, strategy_and_form
 from fused import FUSED_BACKENDS, fused_kernels
 from oracle import F64, assert_accuracy, effective_weight64, layer_oracle, plain_twin, randomize_adapter, rel_err
 
@@ -19,6 +20,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"triton": [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []),
           "native": [torch.float32, torch.float64, torch.float16, torch.bfloat16]}
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def _chain_form(request):
+    """A test parametrized with a strategy such as "bypass:folded" runs in that chain form
+    (tests/forms.py); ``_build`` sets the strategy itself."""
+    params = getattr(request.node, "callspec", None)
+    strategy = params.params.get("strategy", "") if params else ""
+    with chain_form(strategy_and_form(strategy)[1] if isinstance(strategy, str) else ""):
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -63,12 +74,15 @@ def _input(layer, dtype, seed):
 def _build(name, dtype, seed, strategy="auto"):
     torch.manual_seed(seed)  # the base weights too: the same layer whatever ran before
     layer = randomize_adapter(LAYERS[name](), seed)
-    layer.strategy = strategy
+    layer.strategy = strategy_and_form(strategy)[0]
     return layer.to(DEVICE).to(dtype) if dtype != torch.float32 else layer.to(DEVICE)
 
 
 def _strategies(name) -> list:
-    return ["merged", "two_branch"] + (["bypass"] if name.split("_")[0] in ("flora", "ssl", "ssb") else [])
+    method = name.split("_")[0]
+    if method == "flora":
+        return flora_strategies()
+    return ["merged", "two_branch"] + (["bypass"] if method in ("ssl", "ssb") else [])
 
 
 LAYER_STRATEGIES = [pytest.param(n, st, id=f"{n}-{st}") for n in LAYERS for st in _strategies(n)]
