@@ -80,8 +80,9 @@ def resnet18_source() -> str:
 
 
 def resnet18_rows(batch: int = RESNET_BATCH, size: int = RESNET_SIZE) -> list:
-    """Every distinct convolution of ResNet-18 on a ``batch`` x 3 x ``size`` x ``size`` input, as
-    bench shapes named ``resnet18/<first layer>`` (``count``: how many layers share it)."""
+    """``(shape, count, input_grad)`` of every distinct convolution of ResNet-18 on a ``batch`` x 3 x
+    ``size`` x ``size`` input, as bench shapes named ``resnet18/<first layer>`` (``count``: how many
+    layers share it; ``input_grad``: False for the stem, whose input, the image, needs none)."""
     model, seen = resnet18(), {}
     hooks = []
     for name, module in model.named_modules():
@@ -97,17 +98,25 @@ def resnet18_rows(batch: int = RESNET_BATCH, size: int = RESNET_SIZE) -> list:
         model.eval()(torch.zeros(batch, 3, size, size))
     for h in hooks:
         h.remove()
-    return [(shape, count) for shape, count in seen.values()]
+    return [(shape, count, shape.in_features != 3) for shape, count in seen.values()]
 
 
 def suite_rows() -> list:
-    return [(suite.scaled_for_cpu(shape), 1) for shape in suite.SUITE]
+    """The bench suite's layers, CPU-scaled, with their input requiring grad (as the bench runs them)."""
+    return [(suite.scaled_for_cpu(shape), 1, True) for shape in suite.SUITE]
+
+
+def tiny_rows() -> list:
+    """Layers so small that a step is its fixed costs: they calibrate the per-call constants."""
+    return [(suite.conv("tiny/3x3_8-8_6", 8, 8, 6, 2), 1, True),
+            (suite.conv("tiny/1x1_8-8_6", 8, 8, 6, 2, kernel=1), 1, True),
+            (suite.linear("tiny/linear_16-16_t8", 16, 16, 8), 1, True)]
 
 
 def select_rows(patterns: Optional[list]) -> list:
-    rows = suite_rows() + resnet18_rows()
+    rows = tiny_rows() + suite_rows() + resnet18_rows()
     if patterns:
-        rows = [(s, c) for s, c in rows if any(p in s.name for p in patterns)]
+        rows = [row for row in rows if any(p in row[0].name for p in patterns)]
     return rows
 
 
@@ -144,7 +153,11 @@ def _peft_provider(shape, ctx) -> Optional[Provider]:
     holder = nn.Sequential(suite.freeze(suite.base_module(shape, ctx)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed + 3)
-        holder = inject_adapter_in_model(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=["0"]), holder)
+        try:
+            holder = inject_adapter_in_model(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=["0"]),
+                                             holder)
+        except ValueError:  # PEFT refuses grouped convolutions whose groups do not divide the rank
+            return None
     trainable = [p for n, p in holder.named_parameters() if "lora_" in n]
     suite.perturb(trainable, ctx)
     return Provider("peft_lora", holder, trainable)
@@ -210,11 +223,15 @@ def interleaved(steps: dict, rounds: int, per_round: int, warmup: int = 2) -> di
 
 
 def layer_step(forward, x: torch.Tensor, grad_out: torch.Tensor, trainable: list) -> Callable[[], None]:
+    """One step: forward, and the backward from ``grad_out`` where anything needs a gradient (a
+    frozen layer whose input needs none has no backward)."""
     step = timing.Step(forward, x, grad_out, trainable)
 
     def run():
         step.clear_grads()
-        step.run()
+        y = forward(x)
+        if y.requires_grad:
+            y.backward(grad_out)
 
     return run
 
@@ -272,10 +289,29 @@ def predicted_seconds(work: cost.Workload, strategy: str) -> float:
     return cost.strategy_cost(work, strategy).seconds(cost.device_model(work.device_type), work.dtype)
 
 
-def measure_row(shape: suite.Shape, count: int, ctx: suite.Context, rounds: int, per_round: int,
-                methods=suite.METHODS, profile_methods=()) -> dict:
+def cost_features(c: cost.Cost) -> dict:
+    """What the time model multiplies by its constants, for one estimate (see cost.Cost.seconds)."""
+    return {"dense_flops": c.flops - c.grouped_flops - c.grouped_weight_grad_flops - c.matmul_flops,
+            "matmul_flops": c.matmul_flops, "grouped_flops": c.grouped_flops,
+            "grouped_weight_grad_flops": c.grouped_weight_grad_flops, "bytes": c.bytes, "ops": c.ops,
+            "conv_calls": c.conv_calls, "spatial_conv_calls": c.spatial_conv_calls, "exp_elements": c.exp_elements,
+            "fresh_bytes": c.fresh_bytes,
+            "call": f"{c.kind}/{'fused' if c.fused else 'reference'}"}
+
+
+def cell_cost(cell_name: str, work: cost.Workload, strategy: Optional[str]) -> cost.Cost:
+    if cell_name == "frozen":
+        return cost.frozen_cost(work)
+    if cell_name == "full_ft":
+        return cost.full_fine_tuning_cost(work)
+    return cost.strategy_cost(work, strategy)
+
+
+def measure_row(shape: suite.Shape, count: int, input_grad: bool, ctx: suite.Context, rounds: int,
+                per_round: int, methods=suite.METHODS, profile_methods=()) -> dict:
     """Every provider on one row: measured and predicted ms, what ran; auto against the best forced."""
     x, grad_out = suite.make_inputs(shape, ctx)
+    x.requires_grad_(input_grad)
     provs = providers(shape, ctx, methods)
     facts = {}
     for p in provs:
@@ -285,20 +321,27 @@ def measure_row(shape: suite.Shape, count: int, ctx: suite.Context, rounds: int,
     steps = {p.name: layer_step(p.forward, x, grad_out, p.trainable) for p in provs}
     samples = interleaved(steps, rounds, per_round)
     any_work = next(iter(facts.values()))[0]
+    plain_work = dataclasses.replace(any_work, fused=False, math=any_work.math)
     cells = {}
+    device = cost.device_model("cpu")
     for p in provs:
         ms = statistics.median(samples[p.name]) * 1e3
-        cell = {"ms": ms, "samples_ms": [s * 1e3 for s in samples[p.name]]}
+        cell = {"ms": ms, "min_ms": min(samples[p.name]) * 1e3, "samples_ms": [s * 1e3 for s in samples[p.name]]}
+        estimate = None
         if p.name in facts:
             work, decision = facts[p.name]
             cell.update(method=p.method, backend=p.backend, strategy=p.strategy, ran=decision.strategy,
-                        ran_on=work_backend(work), predicted_ms=predicted_seconds(work, decision.strategy) * 1e3)
-        elif p.name == "frozen":
-            cell["predicted_ms"] = cost.frozen_seconds(any_work) * 1e3
-        elif p.name == "full_ft":
-            cell["predicted_ms"] = cost.full_fine_tuning_seconds(any_work) * 1e3
+                        ran_on=work_backend(work))
+            estimate = cell_cost(p.name, work, decision.strategy)
+        elif p.name in ("frozen", "full_ft"):
+            estimate = cell_cost(p.name, plain_work, None)
+        if estimate is not None:
+            cell["predicted_ms"] = estimate.seconds(device, torch.float32) * 1e3
+            cell["predicted_parts_ms"] = {k: v * 1e3 for k, v in estimate.seconds_by_part(device, torch.float32).items()}
+            cell["features"] = cost_features(estimate)
         cells[p.name] = cell
-    row = {"name": shape.name, "description": shape.describe(), "count": count, "cells": cells,
+    row = {"name": shape.name, "description": shape.describe(), "count": count, "input_grad": input_grad,
+           "cells": cells,
            "auto": auto_against_forced(cells, methods)}
     if profile_methods:
         weight_numel = shape.weight_numel()
@@ -357,7 +400,7 @@ def layers_markdown(rows: list, summary: dict, meta: dict) -> str:
                          f"{a['auto_ran']} | {a['auto_ms']:.2f} | {a['best'].split('_', 1)[1]} | {a['best_ms']:.2f} | "
                          f"{a['ratio']:.2f} |")
     lines += ["", "Every cell: measured ms / predicted ms.", ""]
-    names = list(rows[0]["cells"]) if rows else []
+    names = list(dict.fromkeys(n for r in rows for n in r["cells"]))
     lines += ["| row | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for r in rows:
         cells = []
@@ -384,6 +427,79 @@ def layers_markdown(rows: list, summary: dict, meta: dict) -> str:
 
 def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# fitting the CPU constants of the time model
+# ---------------------------------------------------------------------------------------------
+
+FIT_TERMS = ("dense_flops", "matmul_flops", "grouped_flops", "grouped_weight_grad_flops", "bytes", "ops", "conv_calls",
+             "spatial_conv_calls", "exp_elements", "fresh_bytes")
+CONSTANT_OF_TERM = {"dense_flops": "1 / flops[float32]", "matmul_flops": "1 / matmul", "grouped_flops": "1 / grouped",
+                    "grouped_weight_grad_flops": "1 / grouped_weight_grad", "bytes": "1 / bandwidth",
+                    "ops": "op_overhead", "conv_calls": "conv_overhead", "spatial_conv_calls": "spatial_conv_overhead",
+                    "exp_elements": "1 / exp_rate", "fresh_bytes": "fresh_byte_cost"}
+
+
+def features_seconds(features: dict, device: cost.DeviceModel, dtype: torch.dtype = torch.float32) -> float:
+    """The time model on stored features (what :meth:`cost.Cost.seconds` computes), so that a saved
+    run can be predicted again with other constants."""
+    dense = device.flop_rate(dtype)
+    grouped = min(device.grouped or dense, dense)
+    grouped_wg = min(device.grouped_weight_grad or dense, dense)
+    matmul = min(device.matmul or dense, dense)
+    kind, _, backend = features["call"].partition("/")
+    return (features["dense_flops"] / dense + features.get("matmul_flops", 0.0) / matmul
+            + features["grouped_flops"] / grouped
+            + features["grouped_weight_grad_flops"] / grouped_wg + features["bytes"] / device.bandwidth
+            + features["ops"] * device.op_overhead + features["conv_calls"] * device.conv_overhead
+            + features["spatial_conv_calls"] * device.spatial_conv_overhead
+            + (features["exp_elements"] / device.exp_rate if device.exp_rate else 0.0)
+            + features.get("fresh_bytes", 0.0) * device.fresh_byte_cost
+            + device.call_overhead.get((kind, backend == "fused"), 0.0))
+
+
+def repredict(rows: list, device: Optional[cost.DeviceModel] = None) -> list:
+    """``rows`` with every cell's ``predicted_ms`` recomputed from its features by ``device`` (the
+    CPU constants in force by default)."""
+    device = device or cost.device_model("cpu")
+    for row in rows:
+        for cell in row["cells"].values():
+            if "features" in cell:
+                cell["predicted_ms"] = features_seconds(cell["features"], device) * 1e3
+    return rows
+
+
+def fit_constants(rows: list, statistic: str = "min_ms", fixed: Optional[dict] = None) -> dict:
+    """Non-negative least squares of the measured step times (``statistic`` of each cell) on the
+    time model's terms, in relative error (every cell weighs alike), with one fixed per-call
+    constant per strategy path and backend. Returns the constants and the fit's error; with
+    ``fixed`` (the ``coefficients`` of another fit) only the error of those on ``rows``."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    cells = [c for r in rows for c in r["cells"].values() if "features" in c]
+    calls = sorted({c["features"]["call"] for c in cells})
+    columns = list(FIT_TERMS) + [f"call_overhead[{k}]" for k in calls]
+    a = np.array([[c["features"][t] for t in FIT_TERMS] + [float(c["features"]["call"] == k) for k in calls]
+                  for c in cells])
+    b = np.array([c[statistic] / 1e3 for c in cells])
+    scale = a.max(axis=0)
+    scale[scale == 0] = 1.0
+    if fixed is None:
+        solution, _ = nnls(a / scale / b[:, None], np.ones_like(b))
+        coefficients = solution / scale
+    else:
+        coefficients = np.array([fixed.get(name, 0.0) for name in columns])
+    predicted = a @ coefficients
+    errors = np.abs(np.log(predicted / b))
+    constants = {}
+    for name, value in zip(columns, coefficients):
+        key = CONSTANT_OF_TERM.get(name, name)
+        constants[key] = (1 / value if value > 0 else None) if key.startswith("1 / ") else value
+    return {"constants": constants, "coefficients": dict(zip(columns, coefficients.tolist())), "cells": len(cells),
+            "abs_log_error_median": float(np.median(errors)),
+            "within_25pct": float(np.mean(errors <= np.log(1.25))), "statistic": statistic}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,12 +636,23 @@ def parse_args(argv=None):
     parser.add_argument("--per-round", type=int, default=3, help="steps per provider per round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="add the profiled categories per row")
+    parser.add_argument("--fit", type=Path, help="fit the CPU constants of the cost model to the layer part of "
+                        "this JSON (from an earlier run) and print them; nothing is measured")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.fit:
+        rows = json.loads(args.fit.read_text())["layers"]
+        print(json.dumps(fit_constants(rows), indent=1))
+        held_out = fit_constants(rows[0::2])
+        print("fitted on every other row, the error on the rest:", json.dumps(
+            {k: v for k, v in fit_constants(rows[1::2], fixed=held_out["coefficients"]).items()
+             if k not in ("constants", "coefficients")}))
+        print("with the constants in force:", json.dumps(layer_summary(repredict(rows))))
+        return 0
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     meta = environment(args)
@@ -548,8 +675,8 @@ def main(argv=None) -> int:
     if "layers" in parts:
         ctx = suite.Context(torch.device("cpu"), torch.float32)
         rows = []
-        for shape, count in select_rows([p for p in (args.rows or "").split(",") if p]):
-            rows.append(measure_row(shape, count, ctx, args.rounds, args.per_round, methods,
+        for shape, count, input_grad in select_rows([p for p in (args.rows or "").split(",") if p]):
+            rows.append(measure_row(shape, count, input_grad, ctx, args.rounds, args.per_round, methods,
                                     methods if args.profile else ()))
             print(f"{shape.name}: " + ", ".join(f"{m} {a['ratio']:.2f}" for m, a in rows[-1]["auto"].items()),
                   flush=True)

@@ -45,9 +45,10 @@ class DeviceModel:
     ``bandwidth``: bytes/s of a large elementwise pass (read + write); ``op_overhead``: seconds
     per op launched from Python (dispatch, launch, small-op latency); ``grouped``: FLOP/s of a
     grouped convolution's forward and input gradient, ``grouped_weight_grad``: of its weight
-    gradient (None: the dense rate); ``conv_overhead``: seconds a convolution call costs beyond
-    ``op_overhead``, ``spatial_conv_overhead``: what a convolution with a kernel larger than 1x1
-    costs beyond that; ``exp_rate``: elements/s through ``exp`` in a fused pass (None: free);
+    gradient (None: the dense rate); ``matmul``: FLOP/s of a linear layer's matmuls (None: the
+    dense rate); ``conv_overhead``: seconds a convolution call costs beyond ``op_overhead``,
+    ``spatial_conv_overhead``: what a convolution with a kernel larger than 1x1,
+    or a stride, costs beyond that; ``exp_rate``: elements/s through ``exp`` in a fused pass (None: free);
     ``call_overhead``: seconds of Python and autograd per call of a strategy, by ``(cost kind,
     fused)`` (:attr:`Cost.kind`), beyond the ops counted."""
 
@@ -57,28 +58,60 @@ class DeviceModel:
     grouped: Optional[float] = None
     grouped_weight_grad: Optional[float] = None
     conv_overhead: float = 0.0
+    matmul: Optional[float] = None
     spatial_conv_overhead: float = 0.0
     exp_rate: Optional[float] = None
+    fresh_byte_cost: float = 0.0
     call_overhead: dict = field(default_factory=dict)
 
     def flop_rate(self, dtype: torch.dtype) -> float:
         return self.flops.get(dtype, self.flops[torch.float32])
 
 
+# Python and autograd per call of each strategy's code path beyond the ops counted, on the CPU, by
+# (Cost.kind, fused), fitted with the rest of the CPU constants (bench/cpu_time.py --fit)
+_CPU_CALL_OVERHEAD = {
+    ("frozen", False): 0.0, ("full", False): 2e-6,
+    ("merged", False): 73e-6, ("merged", True): 265e-6,
+    ("two_branch", False): 18e-6, ("two_branch", True): 217e-6,
+    ("tucker_bypass", False): 441e-6, ("tucker_bypass", True): 408e-6,
+    ("tucker_hybrid", False): 260e-6, ("tucker_hybrid", True): 406e-6,
+    ("scale_bypass", False): 60e-6, ("scale_bypass", True): 170e-6,
+}
+
 DEVICES = {
-    # 2-core AMD EPYC CI machine, one torch thread: fp32 convolutions 40-80 GFLOP/s, copies of
-    # tensors above the last-level cache 15-20 GB/s, about 5 us per small op; oneDNN's bf16/fp16
-    # convolutions run at 1.4/2.4 GFLOP/s there (no native 16-bit units); depthwise convolutions
-    # far below the dense rate, by kernel size: forward and input gradient 3.5 GFLOP/s (3x3,
-    # 64 channels, 32x32) to 14 GFLOP/s (7x7), weight gradient 5 GFLOP/s (3x3) to 0.6-1.7 GFLOP/s
-    # (7x7; bench rows convnext_t/dw7x7_*); one geometric middle each. A convolution call has a
-    # fixed cost of its own: 70-120 us at 4 channels and batches of 2-32 (oneDNN's setup); 40 us
-    # beside the small op's 6 us gave auto's choices the least excess time over the bench's
-    # forced strategies (commit 7ec1398's CPU run).
-    "cpu": DeviceModel(flops={torch.float32: 60e9, torch.float64: 30e9, torch.bfloat16: 1.5e9,
-                              torch.float16: 2.5e9},
-                       bandwidth=15e9, op_overhead=6e-6, grouped=7e9, grouped_weight_grad=2.5e9,
-                       conv_overhead=40e-6),
+    # The 2-core AMD EPYC (Zen 5, AVX-512 with bf16) CI machine, one torch thread, fitted to 1444
+    # measured steps (every method, strategy and backend on the bench's 24 CPU-scaled rows, the 11
+    # distinct convolutions of a ResNet-18 at 8x3x112x112 and 3 tiny layers; each the minimum of
+    # 5 interleaved rounds of thread CPU time) by `python -m bench.cpu_time --fit`: median error
+    # 9%, 81% of steps within 25% on rows held out of the fit. Dense fp32 convolutions 200
+    # GFLOP/s as fitted (130-165 measured alone on 3x3 convolutions of 64-480 channels, the rest
+    # of their time in the bytes and call terms), a linear layer's matmuls 110; fp64, bf16 and fp16
+    # at the ratios measured on a 128-channel 3x3 convolution (0.28, 2.7 and 0.025: oneDNN has a
+    # bf16 kernel here, none for fp16); grouped convolutions 57 GFLOP/s, their weight gradients
+    # 8.5; 17 GB/s for the bytes the ops read and write; 8 us per op, a convolution call 9 us more
+    # and 88 us more with a kernel larger than 1x1 or a stride (oneDNN's setup: a 3x3 convolution
+    # of 4 channels takes 35-80 us; 1x1 unstrided convolutions run as matmuls at one thread); exp
+    # in the fused passes 2.1 G elements/s; the per-call Python above. Fresh weight-sized tensors
+    # fitted to no cost in that run (their page faults, 0.5 ns per byte where glibc has returned
+    # the memory to the system, came and went with the allocator's state: bench/NOTES.md).
+    "cpu": DeviceModel(flops={torch.float32: 200e9, torch.float64: 56e9, torch.bfloat16: 540e9,
+                              torch.float16: 5e9},
+                       bandwidth=17e9, op_overhead=8e-6, grouped=57e9, grouped_weight_grad=8.5e9,
+                       conv_overhead=9e-6, matmul=110e9, spatial_conv_overhead=88e-6, exp_rate=2.1e9,
+                       fresh_byte_cost=0.0, call_overhead=_CPU_CALL_OVERHEAD),
+    # The previous CI machine (Zen 3, AVX2, no bf16 unit), one torch thread, used where torch's CPU
+    # capability is not AVX-512: fp32 convolutions 40-80 GFLOP/s, copies above the last-level
+    # cache 15-20 GB/s, about 5 us per small op; oneDNN's bf16/fp16 convolutions at 1.4/2.4
+    # GFLOP/s; depthwise convolutions far below the dense rate (forward and input gradient 3.5-14
+    # GFLOP/s, weight gradient 0.6-5 GFLOP/s; one geometric middle each); a convolution call 40 us
+    # (commit 7ec1398's CPU run). The terms fitted since (spatial convolutions, exp, per-call
+    # Python) were not measured there: the Zen 5's are used, exp at half its rate.
+    "cpu-avx2": DeviceModel(flops={torch.float32: 60e9, torch.float64: 30e9, torch.bfloat16: 1.5e9,
+                                   torch.float16: 2.5e9},
+                            bandwidth=15e9, op_overhead=6e-6, grouped=7e9, grouped_weight_grad=2.5e9,
+                            conv_overhead=40e-6, spatial_conv_overhead=0.0, exp_rate=0.9e9,
+                            call_overhead=_CPU_CALL_OVERHEAD),
     # H100 SXM by its specification sheet, derated to what cuDNN/cuBLAS reach on mid-size layers;
     # not yet calibrated by measurement on this package's ops.
     "cuda": DeviceModel(flops={torch.float32: 50e12, torch.float64: 50e12, torch.bfloat16: 450e12,
@@ -151,7 +184,9 @@ class Cost:
     grouped_weight_grad_flops: float = 0.0  # part of ``flops``: grouped convolutions' weight gradients
     conv_calls: int = 0  # of ``ops``: convolutions (fixed costs beyond a small op's on some devices)
     spatial_conv_calls: int = 0  # of ``conv_calls``: those with a kernel larger than 1x1
+    matmul_flops: float = 0.0  # part of ``flops``: a linear layer's matmuls
     exp_elements: float = 0.0  # elements through exp in weight-sized passes
+    fresh_bytes: float = 0.0  # weight-sized tensors allocated afresh (weight gradients, autograd's W')
     kind: str = ""
     fused: bool = False
     part_flops: dict = field(default_factory=dict)
@@ -172,7 +207,9 @@ class Cost:
         self.conv_calls += other.conv_calls
         self.spatial_conv_calls += other.spatial_conv_calls
         self.grouped_weight_grad_flops += other.grouped_weight_grad_flops
+        self.matmul_flops += other.matmul_flops
         self.exp_elements += other.exp_elements
+        self.fresh_bytes += other.fresh_bytes
         for mine, theirs in ((self.part_flops, other.part_flops), (self.part_bytes, other.part_bytes)):
             for part, value in theirs.items():
                 mine[part] = mine.get(part, 0.0) + value
@@ -188,18 +225,19 @@ class Cost:
         def rate(grouped_rate: Optional[float]) -> float:
             return dense if grouped_rate is None else min(grouped_rate, dense)
 
-        grouped = (self.grouped_flops / rate(device.grouped)
+        grouped = (self.grouped_flops / rate(device.grouped) + self.matmul_flops / rate(device.matmul)
                    + self.grouped_weight_grad_flops / rate(device.grouped_weight_grad))
         flops = {p: self.part_flops.get(p, 0.0) for p in PARTS}
         nbytes = {p: self.part_bytes.get(p, 0.0) for p in PARTS}
         flops[_ACTIVATION] += self.flops - sum(flops.values())
         nbytes[_ACTIVATION] += self.bytes - sum(nbytes.values())
-        flops[_CONV] -= self.grouped_flops + self.grouped_weight_grad_flops
+        flops[_CONV] -= self.grouped_flops + self.grouped_weight_grad_flops + self.matmul_flops
         out = {p: flops[p] / dense + nbytes[p] / device.bandwidth for p in PARTS}
         out[_CONV] += grouped + self.conv_calls * device.conv_overhead + (
             self.spatial_conv_calls * device.spatial_conv_overhead)
         if device.exp_rate:
             out[_WEIGHT] += self.exp_elements / device.exp_rate
+        out[_WEIGHT] += self.fresh_bytes * device.fresh_byte_cost
         out[_FIXED] = self.ops * device.op_overhead + device.call_overhead.get((self.kind, self.fused), 0.0)
         return out
 
@@ -222,15 +260,20 @@ class _Sizes:
         self.e_acc = torch.finfo(methods.compute_dtype(w.weight_dtype)).bits // 8
         self.conv = 2.0 * self.batch * self.pixels_out * self.c_out * self.c_group * self.kernel
         self.is_conv = len(w.weight_shape) > 2
+        # the layer's own op needs more than a 1x1 unstrided convolution's setup (a k x k kernel, or
+        # a stride: oneDNN's path on the CPU, where 1x1 unstrided convolutions are matmuls)
+        self.spatial = self.kernel > 1 or self.pixels_out != self.pixels_in
 
     def op(self, cost: Cost, flops: float, *elements: float, spatial: bool = False, call: bool = True) -> Cost:
         """An op of ``flops`` reading/writing tensors of ``elements`` elements in the op's dtype; on
-        a convolution layer, an op with FLOPs is a convolution (``spatial``: with the layer's k x k
-        kernel, not 1x1; ``call``: False for work done inside another op's call). An op without FLOPs
-        is an activation-sized elementwise pass."""
+        a convolution layer, an op with FLOPs is a convolution (``spatial``: with the layer's kernel
+        and stride, not a 1x1 projection; ``call``: False for work done inside another op's call).
+        An op without FLOPs is an activation-sized elementwise pass."""
         if flops and self.is_conv and call:
             cost.conv_calls += 1
-            cost.spatial_conv_calls += bool(spatial and self.kernel > 1)
+            cost.spatial_conv_calls += bool(spatial and self.spatial)
+        elif flops and not self.is_conv:
+            cost.matmul_flops += flops
         return cost.add(flops, self.e * sum(elements), ops=int(call), part=_CONV if flops else _ACTIVATION)
 
     def grouped_op(self, cost: Cost, flops: float, *elements: float, weight_grad: bool = False,
@@ -249,7 +292,9 @@ class _Sizes:
         return self.grouped_op(cost, self.conv, self.x, self.weight, self.y)
 
     def weight_grad_pass(self, cost: Cost, separate_call: bool = True) -> Cost:
-        """The layer's weight gradient (``separate_call`` False: computed in the input gradient's call)."""
+        """The layer's weight gradient (``separate_call`` False: computed in the input gradient's
+        call), in a fresh tensor (and, for a convolution, oneDNN's own reordered copy of it)."""
+        cost.fresh_bytes += (2 if self.is_conv else 1) * self.weight * self.e
         return self.grouped_op(cost, self.conv, self.x, self.weight, self.y, weight_grad=True, call=separate_call)
 
     @property
@@ -264,8 +309,9 @@ class _Sizes:
         """``W'`` (or ``W' - W``) built in the op's dtype: one fused pass, or the reference's
         delta, combine and cast passes in the compute dtype."""
         cost.exp_elements += self.weight if self._exp else 0.0
-        if self.w.fused:
+        if self.w.fused:  # into a reused scratch tensor on the CPU
             return cost.add(2.0 * self._rank * self.weight, self.weight * (self.e + self.e), part=_WEIGHT)
+        cost.fresh_bytes += self.weight * (2 * self.e_acc + self.e)  # the delta, W' and its cast, kept by autograd
         return cost.add(2.0 * self._rank * self.weight, self.weight * (5 * self.e_acc + self.e), ops=4, part=_WEIGHT)
 
     def project(self, cost: Cost) -> Cost:
@@ -274,6 +320,7 @@ class _Sizes:
         if self.w.fused:
             cost.exp_elements += self.weight if self._exp else 0.0
             return cost.add(4.0 * self._rank * self.weight, reads * self.weight * self.e, ops=2, part=_WEIGHT)
+        cost.fresh_bytes += 2 * self.weight * self.e_acc  # autograd's gradients of W' and of the delta
         return cost.add(4.0 * self._rank * self.weight, self.weight * (reads * self.e + 4 * self.e_acc), ops=6,
                         part=_WEIGHT)
 
@@ -591,8 +638,16 @@ _decide_on_cached = functools.lru_cache(maxsize=4096)(_decide_on)
 
 
 def device_model(device_type: str) -> DeviceModel:
-    """The constants of ``device_type`` (CUDA's for a device type without its own)."""
+    """The constants of ``device_type`` (CUDA's for a device type without its own); on the CPU those
+    of its vector width (AVX-512, else the AVX2 machine's)."""
+    if device_type == "cpu":
+        return DEVICES["cpu" if _cpu_capability() == "AVX512" else "cpu-avx2"]
     return DEVICES.get(device_type, DEVICES["cuda"])
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_capability() -> str:
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def frozen_seconds(w: Workload) -> float:
