@@ -386,3 +386,34 @@ def test_workspace_lends_one_buffer_per_shape_and_thread(monkeypatch):
         pass  # 24 + 20 + the (3, 4) pair's 96 bytes > 100: the least recently used go
     assert sum(t.nbytes for t in workspace._pool().values()) <= 100
     workspace.clear()
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED_BACKENDS])
+@pytest.mark.parametrize("form, channels", [("three", 96), ("three", 24), ("folded", 96)])
+def test_bypass_keeps_the_small_chain_activations_and_is_exact(backend, form, channels):
+    """A wide layer keeps u and z (its backward runs no op of the forward again), a narrower one u
+    alone (z recomputed), a folded chain z: against the float64 oracle each way."""
+    if backend != "reference":
+        fused_kernels(backend)
+    torch.manual_seed(3)
+    layer = randomize_adapter(lk.FLoRAConv2d(channels, channels, 3, padding=1, ranks=4, strategy="bypass"), 4, 0.1)
+    x = _input(layer, torch.float32, 5)
+    kept = []
+
+    def pack(t):
+        kept.append(tuple(t.shape))
+        return t
+
+    with chain_form(form), lk.use_backend(backend):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x.clone().requires_grad_())
+        grad_out = torch.randn_like(y)
+        got_y, got_g = _run(layer, x, backend, grad_out)
+    activation = (2, 4, 7, 7)  # u and z: 4 channels at the input's 7x7
+    want = {"three": 2 if channels == 96 else 1, "folded": 1}[form]
+    assert kept.count(activation) == want, kept
+    # against the oracle alone: the reference backend runs this same op, so it is no plain PyTorch
+    ref_y, ref_g = layer_oracle(layer, x, grad_out)
+    assert rel_err(got_y, ref_y) < 1e-5
+    for n, g, r in zip(["input"] + list(layer.adapter_state()), got_g, ref_g):
+        assert rel_err(g, r) < 1e-5, n

@@ -414,10 +414,15 @@ class _Chain:
         f_mid = 2.0 * s.batch * s.pixels_out * g * r1 * r2 * s.kernel
         return cls(False, f_in, f_mid, f_out, s.batch * g * r2 * s.pixels_in, z)
 
-    @property
-    def kept(self) -> float:
-        """Elements of what the forward keeps (u, or z when folded)."""
-        return self.z if self.folded else self.u
+    def kept(self, x: float) -> tuple:
+        """``(u kept, z kept)`` as tucker_chain.kept_for_backward decides for a chain input of ``x``
+        elements."""
+        from .tucker_chain import SAVE_FRACTION
+
+        budget = SAVE_FRACTION * x
+        if self.folded:
+            return False, self.z <= budget
+        return self.u <= budget, self.u + self.z <= budget
 
     def to_z(self, s: _Sizes, cost: Cost) -> Cost:
         """x -> z: P_in and op_K, or op_M."""
@@ -426,13 +431,19 @@ class _Chain:
         s.op(cost, self.f_in, s.x, self.u)
         return s.grouped_op(cost, self.f_mid, self.u, self.z)
 
-    def backward(self, s: _Sizes, cost: Cost, kept: bool, input_grad: bool, factor_grads: bool = True) -> Cost:
-        """The chain's backward from grad_y: z again (from u, or all of it), then per op one call for
-        its input and weight gradients (the first op's input gradient, into x, only if ``input_grad``)."""
-        if not kept:
-            self.to_z(s, cost)
-        elif not self.folded:
-            s.grouped_op(cost, self.f_mid, self.u, self.z)
+    def backward(self, s: _Sizes, cost: Cost, kept: tuple, input_grad: bool, factor_grads: bool = True) -> Cost:
+        """The chain's backward from grad_y: what was not ``kept`` (u, z) again, then per op one call
+        for its input and weight gradients (the first op's input gradient, into x, only if
+        ``input_grad``)."""
+        kept_u, kept_z = kept
+        if self.folded:
+            if not kept_z:
+                self.to_z(s, cost)
+        else:
+            if not kept_u:
+                s.op(cost, self.f_in, s.x, self.u)
+            if not kept_z:
+                s.grouped_op(cost, self.f_mid, self.u, self.z)
         both = 2 if factor_grads else 1
         s.op(cost, both * self.f_out, s.y, self.z, self.z)  # grad z, grad U_1
         first = self.f_in * (factor_grads + input_grad)
@@ -444,22 +455,21 @@ class _Chain:
         return cost
 
 
-def _chain_notes(chain: _Chain, kept: Optional[bool]) -> list:
+def _chain_notes(chain: _Chain, kept: Optional[tuple]) -> list:
     notes = ["P_in folded into op_K" if chain.folded else "three-op chain"]
     if kept is not None:
-        notes.append(("z" if chain.folded else "u") + (" kept" if kept else " recomputed"))
+        names = [n for n, k in zip(("u", "z"), kept) if k]
+        notes.append(" and ".join(names) + " kept" if names else "nothing kept")
     return notes
 
 
 def _tucker_bypass_form(w: Workload, folded: bool) -> Cost:
-    from .tucker_chain import SAVE_FRACTION
-
     s = _Sizes(w)
     chain = _Chain.of(s, w, folded)
     cost = s.conv_pass(Cost(notes=["op(x, W) + Tucker chain"], kind="tucker_bypass", fused=w.fused))
     chain.to_z(s, cost)
     s.op(cost, chain.f_out, chain.z, s.y, s.y)
-    kept = chain.kept <= SAVE_FRACTION * s.x
+    kept = chain.kept(s.x)
     if w.need_input or w.dropout:
         s.conv_pass(cost)
         dev = device_model(w.device_type)
@@ -498,7 +508,7 @@ def _tucker_hybrid_form(w: Workload, folded: bool) -> Cost:
     if w.need_input:
         s.conv_pass(s.transform(cost))
     if w.need_adapter:
-        chain.backward(s, cost, False, False)
+        chain.backward(s, cost, (False, False), False)
     if w.need_weight:
         s.weight_grad_pass(cost)
     cost.notes += _chain_notes(chain, None)
@@ -641,13 +651,11 @@ def device_model(device_type: str) -> DeviceModel:
     """The constants of ``device_type`` (CUDA's for a device type without its own); on the CPU those
     of its vector width (AVX-512, else the AVX2 machine's)."""
     if device_type == "cpu":
-        return DEVICES["cpu" if _cpu_capability() == "AVX512" else "cpu-avx2"]
+        return DEVICES["cpu" if _CPU_CAPABILITY == "AVX512" else "cpu-avx2"]
     return DEVICES.get(device_type, DEVICES["cuda"])
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_capability() -> str:
-    return torch.backends.cpu.get_cpu_capability()
+_CPU_CAPABILITY = torch.backends.cpu.get_cpu_capability()  # read once: torch.compile traces device_model
 
 
 def frozen_seconds(w: Workload) -> float:

@@ -7,9 +7,9 @@ materialised ``W'`` (exactly the frozen layer's op; ``input_grad_via_weight``) o
 plus the chain transposed, whichever the cost model finds cheaper; with adapter dropout the
 chain's input is the dropped ``x`` and receives the chain's part. The op takes the chain's factors
 and returns their gradients, the chain's weight gradients (ops on activations of r_1 or r_2
-channels). Saved for backward: ``x``, the factors and the chain's kept activation (``u``, or ``z``
-folded) when it has at most ``tucker_chain.SAVE_FRACTION`` of ``x``'s elements (recomputed
-otherwise); ``z`` is recomputed from ``u``.
+channels). Saved for backward: ``x``, the factors and, while they have together at most
+``tucker_chain.SAVE_FRACTION`` of ``x``'s elements, ``u`` and then ``z`` (recomputed otherwise: a
+narrow layer keeps u alone, a wide one both, so that its backward runs no op of the forward again).
 
 One op for every backend, ``lrtensor::tucker_bypass`` and its backward (:class:`ops.FusedOp`: a
 custom op under torch.compile, the same functions in a plain autograd.Function eagerly); the
@@ -30,17 +30,18 @@ from .call import AdaptedCall
 
 def forward(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], factors,
             geometry: tuple) -> tuple:
-    """``(y, kept)``: ``y = op(x, W, bias) + P_out(chain(x_chain))`` (``x_chain`` None: ``x``)."""
+    """``(y, u, z)``: ``y = op(x, W, bias) + P_out(z)``, ``(u, z)`` the chain's activations on
+    ``x_chain`` (None: ``x``; u None when folded)."""
     weights = chain.conv_weights(factors, geometry[3], weight.dim() - 2, x.dtype)
-    z, kept = chain.chain_to_z(x if x_chain is None else x_chain, weights, geometry)
+    u, z = chain.chain_to_z(x if x_chain is None else x_chain, weights, geometry)
     y = ops.base_op(x, weight.to(x.dtype), bias, *geometry)
     y += ops.base_op(z, weights[-1], None, *chain.pointwise(weight.dim() - 2), geometry[3])
-    return y, kept
+    return y, u, z
 
 
-def backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tensor, factors, kept: Optional[Tensor],
-             geometry: tuple, input_grad_via_weight: bool, impl: str, need_input: bool, need_chain_input: bool,
-             need_weight: bool, need_bias: bool, need_factors: bool) -> tuple:
+def backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tensor, factors, u: Optional[Tensor],
+             z: Optional[Tensor], geometry: tuple, input_grad_via_weight: bool, impl: str, need_input: bool,
+             need_chain_input: bool, need_weight: bool, need_bias: bool, need_factors: bool) -> tuple:
     """``(grad_x, grad_x_chain, grad_weight, grad_bias, factor_grads)``, None for what is not needed.
 
     The input gradient goes through ``W'`` (built from the factors, in a scratch tensor) when
@@ -55,7 +56,7 @@ def backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tenso
                                                  need_bias)
     grad_chain_x, grads = None, None
     if need_factors or chain_input_grad:
-        grad_chain_x, grads = chain.chain_backward(grad_y, chain_in, factors, kept, geometry, chain_input_grad,
+        grad_chain_x, grads = chain.chain_backward(grad_y, chain_in, factors, u, z, geometry, chain_input_grad,
                                                    need_factors)
     if x_chain is None:
         if grad_chain_x is not None:
@@ -69,11 +70,12 @@ def backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tenso
 
 def _tucker_bypass(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                    factors: list[Tensor], stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                   input_grad_via_weight: bool, impl: str) -> tuple[Tensor, Tensor]:
-    """``(y, kept)`` of :func:`forward`; ``kept`` is returned only for the backward to keep."""
+                   input_grad_via_weight: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, u, z)`` of :func:`forward` (u empty when folded); u and z are returned only for the
+    backward to keep."""
     with ops.autocast_off(x):
-        y, kept = forward(x, x_chain, weight, bias, factors, (stride, padding, dilation, groups))
-    return y, kept.contiguous()  # as the fake promises
+        y, u, z = forward(x, x_chain, weight, bias, factors, (stride, padding, dilation, groups))
+    return y, (x.new_empty(0) if u is None else u.contiguous()), z.contiguous()  # as the fake promises
 
 
 tucker_bypass_op = ops.FusedOp("tucker_bypass", _tucker_bypass, list_index=4)
@@ -81,20 +83,20 @@ tucker_bypass_op = ops.FusedOp("tucker_bypass", _tucker_bypass, list_index=4)
 
 @tucker_bypass_op.register_fake
 def _(x, x_chain, weight, bias, factors, stride, padding, dilation, groups, input_grad_via_weight, impl):
-    y, kept = forward(x, x_chain, weight, bias, factors, (stride, padding, dilation, groups))
-    return y, kept.contiguous()
+    y, u, z = forward(x, x_chain, weight, bias, factors, (stride, padding, dilation, groups))
+    return y, (x.new_empty(0) if u is None else u.contiguous()), z.contiguous()
 
 
 def _tucker_bypass_backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tensor,
-                            factors: list[Tensor], kept: Optional[Tensor], stride: list[int], padding: list[int],
-                            dilation: list[int], groups: int, input_grad_via_weight: bool, impl: str,
-                            need_input: bool, need_chain_input: bool, need_weight: bool, need_bias: bool,
+                            factors: list[Tensor], u: Optional[Tensor], z: Optional[Tensor], stride: list[int],
+                            padding: list[int], dilation: list[int], groups: int, input_grad_via_weight: bool,
+                            impl: str, need_input: bool, need_chain_input: bool, need_weight: bool, need_bias: bool,
                             need_factors: bool) -> list[Tensor]:
     """The gradients of ``tucker_bypass`` that are needed, in input order (also ``tucker_hybrid``'s:
     its backward is this one's, with no chain input and nothing kept)."""
     with ops.autocast_off(x):
         grad_x, grad_chain, grad_w, grad_b, grads = backward(
-            grad_y, x, x_chain, weight, factors, kept, (stride, padding, dilation, groups), input_grad_via_weight,
+            grad_y, x, x_chain, weight, factors, u, z, (stride, padding, dilation, groups), input_grad_via_weight,
             impl, need_input, need_chain_input, need_weight, need_bias, need_factors)
     return ops.gradients_as_promised([(grad_x, x), (grad_chain, x_chain), (grad_w, weight), (grad_b, grad_b),
                                       *zip(grads or [], factors)])
@@ -104,7 +106,7 @@ tucker_bypass_backward_op = ops.FusedOp("tucker_bypass_backward", _tucker_bypass
 
 
 @tucker_bypass_backward_op.register_fake
-def _(grad_y, x, x_chain, weight, factors, kept, stride, padding, dilation, groups, input_grad_via_weight, impl,
+def _(grad_y, x, x_chain, weight, factors, u, z, stride, padding, dilation, groups, input_grad_via_weight, impl,
       need_input, need_chain_input, need_weight, need_bias, need_factors):
     return ops.fake_gradients([(need_input, x), (need_chain_input, x_chain), (need_weight, weight),
                                (need_bias, grad_y.new_empty(weight.shape[0]))], factors, need_factors)
@@ -112,18 +114,19 @@ def _(grad_y, x, x_chain, weight, factors, kept, stride, padding, dilation, grou
 
 def _setup_context(ctx, inputs, output):
     x, x_chain, weight, bias, factors, *config = inputs
-    kept = output[1] if chain.keeps(output[1], x if x_chain is None else x_chain) else None
-    ctx.save_for_backward(x, x_chain, weight, kept, *factors)
+    _, u, z = output
+    u, z = chain.kept_for_backward(u if u.numel() else None, z, x if x_chain is None else x_chain)
+    ctx.save_for_backward(x, x_chain, weight, u, z, *factors)
     ctx.config = config  # stride, padding, dilation, groups, input_grad_via_weight, impl
 
 
-def _backward(ctx, grad_y, _grad_u):
-    x, x_chain, weight, kept, *factors = ctx.saved_tensors
+def _backward(ctx, grad_y, _grad_u, _grad_z):
+    x, x_chain, weight, u, z, *factors = ctx.saved_tensors
     need_x, need_chain, need_w, need_b, need_factors = ctx.needs_input_grad[:5]
     need_chain = need_chain and x_chain is not None
     need_factors = any(need_factors)
-    grads = iter(tucker_bypass_backward_op(grad_y, x, x_chain, weight, factors, kept, *ctx.config, need_x, need_chain,
-                                           need_w, need_b, need_factors))
+    grads = iter(tucker_bypass_backward_op(grad_y, x, x_chain, weight, factors, u, z, *ctx.config, need_x,
+                                           need_chain, need_w, need_b, need_factors))
     picked = [next(grads) if need else None for need in (need_x, need_chain, need_w, need_b)]
     grad_factors = list(grads) if need_factors else [None] * len(factors)
     return (*picked, grad_factors, *ops.no_grad_for_lists(ctx.config[:3]), None, None, None)
@@ -134,6 +137,6 @@ tucker_bypass_op.register_autograd(_backward, setup_context=_setup_context)
 
 def run(call: AdaptedCall, input_grad_via_weight: bool, folded: bool = False) -> Tensor:
     factors = chain.chain_factors(call.adapter, call.scale, call.x.dtype, folded)
-    y, _ = tucker_bypass_op(call.x, call.dropped_x, call.weight, call.bias, factors, list(call.stride),
-                            list(call.padding), list(call.dilation), call.groups, input_grad_via_weight, call.impl)
+    y, _, _ = tucker_bypass_op(call.x, call.dropped_x, call.weight, call.bias, factors, list(call.stride),
+                               list(call.padding), list(call.dilation), call.groups, input_grad_via_weight, call.impl)
     return y

@@ -31,8 +31,8 @@ from torch import Tensor
 from .. import methods, ops
 from ..kernels import workspace
 
-# the chain's kept activation (u, or z when folded) is saved for backward when it has at most this
-# fraction of the chain input's elements, else recomputed
+# the chain's activations u and z are saved for backward while they have at most this fraction of
+# the chain input's elements (u first, then z), else recomputed (kept_for_backward)
 SAVE_FRACTION = 0.25
 TUCKER_ADD = methods.AdapterMath("tucker", "add")
 LORA_ADD = methods.AdapterMath("lora", "add")
@@ -113,44 +113,47 @@ def pointwise(spatial_dims: int) -> tuple:
 
 
 def chain_to_z(x_chain: Tensor, weights: list, geometry: tuple) -> tuple:
-    """``(z, kept)``: ``z = op_K(P_in(x))`` (``kept = u``), or ``op_M(x)`` folded (``kept = z``)."""
+    """``(u, z)``: ``u = P_in(x)`` and ``z = op_K(u)``, or folded ``(None, op_M(x))``."""
     stride, padding, dilation, groups = geometry
     if len(weights) == 2:
-        z = ops.base_op(x_chain, weights[0], None, stride, padding, dilation, groups)
-        return z, z
+        return None, ops.base_op(x_chain, weights[0], None, stride, padding, dilation, groups)
     u = ops.base_op(x_chain, weights[0], None, *pointwise(weights[1].dim() - 2), groups)
-    return ops.base_op(u, weights[1], None, stride, padding, dilation, groups), u
+    return u, ops.base_op(u, weights[1], None, stride, padding, dilation, groups)
 
 
-def z_from_kept(kept: Tensor, weights: list, geometry: tuple) -> Tensor:
-    """``z`` from what :func:`chain_to_z` kept (u: one op; z itself when folded)."""
-    stride, padding, dilation, groups = geometry
-    return kept if len(weights) == 2 else ops.base_op(kept, weights[1], None, stride, padding, dilation, groups)
+def kept_for_backward(u: Optional[Tensor], z: Tensor, x_chain: Tensor) -> tuple:
+    """``(u, z)`` as saved for backward (None: recomputed): u when it has at most SAVE_FRACTION of
+    the chain input's elements, z too when u and z together have (folded: z alone)."""
+    budget = SAVE_FRACTION * x_chain.numel()
+    if u is None:
+        return None, (z if z.numel() <= budget else None)
+    if u.numel() > budget:
+        return None, None
+    return u, (z if u.numel() + z.numel() <= budget else None)
 
 
-def keeps(kept: Tensor, x_chain: Tensor) -> bool:
-    """Whether the kept activation is small enough to save for backward."""
-    return kept.numel() <= SAVE_FRACTION * x_chain.numel()
-
-
-def chain_backward(grad_y: Tensor, x_chain: Tensor, factors, kept: Optional[Tensor], geometry: tuple,
-                   need_chain_input: bool, need_factors: bool) -> tuple:
+def chain_backward(grad_y: Tensor, x_chain: Tensor, factors, u: Optional[Tensor], z: Optional[Tensor],
+                   geometry: tuple, need_chain_input: bool, need_factors: bool) -> tuple:
     """``(grad_x_chain, factor_grads)`` of ``P_out(chain(x_chain))`` (None for what is not needed);
-    ``kept``: what :func:`chain_to_z` kept, or None (recomputed)."""
+    ``u``, ``z``: what the forward kept (None: recomputed)."""
     stride, padding, dilation, groups = geometry
     weights = conv_weights(factors, groups, x_chain.dim() - 2 if x_chain.dim() > 2 else 0, x_chain.dtype)
-    if kept is None:
-        z, kept = chain_to_z(x_chain, weights, geometry)
-    else:
-        z = z_from_kept(kept, weights, geometry)
+    folded = len(weights) == 2
     spatial = pointwise(weights[-1].dim() - 2)
+    if folded and z is None:
+        z = ops.base_op(x_chain, weights[0], None, stride, padding, dilation, groups)
+    if not folded:
+        if u is None:
+            u = ops.base_op(x_chain, weights[0], None, *spatial, groups)
+        if z is None:
+            z = ops.base_op(u, weights[1], None, stride, padding, dilation, groups)
     grad_z, grad_w_out, _ = ops.op_backward(grad_y, z, weights[-1], *spatial, groups, True, need_factors)
-    if len(weights) == 2:
+    if folded:
         grad_x, grad_w_m, _ = ops.op_backward(grad_z, x_chain, weights[0], stride, padding, dilation, groups,
                                               need_chain_input, need_factors)
         weight_grads = [grad_w_m, grad_w_out]
     else:
-        grad_u, grad_w_mid, _ = ops.op_backward(grad_z, kept, weights[1], stride, padding, dilation, groups, True,
+        grad_u, grad_w_mid, _ = ops.op_backward(grad_z, u, weights[1], stride, padding, dilation, groups, True,
                                                 need_factors)
         grad_x, grad_w_in, _ = ops.op_backward(grad_u, x_chain, weights[0], *spatial, groups, need_chain_input,
                                                need_factors)

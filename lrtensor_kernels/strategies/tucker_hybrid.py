@@ -54,9 +54,9 @@ def _backward(ctx, grad_y):
     need_x, need_w, need_b, need_factors = ctx.needs_input_grad[:4]
     need_factors = any(need_factors)
     stride, padding, dilation, groups, impl = ctx.config
-    grads = iter(tucker_bypass.tucker_bypass_backward_op(grad_y, x, None, weight, factors, None, stride, padding,
-                                                         dilation, groups, True, impl, need_x, False, need_w, need_b,
-                                                         need_factors))
+    grads = iter(tucker_bypass.tucker_bypass_backward_op(grad_y, x, None, weight, factors, None, None, stride,
+                                                         padding, dilation, groups, True, impl, need_x, False, need_w,
+                                                         need_b, need_factors))
     picked = [next(grads) if need else None for need in (need_x, need_w, need_b)]
     grad_factors = list(grads) if need_factors else [None] * len(factors)
     return (*picked, grad_factors, *ops.no_grad_for_lists(ctx.config[:3]), None, None)
