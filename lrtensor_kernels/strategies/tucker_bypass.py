@@ -49,10 +49,13 @@ def backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tenso
     chain_in = x if x_chain is None else x_chain
     via_weight = input_grad_via_weight and x_chain is None
     chain_input_grad = need_chain_input if x_chain is not None else need_input and not via_weight
-    with chain.borrowed_weight(weight, x.dtype) as scratch:
-        base_weight = chain.effective_weight(weight, factors, impl, x.dtype, scratch) if need_input and via_weight \
-            else weight.to(x.dtype)
-        grad_x, grad_w, grad_b = ops.op_backward(grad_y, x, base_weight, *geometry, need_input, need_weight,
+    if need_input and via_weight:
+        with chain.borrowed_weight(weight, x.dtype) as scratch:
+            grad_x, grad_w, grad_b = ops.op_backward(grad_y, x, chain.effective_weight(weight, factors, impl, x.dtype,
+                                                                                       scratch),
+                                                     *geometry, need_input, need_weight, need_bias)
+    else:
+        grad_x, grad_w, grad_b = ops.op_backward(grad_y, x, weight.to(x.dtype), *geometry, need_input, need_weight,
                                                  need_bias)
     grad_chain_x, grads = None, None
     if need_factors or chain_input_grad:
