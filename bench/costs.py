@@ -35,7 +35,7 @@ COST_SHAPES = [
     ("1x1_1024-256_14", lambda: nn.Conv2d(1024, 256, 1, bias=False), (8, 1024, 14, 14)),
     ("linear_1024-2816_t512", lambda: nn.Linear(1024, 2816), (512, 1024)),
 ]
-METHODS = ("flora", "liera", "ssl", "ssb")
+METHODS = ("flora", "lora", "liera", "ssl", "ssb")
 
 
 def frozen_layer(make) -> nn.Module:
@@ -82,8 +82,8 @@ def full_fine_tuning(base: nn.Module) -> nn.Module:
 def table(backend: str = "reference") -> str:
     lines = [f"One training step, backend {backend!r}, float32; FLOPs / bytes kept for backward, ratios to the "
              "frozen layer; strategy: auto.", "",
-             "| layer (input) | full fine-tuning | FLoRA | LieRA | SSL | SSB | FLoRA merged | FLoRA hybrid |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| layer (input) | full fine-tuning | FLoRA | LoRA | LieRA | SSL | SSB | FLoRA merged | FLoRA hybrid |",
+             "|---|---|---|---|---|---|---|---|---|"]
     with lk.use_backend(backend):
         for name, make, shape in COST_SHAPES:
             base, x = frozen_layer(make), torch.randn(shape)

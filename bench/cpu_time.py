@@ -186,11 +186,8 @@ def what_runs(provider: Provider, x: torch.Tensor) -> tuple:
     def observe(call, decision):
         seen.append((cost.Workload.of(call), decision))
 
-    strategies._observers.append(observe)
-    try:
+    with strategies.observing(observe):
         provider.forward(x)
-    finally:
-        strategies._observers.remove(observe)
     return seen[0]
 
 

@@ -20,11 +20,11 @@ for stage in $stages; do
       done ;;
     layers-conv)
       python3 -m bench.run --verify --dtype bfloat16 --shapes resnet50,convnext,sd15 \
-        --providers frozen,full_ft,peft,reference,triton,native --strategies auto,merged,bypass \
+        --providers frozen,full_ft,torch_lora,peft_lora,lycoris,reference,triton,native --strategies auto,merged,bypass \
         --out "$out/layers_conv.json" 2>&1 | tee "$out/layers_conv.log" ;;
     layers-linear)
       python3 -m bench.run --verify --dtype bfloat16 --shapes linear \
-        --providers frozen,full_ft,peft,reference,triton,native --strategies auto,merged,bypass \
+        --providers frozen,full_ft,torch_lora,peft_lora,lycoris,reference,triton,native --strategies auto,merged,bypass \
         --out "$out/layers_linear.json" 2>&1 | tee "$out/layers_linear.log" ;;
     layers-compiled)  # torch.compile rows compile anew per row: auto only, one shape per family
       python3 -m bench.run --verify --dtype bfloat16 --quick --providers compiled --strategies auto \

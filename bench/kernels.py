@@ -44,6 +44,7 @@ WEIGHTS = {  # name: weight shape (out, in, *kernel)
 }
 METHODS = {  # name: math key of lrtensor_kernels.methods
     "flora": "tucker:add",
+    "lora": "lora:add",
     "liera_exp": "lora:exp",
     "liera_first_order": "lora:first_order",
     "ssb": "scales:mul",

@@ -30,7 +30,7 @@ import lrtensor_kernels as lk
 from lrtensor_kernels import ops
 
 F64 = torch.float64
-METHODS = {"flora": {}, "liera": {"mode": "exp"}, "ssl": {}, "ssb": {}}
+METHODS = {"flora": {}, "lora": {}, "liera": {"mode": "exp"}, "ssl": {}, "ssb": {}}
 UPDATE_SIZE = 1e-3
 _BASE_OP = ops.base_op
 

@@ -1,15 +1,18 @@
-"""Result rows and their outputs: the printed table, the JSON file, the Markdown table and the ratio plot."""
+"""Result rows and their outputs: the printed per-row lines, the JSON file and the Markdown report
+(the summary of :mod:`bench.summary` first, then every row, one table per method)."""
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
+
+from bench import suite, summary
 
 TABLE_COLUMNS = (("shape", 34, "<"), ("provider", 28, "<"), ("strategy", 10, "<"), ("ms fwd", 9, ">"),
                  ("ms bwd", 9, ">"),
-                 ("ms fwd+bwd", 10, ">"), ("x frozen", 8, ">"), ("saved MiB", 9, ">"), ("peak MiB", 9, ">"),
+                 ("ms fwd+bwd", 10, ">"), ("x frozen", 8, ">"), ("kept MiB", 9, ">"), ("peak MiB", 9, ">"),
                  ("note", 0, "<"))
 
 
@@ -25,7 +28,7 @@ class Row:
     ms: dict = field(default_factory=dict)  # fwd, bwd, fwd_bwd medians
     ratio_to_frozen: dict = field(default_factory=dict)
     memory_mib: Optional[dict] = None  # peak, step_extra (CUDA only)
-    saved_mib: Optional[float] = None  # kept from forward for backward, beyond input and parameters
+    kept_mib: Optional[dict] = None  # kept from forward for backward: bench.timing.KeptBytes in MiB, and its total
     trainable_params: int = 0
     samples_ms: dict = field(default_factory=dict)  # every timed run, per phase
     traceback: str = ""
@@ -51,24 +54,28 @@ def _ms(value: Optional[float]) -> str:
 
 def format_row(row: Row) -> str:
     if row.status != "ok":
-        memory = saved = "-"
+        memory = kept = "-"
     else:
         memory = "n/a" if row.memory_mib is None else f"{row.memory_mib['peak']:.1f}"
-        saved = "-" if row.saved_mib is None else f"{row.saved_mib:.2f}"
+        kept = "-" if row.kept_mib is None else f"{row.kept_mib['total']:.2f}"
     ratio = row.ratio_to_frozen.get("fwd_bwd")
     note = row.note if row.status == "ok" else f"{row.status}: {row.note}"
     cells = (row.shape, row.provider, row.strategy or "-", _ms(row.ms.get("fwd")), _ms(row.ms.get("bwd")),
              _ms(row.ms.get("fwd_bwd")),
-             "-" if ratio is None else f"{ratio:.2f}", saved, memory, note)
+             "-" if ratio is None else f"{ratio:.2f}", kept, memory, note)
     return " ".join(_cell(text, width, align) for text, (_, width, align) in zip(cells, TABLE_COLUMNS)).rstrip()
 
 
-def write_json(path: Path, meta: dict, shapes: list, rows: list, checks: list) -> None:
-    """Everything measured so far, in one file (rewritten after every shape). Non-finite numbers
-    (an infinite relative error, say) are written as the strings "inf", "-inf" and "nan"."""
+def write_json(path: Path, meta: dict, shapes: list, rows: list, checks: list,
+               summary_data: Optional[dict] = None) -> None:
+    """Everything measured so far, in one file (rewritten after every shape; ``summary`` added at
+    the end). Non-finite numbers (an infinite relative error, say) are written as the strings
+    "inf", "-inf" and "nan"."""
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {"meta": meta, "shapes": shapes, "results": [asdict(r) for r in rows],
                 "verify": [asdict(c) for c in checks]}
+    if summary_data is not None:
+        document["summary"] = summary_data
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(_finite(document), indent=1, allow_nan=False))
     tmp.replace(path)
@@ -84,65 +91,115 @@ def _finite(value):
     return value
 
 
-def markdown_table(rows: list, meta: dict) -> str:
-    """fwd+bwd medians as a Markdown table, one line per shape, one column per provider:
-    ``ms (ratio to frozen)``; a failed or skipped cell shows its status."""
-    providers = list(dict.fromkeys(r.provider for r in rows))
+def format_table(header: Sequence[str], body: Sequence[Sequence[str]], markdown: bool = False) -> str:
+    """A table as Markdown or as aligned text (first column left, the others right)."""
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *body)]
+
+    def line(cells):
+        return "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(cells) for cells in body])
+
+
+def run_description_lines(meta: dict) -> tuple:
+    """(device, threads, dtype, torch and runs; the shapes measured)."""
+    device = f"{meta['mode'].upper()} ({meta['device']}"
+    device += f", {meta['cpu_threads']} thread{'s' if meta['cpu_threads'] != 1 else ''})" if meta["mode"] == "cpu" else ")"
+    return (f"{device}, {meta['dtype']}, torch {meta['torch']}; median of {meta['repeats']} runs after "
+            f"{meta['warmup']} warm-up runs.", f"Shapes: {meta['shape_scaling']}.")
+
+
+def run_description(meta: dict) -> str:
+    return " ".join(run_description_lines(meta))
+
+
+def _ratio_cell(row: Optional[Row], show_strategy: bool) -> str:
+    if row is None:
+        return ""
+    if row.status != "ok":
+        return row.status
+    ratio = row.ratio_to_frozen.get("fwd_bwd")
+    chosen = f" [{row.strategy}]" if show_strategy and row.strategy else ""
+    return ("-" if ratio is None else f"{ratio:.2f}") + chosen
+
+
+def _chooses_strategy(provider: str) -> bool:
+    """Whether the strategy a provider's rows ran is news: not for a forced ``<method>_<route>:<strategy>``."""
+    parts = suite.adapter_provider_parts(provider)
+    return parts is None or parts[2] == "auto"
+
+
+def per_shape_tables(rows: list, groups: dict) -> list:
+    """One Markdown table per group (``title -> providers``): a line per shape, the frozen layer's
+    fwd+bwd ms, then each provider's fwd+bwd time over the frozen layer's (``[strategy]`` where
+    the provider did not force one)."""
     cells = {(r.shape, r.provider): r for r in rows}
-    lines = [f"{meta['mode']} mode, {meta['device']}, {meta['dtype']}, torch {meta['torch']}, "
-             f"median of {meta['repeats']} runs after {meta['warmup']} warm-up runs; shapes: {meta['shape_scaling']}.",
-             "Cells: fwd+bwd ms (ratio to frozen) [strategy auto chose]; `<provider>:<strategy>` forces one.", "",
-             "| shape | " + " | ".join(providers) + " |", "|---" * (len(providers) + 1) + "|"]
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    tables = []
+    for title, providers in groups.items():
+        body = []
+        for shape in shapes:
+            frozen = cells.get((shape, "frozen"))
+            frozen_ms = f"{frozen.ms['fwd_bwd']:.3f}" if frozen is not None and frozen.status == "ok" else "-"
+            body.append((shape, frozen_ms, *(_ratio_cell(cells.get((shape, p)), _chooses_strategy(p)) for p in providers)))
+        tables.append(f"### {title}\n\n" + format_table(("shape", "frozen ms", *providers), body, markdown=True))
+    return tables
+
+
+def kept_table(rows: list, providers: list) -> str:
+    """Bytes kept for backward over the frozen layer's, a line per shape (the frozen layer's MiB first)."""
+    cells = {(r.shape, r.provider): r for r in rows if r.status == "ok" and r.kept_mib}
+    body = []
     for shape in dict.fromkeys(r.shape for r in rows):
-        line = []
+        frozen = cells.get((shape, "frozen"))
+        line = [shape, "-" if frozen is None else f"{frozen.kept_mib['total']:.3f}"]
         for provider in providers:
             row = cells.get((shape, provider))
-            if row is None:
-                line.append("")
-            elif row.status != "ok":
-                line.append(row.status)
-            else:
-                ratio = row.ratio_to_frozen.get("fwd_bwd")
-                chosen = f" [{row.strategy}]" if row.strategy and ":" not in provider else ""
-                line.append(f"{row.ms['fwd_bwd']:.3f}" + ("" if ratio is None else f" ({ratio:.2f}x)") + chosen)
-        lines.append(f"| {shape} | " + " | ".join(line) + " |")
-    return "\n".join(lines) + "\n"
+            line.append("" if row is None or frozen is None else f"{row.kept_mib['total'] / frozen.kept_mib['total']:.2f}")
+        body.append(line)
+    return format_table(("shape", "frozen MiB", *providers), body, markdown=True)
 
 
-def plot_ratios(rows: list, path: Path, title: str) -> Optional[Path]:
-    """fwd+bwd time / frozen per shape, one marker series per provider, log scale. Returns the PNG
-    path, or None (with a note printed) when matplotlib is missing or nothing was measured."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed; the ratio plot is skipped (pip install matplotlib)")
-        return None
-    shapes = list(dict.fromkeys(r.shape for r in rows))
-    series = {}
-    for r in rows:
-        ratio = r.ratio_to_frozen.get("fwd_bwd")
-        if ratio is not None and r.provider != "frozen":
-            series.setdefault(r.provider, {})[r.shape] = ratio
-    if not series:
-        print("note: no ratios to plot")
-        return None
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * len(shapes) + 3), 6))
-    markers = "osD^v<>phX*"
-    for i, (provider, by_shape) in enumerate(series.items()):
-        xs = [shapes.index(s) for s in by_shape]
-        ax.plot(xs, list(by_shape.values()), linestyle="none", marker=markers[i % len(markers)], label=provider)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(shapes)))
-    ax.set_xticklabels(shapes, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("fwd+bwd time / frozen (same shape)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def summary_text(rows: list, lora: Optional[str], markdown: bool) -> str:
+    """The summary and strategy tables of :mod:`bench.summary` with what they show."""
+    measured = summary.Rows(rows)
+    parts = [summary.explanation(measured, lora), format_table(*summary.summary_table(measured, lora), markdown)]
+    header, body = summary.strategy_table(measured)
+    if body:
+        parts += ["Per strategy: x frozen under auto and under each strategy forced; `auto / best forced`: auto's "
+                  "time over the fastest forced strategy's on each shape (1.00 = auto always chose the fastest).",
+                  format_table(header, body, markdown)]
+    return "\n\n".join(parts)
+
+
+def _verify_text(checks: list) -> str:
+    counts = {s: sum(c.status == s for c in checks) for s in ("ok", "MISMATCH", "error", "skipped")}
+    lines = [", ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(checks)} checks."]
+    lines += [f"- `{c.shape}` `{c.provider}`: {c.status} {c.note}".rstrip() for c in checks if c.status != "ok"]
+    return "\n".join(lines)
+
+
+def markdown_report(rows: list, meta: dict, checks: list, lora: Optional[str]) -> str:
+    """The run as a Markdown document: the summary, then every row (one table per method), bytes
+    kept, and the verify pass."""
+    groups = summary.provider_groups(list(dict.fromkeys(r.provider for r in rows)))
+    auto_providers = [p for members in groups.values() for p in members if ":" not in p]
+    parts = [f"# One training step of one layer: {meta['mode'].upper()} run", run_description(meta),
+             "## Summary", summary_text(rows, lora, markdown=True),
+             "## Every shape: fwd+bwd time / frozen (lower is better)",
+             "`[strategy]`: the strategy the layer ran under `auto`; `<provider>:<strategy>` forces one. "
+             "`frozen ms`: the frozen layer's median fwd+bwd time.",
+             *per_shape_tables(rows, groups),
+             "## Every shape: bytes kept for backward / frozen (under auto)", kept_table(rows, auto_providers)]
+    if checks:
+        parts += ["## Verify: every provider against its oracle", _verify_text(checks)]
+    return "\n\n".join(parts) + "\n"
+
+
+def summary_markdown(rows: list, meta: dict, lora: Optional[str]) -> str:
+    """The summary alone, as the file written beside the JSON."""
+    return "\n\n".join([f"# Summary of a {meta['mode'].upper()} run", run_description(meta),
+                         summary_text(rows, lora, markdown=True)]) + "\n"

@@ -20,6 +20,7 @@ import time
 import traceback
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,7 +28,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 import lrtensor_kernels as lk
-from bench import report, suite, timing, verify
+from lrtensor_kernels.backend import native_available
+from bench import external, plot, report, suite, summary, timing, verify
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_OUT = BENCH_DIR / "out" / "results.json"
@@ -56,7 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="CPU mode: torch threads (default 1: steadier "
                         "timings than OpenMP threads competing with other processes)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON file; the plot goes next to it (.png)")
-    parser.add_argument("--no-plot", action="store_true", help="do not draw the ratio plot")
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    parser.add_argument("--rows", action="store_true", help="print every row and every check as it is measured "
+                        "(default: one line per shape; every row is in the JSON and Markdown files either way)")
+    parser.add_argument("--lora-baseline", metavar="PROVIDER", help="the provider the summary's x LoRA column "
+                        f"divides by (default: the first of {', '.join(suite.LORA_BASELINES)} that ran on every shape)")
     parser.add_argument("--list", action="store_true", help="list the selected shapes and providers, then exit")
     args = parser.parse_args(argv)
     unknown = set(_patterns(args.strategies) or ()) - set(lk.STRATEGIES)
@@ -178,7 +184,7 @@ def measure(shape: suite.Shape, name: str, setup, ctx: suite.Context, inputs: tu
         times = timing.time_step(step, timing.clock_for(ctx.device), warmup, repeats)
         row.ms, row.samples_ms = times.medians(), asdict(times)
         row.memory_mib = timing.peak_memory_mib(step, ctx.device)
-        row.saved_mib = timing.saved_for_backward_mib(step)
+        row.kept_mib = timing.kept_for_backward(step).mib()
         row.trainable_params = sum(t.numel() for t in prepared.trainable)
     except suite.ProviderUnavailable as exc:
         row.status, row.note = "skipped", str(exc)
@@ -225,39 +231,81 @@ def verify_plan(shapes: list, providers: dict, device: torch.device) -> list:
     return plan
 
 
-def run_verify(shapes: list, providers: dict, ctx: suite.Context) -> list:
-    print("\n== verify: every provider against its oracle (relative errors) ==")
+def _progress(index: int, count: int, shape: suite.Shape) -> str:
+    return f"[{index:>{len(str(count))}}/{count}] {shape.name} ({shape.describe()})"
+
+
+def run_verify(shapes: list, providers: dict, ctx: suite.Context, every_check: bool) -> list:
+    """Every provider against its oracle on every shape: one line per shape (a line per check with
+    ``every_check``; a check that is not ok always gets its line)."""
+    print("\n== verify: every provider against its oracle (relative errors of output and gradients) ==")
     checks = []
-    for shape, shape_providers in verify_plan(shapes, providers, ctx.device):
+    plan = verify_plan(shapes, providers, ctx.device)
+    for index, (shape, shape_providers) in enumerate(plan, 1):
         inputs = suite.make_inputs(shape, ctx)
-        for name, setup in shape_providers.items():
-            checks.append(check(shape, name, setup, ctx, inputs))
-            print(verify.format_check(checks[-1]), flush=True)
-    mismatches = sum(c.status == "MISMATCH" for c in checks)
+        shape_checks = [check(shape, name, setup, ctx, inputs) for name, setup in shape_providers.items()]
+        checks += shape_checks
+        counts = {s: sum(c.status == s for c in shape_checks) for s in ("ok", "MISMATCH", "error", "skipped")}
+        print(f"{_progress(index, len(plan), shape)}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n),
+              flush=True)
+        for c in shape_checks:
+            if every_check or c.status in ("MISMATCH", "error"):
+                print("    " + verify.format_check(c), flush=True)
+    mismatches, skipped = (sum(c.status == s for c in checks) for s in ("MISMATCH", "skipped"))
     print(f"verify: {sum(c.status == 'ok' for c in checks)} ok, {mismatches} mismatches, "
-          f"{sum(c.status == 'error' for c in checks)} errors, {sum(c.status == 'skipped' for c in checks)} skipped")
+          f"{sum(c.status == 'error' for c in checks)} errors, {skipped} skipped"
+          + (" (the provider cannot run that layer; why: the JSON and the Markdown file)" if skipped else ""))
     return checks
 
 
-def run_timing(shapes: list, providers: dict, ctx: suite.Context, warmup: int, repeats: int, save) -> list:
-    """Every provider on every shape, one row each, printed as it is measured; ``save(rows)`` after each shape."""
+def run_timing(shapes: list, providers: dict, ctx: suite.Context, warmup: int, repeats: int, save,
+               every_row: bool) -> list:
+    """Every provider on every shape, one row each; prints one line per shape (every row with
+    ``every_row``; a row that failed always gets its line); ``save(rows)`` after each shape."""
     print(f"\n== timing: median of {repeats} runs after {warmup} warm-up runs ==")
-    print(report.table_header())
+    if every_row:
+        print(report.table_header())
     rows = []
-    for shape in shapes:
-        print(f"# {shape.name}: {shape.describe()}", flush=True)
+    for index, shape in enumerate(shapes, 1):
+        started = time.perf_counter()
         inputs = suite.make_inputs(shape, ctx)
-        floor = None
+        floor, shape_rows = None, []
         for name, setup in providers.items():
             row = measure(shape, name, setup, ctx, inputs, warmup, repeats)
             floor = row if name == suite.FLOOR else floor
             row.set_ratios(floor)
-            rows.append(row)
-            print(report.format_row(row), flush=True)
+            shape_rows.append(row)
+            if every_row:
+                print(report.format_row(row), flush=True)
+        rows += shape_rows
         inputs = None
         release_memory(ctx.device)
         save(rows)
+        if not every_row:
+            frozen = f"frozen {floor.ms['fwd_bwd']:.3f} ms" if floor is not None and floor.status == "ok" else "frozen -"
+            counts = {s: sum(r.status == s for r in shape_rows) for s in ("ok", "error", "skipped")}
+            print(f"{_progress(index, len(shapes), shape)}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+                  + f"; {frozen}; {time.perf_counter() - started:.1f} s", flush=True)
+            for row in shape_rows:
+                if row.status == "error":
+                    print("    " + report.format_row(row), flush=True)
     return rows
+
+
+def prepare_native(providers: dict) -> Optional[dict]:
+    """Loads (on first use: builds) the native library before anything is timed, when a native
+    provider is selected: ``{"s": seconds it took, "available": bool, "reason": why not}``, None
+    when no native provider runs."""
+    if not any("_native" in name for name in providers):
+        return None
+    started = time.perf_counter()
+    available = native_available()
+    state = {"s": round(time.perf_counter() - started, 1), "available": available}
+    if not available:
+        from lrtensor_kernels.kernels import native_build
+
+        state["reason"] = native_build.unavailable_reason()
+    return state
 
 
 def main(argv=None) -> int:
@@ -271,8 +319,9 @@ def main(argv=None) -> int:
     ctx = suite.Context(device, DTYPES[args.dtype])
     full_shapes = suite.select_shapes(_patterns(args.shapes), args.quick)
     shapes = full_shapes if device.type == "cuda" else [suite.scaled_for_cpu(s) for s in full_shapes]
-    providers = suite.select_providers(suite.providers_for(device, tuple(_patterns(args.strategies) or ())),
-                                       _patterns(args.providers))
+    providers = suite.select_providers(
+        suite.providers_for(device, tuple(_patterns(args.strategies) or ()), external.providers()),
+        _patterns(args.providers))
     warmup, repeats = RUNS[device.type][args.quick]
     warmup = warmup if args.warmup is None else args.warmup
     repeats = repeats if args.repeats is None else args.repeats
@@ -284,40 +333,94 @@ def main(argv=None) -> int:
     if not shapes:
         print("no shape matches --shapes")
         return 2
+    if args.lora_baseline is not None and args.lora_baseline not in providers:
+        print(f"--lora-baseline {args.lora_baseline}: not among the selected providers ({', '.join(providers)})")
+        return 2
+    if external.missing():
+        print(f"not installed, not measured: {', '.join(external.missing())} (the real PEFT and LyCORIS layers; "
+              f'pip install -e ".[{external.EXTRA}]")')
+    print(f"{len(shapes)} shapes x {len(providers)} providers; every row: the JSON and Markdown files "
+          "(--rows prints them as they are measured)", flush=True)
 
     meta = environment(device, args, warmup, repeats)
+    meta["native_library"] = prepare_native(providers)
+    external.import_packages(providers)
+    # Every row frees its layer with gc.collect(); the objects alive now (torch, the imported
+    # packages: hundreds of thousands) stay, and walking them took ~0.2 s a collection, most of a
+    # small row's time. Frozen, they are not walked; unfrozen again at the end.
+    gc.freeze()
+    try:
+        return measure_all(args, ctx, full_shapes, shapes, providers, warmup, repeats, meta, started)
+    finally:
+        gc.unfreeze()
+
+
+def measure_all(args, ctx, full_shapes, shapes, providers, warmup, repeats, meta, started) -> int:
+    """The verify pass and the timing of ``main``, then :func:`finish`."""
     shape_records = [{"name": s.name, "full_size": asdict(f), "measured": asdict(s), "description": s.describe()}
                      for f, s in zip(full_shapes, shapes)]
     checks, rows = [], []
 
-    def save(current_rows):
+    def save(current_rows, summary_data=None):
         meta["wall_s"] = round(time.perf_counter() - started, 1)
-        report.write_json(args.out, meta, shape_records, current_rows, checks)
+        report.write_json(args.out, meta, shape_records, current_rows, checks, summary_data)
 
     if args.verify or args.verify_only:
-        checks = run_verify(shapes, providers, ctx)
+        phase = time.perf_counter()
+        checks = run_verify(shapes, providers, ctx, args.rows)
+        meta["verify_s"] = round(time.perf_counter() - phase, 1)
         save(rows)
     if not args.verify_only:
-        rows = run_timing(shapes, providers, ctx, warmup, repeats, save)
-    save(rows)
-    return finish(args, device, meta, rows, checks, started)
+        phase = time.perf_counter()
+        rows = run_timing(shapes, providers, ctx, warmup, repeats, save, args.rows)
+        meta["timing_s"] = round(time.perf_counter() - phase, 1)
+    meta["load_average_at_end"] = round(os.getloadavg()[0], 2)
+    return finish(args, meta, rows, checks, save)
 
 
-def finish(args, device: torch.device, meta: dict, rows: list, checks: list, started: float) -> int:
-    """Markdown table, plot, summary lines and the exit status."""
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def time_note(meta: dict) -> str:
+    """How long the run took and what that depended on."""
+    parts = [f"{_duration(meta['wall_s'])} in all"]
+    parts += [f"{name} {_duration(meta[key])}" for name, key in (("verify", "verify_s"), ("timing", "timing_s"))
+              if meta.get(key) is not None]
+    native = meta.get("native_library")
+    if native is not None and native["available"]:
+        parts.append(f"native library ready in {native['s']:.0f} s (a first build takes half a minute to minutes, "
+                     "then it is cached)")
+    elif native is not None:
+        parts.append(f"native library unavailable ({native['reason']}; its rows are skipped)")
+    load = (f"load average {meta['load_average_at_start']:.1f} at the start, {meta['load_average_at_end']:.1f} at "
+            f"the end, on {os.cpu_count()} cores")
+    return (f"time: {'; '.join(parts)}; {load}. It depends on the cores and what else runs on them, the threads "
+            "(--threads), the shapes and providers selected, --warmup/--repeats and the native build.")
+
+
+def finish(args, meta: dict, rows: list, checks: list, save) -> int:
+    """The summary (printed and written beside the JSON), the Markdown report, the plot, the exit status."""
+    lora = summary.lora_baseline(summary.Rows(rows), args.lora_baseline) if rows else None
+    outputs = [args.out]
     if rows:
+        print("\n== summary ==")
+        print(report.summary_text(rows, lora, markdown=False))
+        save(rows, summary.as_dict(summary.Rows(rows), lora))
+        summary_path = args.out.with_name(args.out.stem + "_summary.md")
+        summary_path.write_text(report.summary_markdown(rows, meta, lora))
         markdown = args.out.with_suffix(".md")
-        markdown.write_text(report.markdown_table(rows, meta))
-        print(f"markdown table: {markdown}")
-    if rows and not args.no_plot:
-        mode = "CUDA, full-size shapes" if device.type == "cuda" else "CPU, scaled-down shapes"
-        plot = report.plot_ratios(rows, args.out.with_suffix(".png"), f"fwd+bwd time relative to frozen ({mode})")
-        if plot:
-            print(f"plot: {plot}")
+        markdown.write_text(report.markdown_report(rows, meta, checks, lora))
+        outputs += [summary_path, markdown]
+        if not args.no_plot:
+            drawn = plot.plot_run(rows, args.out.with_suffix(".png"), meta, lora)
+            outputs += [drawn] if drawn else []
+    else:
+        save(rows)
     counts = {status: sum(r.status == status for r in rows) for status in ("ok", "error", "skipped")}
     measured = "timing skipped (--verify-only)" if args.verify_only else (
         f"{counts['ok']} rows measured, {counts['error']} errors, {counts['skipped']} skipped")
-    print(f"\n{measured}; results: {args.out}; {time.perf_counter() - started:.0f} s")
+    print(f"\n{measured}.\nfiles: {', '.join(map(str, outputs))}\n{time_note(meta)}")
     if any(c.status == "MISMATCH" for c in checks):
         print("verify found a mismatch")
         return 1

@@ -165,11 +165,16 @@ def select_shapes(patterns: Optional[list], quick: bool) -> list:
 # providers
 # ---------------------------------------------------------------------------------------------
 
-METHODS = ("flora", "liera", "ssl", "ssb")
-LORA_RANK = 8  # the rank of the LoRA baseline and of LieRA's lora delta
-LORA_ALPHA = 8.0
+METHODS = ("flora", "lora", "liera", "ssl", "ssb")
+LORA_RANK = 8  # the rank of the LoRA baselines, of the "lora" method and of LieRA's lora delta
+LORA_ALPHA = 8.0  # LieRA's
+# the LoRA baselines' alpha: scaling alpha / r = 2, so that an implementation that drops or
+# misplaces its scaling differs from the oracles, which apply LORA_BASELINE_SCALING themselves
+LORA_BASELINE_ALPHA = 16.0
+LORA_BASELINE_SCALING = LORA_BASELINE_ALPHA / LORA_RANK
 METHOD_OPTIONS = {
     "flora": {},  # package defaults: conv ranks (16, 16, 2, 2), scale 4; linear ranks (8, 8), scale 2
+    "lora": {"rank": LORA_RANK, "alpha": LORA_BASELINE_ALPHA},  # this package's LoRA at the baselines' scaling
     "liera": {"rank": LORA_RANK, "alpha": LORA_ALPHA, "mode": "exp", "delta": "lora"},
     "ssl": {},
     "ssb": {},
@@ -210,7 +215,7 @@ class Prepared:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int):
+def seeded(seed: int):
     """Runs the block with the CPU generator seeded with ``seed``, then restores its state (CUDA untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
@@ -227,7 +232,7 @@ def make_inputs(shape: Shape, ctx: Context) -> tuple:
 
 def base_module(shape: Shape, ctx: Context) -> nn.Module:
     """The plain nn layer of ``shape``, initialised from ``ctx.seed`` (the same weights for every provider)."""
-    with _seeded(ctx.seed):
+    with seeded(ctx.seed):
         if shape.kind == "linear":
             module = nn.Linear(shape.in_features, shape.out_features, bias=shape.bias)
         else:
@@ -284,6 +289,29 @@ def setup_full_ft(shape: Shape, ctx: Context) -> Prepared:
                     functional_forward(shape, lambda: layer.weight, layer.bias), "functional op")
 
 
+def lora_delta_forward(shape: Shape, down: Tensor, up: Tensor, scaling: float):
+    """``x -> op(x, scaling * up @ down)``: a LoRA update folded into one kernel, for the oracles.
+
+    ``down`` is ``(r, c_in / g, k, k)`` (conv) or ``(r, in)`` (linear), ``up`` is ``(out, r, 1, 1)`` or
+    ``(out, r)``; the kernel is ``(out, c_in / g, k, k)``, applied with the shape's stride and padding
+    and ``g = in_features / down.shape[1]`` groups (1 for a dense ``down``, also on a depthwise base)."""
+    stride, padding, dilation, _ = shape.geometry()
+    groups = shape.in_features // down.shape[1]
+
+    def forward(x: Tensor) -> Tensor:
+        kernel = (scaling * (up.flatten(1) @ down.flatten(1))).reshape(up.shape[0], *down.shape[1:])
+        return base_op(x, kernel.to(x.dtype), None, stride, padding, dilation, groups)
+
+    return forward
+
+
+def lora_oracle(shape: Shape, base: nn.Module, down: Tensor, up: Tensor, scaling: float):
+    """``x -> op(x, W) + op(x, scaling * up @ down)`` from the base layer's and the adapter's tensors."""
+    frozen = functional_forward(shape, lambda: base.weight, base.bias)
+    delta = lora_delta_forward(shape, down, up, scaling)
+    return lambda x: frozen(x) + delta(x)
+
+
 class PlainLoRA(nn.Module):
     """LoRA in plain PyTorch, built as PEFT builds it: ``base(x) + scaling * B(A(x))``, ``scaling = alpha / r``.
 
@@ -312,28 +340,20 @@ class PlainLoRA(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
 
-    def merged_forward(self, x: Tensor) -> Tensor:
-        """The same function with ``scaling * B @ A`` folded into one dense kernel: base op plus delta op."""
-        base = self.base
-        delta = self.scaling * (self.lora_B.weight.flatten(1) @ self.lora_A.weight.flatten(1))
-        delta = delta.reshape(base.weight.shape[0], -1, *base.weight.shape[2:])
-        if isinstance(base, nn.Linear):
-            return base_op(x, base.weight, base.bias, [], [], [], 1) + base_op(x, delta, None, [], [], [], 1)
-        frozen = base_op(x, base.weight, base.bias, base.stride, base.padding, base.dilation, base.groups)
-        return frozen + base_op(x, delta, None, base.stride, base.padding, base.dilation, 1)
 
-
-def setup_peft_lora(shape: Shape, ctx: Context) -> Prepared:
-    """The LoRA baseline (:class:`PlainLoRA`, rank LORA_RANK) with randomised A and B."""
-    with _seeded(ctx.seed + 3):
-        lora = PlainLoRA(base_module(shape, ctx), LORA_RANK, LORA_ALPHA)
-    return Prepared(lora, perturb(lora.adapter_parameters(), ctx), lora.merged_forward, "merged LoRA weight")
+def setup_torch_lora(shape: Shape, ctx: Context) -> Prepared:
+    """The plain-PyTorch LoRA (:class:`PlainLoRA`, rank LORA_RANK, alpha LORA_BASELINE_ALPHA), A and B randomised."""
+    with seeded(ctx.seed + 3):
+        lora = PlainLoRA(base_module(shape, ctx), LORA_RANK, LORA_BASELINE_ALPHA)
+    oracle = lora_oracle(shape, lora.base, lora.lora_A.weight, lora.lora_B.weight, LORA_BASELINE_SCALING)
+    return Prepared(lora, perturb(lora.adapter_parameters(), ctx), oracle, "base op + merged LoRA kernel",
+                    strategy_of=lambda x: "bypass")
 
 
 def adapter_layer(shape: Shape, ctx: Context, method: str, strategy: str = "auto") -> lk.AdapterLayer:
     """The lrtensor_kernels layer of ``method`` around the frozen base layer, adapter tensors randomised."""
     base = freeze(base_module(shape, ctx))
-    with _seeded(ctx.seed + 3):
+    with seeded(ctx.seed + 3):
         layer = LAYERS[method][type(base)].from_module(base, strategy=strategy, **METHOD_OPTIONS[method])
     perturb(layer.adapter_parameters(), ctx)
     return layer
@@ -397,11 +417,18 @@ def setup_native(shape: Shape, ctx: Context, method: str, strategy: str = "auto"
                     f"{method}_reference", strategy_of=strategy_of(layer, "native"))
 
 
-BASELINE_PROVIDERS = {"frozen": setup_frozen, "full_ft": setup_full_ft, "peft_lora": setup_peft_lora}
+BASELINE_PROVIDERS = {"frozen": setup_frozen, "full_ft": setup_full_ft, "torch_lora": setup_torch_lora}
+BASELINE_DESCRIPTIONS = {"frozen": ("frozen layer", "torch"), "full_ft": ("full fine-tuning", "torch"),
+                         "torch_lora": ("LoRA", "plain PyTorch")}  # (what it is, what runs it)
 ADAPTER_ROUTES = {"reference": setup_reference, "native": setup_native, "triton": setup_triton,
                   "compiled": setup_compiled}
 CPU_ROUTES = ("reference", "native")
 FLOOR = "frozen"
+FULL_FINE_TUNING = "full_ft"
+# The LoRA baseline of the summary's "x LoRA" column, in order of preference: the first of these that
+# was measured in the run serves (real PEFT where installed, else the plain-PyTorch LoRA).
+# `python -m bench.run --lora-baseline NAME` names another provider for one run.
+LORA_BASELINES = ("peft_lora", "torch_lora")
 
 
 def method_strategies(method: str) -> tuple:
@@ -415,12 +442,24 @@ def provider_name(method: str, route: str, strategy: str) -> str:
     return f"{method}_{route}" if strategy == "auto" else f"{method}_{route}:{strategy}"
 
 
-def providers_for(device: torch.device, strategies: tuple = lk.STRATEGIES) -> dict:
-    """Provider name -> setup function, in table order: the baselines, then every method on every
-    route this device runs (CPU: reference, native; CUDA: reference, native, triton, compiled), under
-    each of ``strategies`` that can run it."""
+def adapter_provider_parts(name: str) -> Optional[tuple]:
+    """``(method, route, strategy)`` of a ``<method>_<route>[:<strategy>]`` provider (strategy "auto"
+    when none is forced); None for the baselines and the external providers."""
+    head, _, strategy = name.partition(":")
+    method, _, route = head.rpartition("_")
+    if method in METHODS and route in ADAPTER_ROUTES:
+        return method, route, strategy or "auto"
+    return None
+
+
+def providers_for(device: torch.device, strategies: tuple = lk.STRATEGIES, extra_baselines: Optional[dict] = None
+                  ) -> dict:
+    """Provider name -> setup function, in table order: the baselines and ``extra_baselines`` (the
+    real PEFT and LyCORIS layers of :mod:`bench.external`), then every method on every route this
+    device runs (CPU: reference, native; CUDA: reference, native, triton, compiled), under each of
+    ``strategies`` that can run it."""
     routes = ADAPTER_ROUTES if device.type == "cuda" else {r: ADAPTER_ROUTES[r] for r in CPU_ROUTES}
-    providers = dict(BASELINE_PROVIDERS)
+    providers = {**BASELINE_PROVIDERS, **(extra_baselines or {})}
     for method in METHODS:
         for route, setup in routes.items():
             for strategy in method_strategies(method):

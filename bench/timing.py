@@ -11,6 +11,7 @@ the CPU it is ``time.perf_counter`` (wall time, the ops being synchronous there)
 """
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 @dataclass
@@ -142,20 +146,78 @@ def median_ms(fn: Callable[[], object], clock, warmup: int, repeats: int) -> flo
     return statistics.median(clock.elapsed_ms(s, e) for s, e in marks)
 
 
-def saved_for_backward_mib(step: Step) -> float:
-    """MiB that autograd keeps from the forward for the backward, on any device: the distinct
-    storages packed by ``saved_tensors_hooks``, less the input and parameters (which live anyway).
-    This is the activation memory a layer adds to a training step; a weight-sized W' kept for
-    backward shows up here."""
-    storages = {}
+@dataclass
+class KeptBytes:
+    """What one forward of a step leaves alive for its backward, in bytes.
+
+    ``saved``: the distinct storages autograd packs for the backward (``saved_tensors_hooks`` sees
+    every tensor a built-in op or an ``autograd.Function`` saves with ``save_for_backward``), the
+    input and the weights included; ``saved_beyond_inputs``: the part of it the forward allocated
+    (not the input, the weights or any other tensor that lives anyway); ``held``: storages the
+    forward allocated that are still alive after it although autograd did not pack them (kept on a
+    Function's ``ctx``, in a cache), the output excluded. ``total = saved + held``."""
+
+    saved: int
+    saved_beyond_inputs: int
+    held: int
+
+    @property
+    def total(self) -> int:
+        return self.saved + self.held
+
+    def mib(self) -> dict:
+        """Every figure and the total, in MiB (the JSON's ``kept_mib``)."""
+        return {"saved": self.saved / 2 ** 20, "saved_beyond_inputs": self.saved_beyond_inputs / 2 ** 20,
+                "held": self.held / 2 ** 20, "total": self.total / 2 ** 20}
+
+
+class _AllocationTracker(TorchDispatchMode):
+    """Weak references to the storages that ops allocate while it is active: an op output whose
+    storage is none of the op's tensor arguments' (views and ``out=`` writes allocate nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.allocated = {}  # storage address -> (weak reference, bytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        arguments = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in arguments and storage.nbytes():
+                    self.allocated[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        return out
+
+    def alive(self) -> dict:
+        """Address -> bytes of the allocated storages still alive."""
+        return {ptr: nbytes for ptr, (ref, nbytes) in self.allocated.items() if not ref.expired()}
+
+
+def kept_for_backward(step: Step) -> KeptBytes:
+    """What one forward of ``step`` keeps for the backward (see :class:`KeptBytes`), on any device."""
+    saved = {}
 
     def pack(t: Tensor):
-        if not isinstance(t, torch.nn.Parameter) and t.untyped_storage().data_ptr() != step.x.untyped_storage().data_ptr():
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     step.clear_grads()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    tracker = _AllocationTracker()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tracker:
         y = step.forward(step.x)
+    gc.collect()
+    alive = tracker.alive()
+    output = y.untyped_storage().data_ptr()
     del y
-    return sum(storages.values()) / 2 ** 20
+    return KeptBytes(saved=sum(saved.values()), saved_beyond_inputs=sum(n for ptr, n in saved.items() if ptr in alive),
+                     held=sum(n for ptr, n in alive.items() if ptr not in saved and ptr != output))
+
+
+
+
+def saved_for_backward_mib(step: Step) -> float:
+    """MiB that autograd keeps from the forward for the backward beyond the input and the weights
+    (which live anyway): :attr:`KeptBytes.saved_beyond_inputs`. The activation memory a layer adds
+    to a training step; a weight-sized W' kept for backward shows up here."""
+    return kept_for_backward(step).saved_beyond_inputs / 2 ** 20

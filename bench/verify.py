@@ -5,7 +5,8 @@ A provider's oracle computes the same function from the same tensors by another 
 - ``<method>_native``, ``<method>_triton`` and ``<method>_compiled``: the same layer on backend
   "reference";
 - ``<method>_reference``: ``F.conv2d`` / ``F.linear`` on the layer's ``effective_weight()``;
-- ``peft_lora``: the base op plus one op with the merged kernel ``scaling * B @ A``;
+- the LoRA baselines (``torch_lora``, ``peft_lora``, ``lycoris_locon[:bypass]``): the base op plus one
+  op with the kernel ``scaling * up @ down``, the scaling the bench asked for (not the layer's own);
 - ``frozen`` and ``full_ft``: ``F.conv2d`` / ``F.linear`` on the layer's own weight.
 
 Compared: the output, the input gradient and the gradient of every trainable tensor, as relative
@@ -89,7 +90,7 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def format_check(check: Check) -> str:
-    head = f"{check.shape:<34} {check.provider:<17}"
+    head = f"{check.shape:<34} {check.provider:<22}"
     if check.status in ("error", "skipped"):
         return f"{head} {check.status}: {check.note}"
     return (f"{head} out {_fmt(check.output):>8}  grad_in {_fmt(check.grad_input):>8}  "

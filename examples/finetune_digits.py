@@ -25,7 +25,9 @@ CPU, PyTorch's allocations are not tracked the way ``torch.cuda.max_memory_alloc
 them, and the process's peak RSS mixes everything the process ever did.
 
 Run from the repository root: ``python3 examples/finetune_digits.py`` (``--seeds 2 --epochs 10``
-for a quick look). Writes ``examples/results/finetune_digits.{json,md,png}``.
+for a quick look). Writes ``examples/out/finetune_digits.{json,md,png}`` (ignored by git; ``--out
+PREFIX`` for another place); ``--update-results`` writes the committed copy in ``examples/results/``
+instead, which is otherwise left as it is.
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ import lrtensor_kernels as lk  # noqa: E402
 from bench.suite import PlainLoRA  # noqa: E402
 from bench.timing import Step, saved_for_backward_mib  # noqa: E402
 
-OUT = ROOT / "examples" / "results" / "finetune_digits"
+OUT = ROOT / "examples" / "out" / "finetune_digits"  # ignored by git
+COMMITTED_RESULTS = ROOT / "examples" / "results" / "finetune_digits"  # what the README shows; --update-results
 TARGETS = ["conv1", "conv2", "fc"]  # what LoRA and the tensor adapters adapt; "head" is new and trains in full
 LORA_RANK = 4
 LR = 3e-3
@@ -244,13 +247,22 @@ def plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options; ``out`` is the path prefix of the outputs (``--update-results``: the committed copy)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--timing-rounds", type=int, default=200, help="interleaved rounds for the step times")
-    parser.add_argument("--out", type=Path, default=OUT, help="path prefix of the .json/.md/.png outputs")
-    args = parser.parse_args(argv)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=OUT,
+                       help=f"path prefix of the .json/.md/.png outputs (default: {OUT.relative_to(ROOT)}, ignored by git)")
+    where.add_argument("--update-results", dest="out", action="store_const", const=COMMITTED_RESULTS,
+                       help=f"write the committed results ({COMMITTED_RESULTS.relative_to(ROOT)}.*) instead")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(1)
     lk.set_backend("reference")
 

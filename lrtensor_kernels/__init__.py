@@ -1,4 +1,4 @@
-"""lrtensor_kernels: low-rank tensor adapters (FLoRA, LieRA, SSL, SSB) for Conv1d/2d/3d and Linear.
+"""lrtensor_kernels: low-rank tensor adapters (FLoRA, LoRA, LieRA, SSL, SSB) for Conv1d/2d/3d and Linear.
 
 Quick use::
 
@@ -18,6 +18,7 @@ from .errors import (
     AdapterInputError,
     AdapterTypeError,
     NonFiniteError,
+    OversizedAdapterWarning,
     SharedWeightError,
 )
 from .layers import (
@@ -30,6 +31,10 @@ from .layers import (
     LieRAConv2d,
     LieRAConv3d,
     LieRALinear,
+    LoRAConv1d,
+    LoRAConv2d,
+    LoRAConv3d,
+    LoRALinear,
     SSBConv1d,
     SSBConv2d,
     SSBConv3d,
@@ -41,21 +46,27 @@ from .layers import (
 )
 from .methods import AdapterMath, effective_weight, tucker_product
 from .official import load_official_flora, load_official_liera
-from .regularizers import mpc_loss
+from .lycoris import load_locon
+from .regularizers import mpc_loss, tucker_orthogonality_loss
 from .serialization import load_adapters, save_adapters
 from .strategies import STRATEGIES
 from .plan import Plan, plan
 from .surgery import adapter_layers, inject, merge, unload, unmerge
+from .named_adapters import delete_adapter, disable_adapters, set_adapter
+from .summary import TrainableSummary, trainable_summary
 from .diagnostics import detect_nonfinite, is_detect_nonfinite_enabled, set_detect_nonfinite
 
 __all__ = [
     "__version__", "BACKENDS", "get_backend", "set_backend", "use_backend", "AdapterLayer",
     "FLoRAConv1d", "FLoRAConv2d", "FLoRAConv3d", "FLoRALinear",
-    "LieRAConv1d", "LieRAConv2d", "LieRAConv3d", "LieRALinear",
+    "LieRAConv1d", "LieRAConv2d", "LieRAConv3d", "LieRALinear", "LoRAConv1d", "LoRAConv2d", "LoRAConv3d", "LoRALinear",
     "SSLConv1d", "SSLConv2d", "SSLConv3d", "SSLLinear", "SSBConv1d", "SSBConv2d", "SSBConv3d", "SSBLinear",
-    "AdapterMath", "effective_weight", "tucker_product", "mpc_loss", "save_adapters", "load_adapters",
+    "AdapterMath", "effective_weight", "tucker_product", "mpc_loss", "tucker_orthogonality_loss", "save_adapters",
+    "load_adapters",
     "adapter_layers", "inject", "merge", "unmerge", "unload", "STRATEGIES", "Plan", "plan",
     "AdapterError", "AdapterConfigError", "AdapterTypeError", "AdapterInputError", "AdapterFileError",
-    "NonFiniteError", "SharedWeightError", "detect_nonfinite", "set_detect_nonfinite", "is_detect_nonfinite_enabled",
+    "NonFiniteError", "OversizedAdapterWarning", "SharedWeightError", "detect_nonfinite", "set_detect_nonfinite",
+    "is_detect_nonfinite_enabled",
     "BudgetPlan", "lora_parameter_count", "ranks_for_budget", "load_official_flora", "load_official_liera",
+    "load_locon", "set_adapter", "delete_adapter", "disable_adapters", "TrainableSummary", "trainable_summary",
 ]

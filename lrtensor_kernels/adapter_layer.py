@@ -7,21 +7,59 @@ adapter tensors of one method. Its forward is ``op(x, W')`` with ``W' = combine(
 delta)`` as :mod:`lrtensor_kernels.methods` defines it; the strategy and the backend in force
 decide how that is computed (:mod:`lrtensor_kernels.strategies`, :mod:`lrtensor_kernels.backend`),
 the layer does not.
+
+A layer may hold several named adapters of its method, one of them active
+(:mod:`lrtensor_kernels.held_adapters`).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import inspect
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import methods, ops, strategies, validation
-from .errors import AdapterConfigError, AdapterInputError, AdapterTypeError
+from . import methods, ops, strategies, suggestions, validation
+from .errors import AdapterConfigError, AdapterInputError, AdapterTypeError, OversizedAdapterWarning
+from .held_adapters import DEFAULT_ADAPTER, HeldAdapters, StoredAdapter  # noqa: F401 (re-exported)
 
 AdaptableBase = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # the state dict key of a merged layer's base weight (its ``weight`` key then holds W')
 BASE_WEIGHT_KEY = "base_weight"
+# PEFT's LoRA keywords every layer answers the same way (a method adds its own: ``peft_keywords``)
+PEFT_KEYWORDS = {
+    "lora_dropout": "here: dropout",
+    "modules_to_save": "here: inject(..., trainable_modules=...)",
+    "bias": "no equivalent here: base biases stay frozen (set requires_grad on them, or name their modules in "
+            "trainable_modules)",
+    "use_rslora": "no equivalent here (the scale is set directly)",
+    "use_dora": "no equivalent here",
+    "init_lora_weights": "no equivalent here (adapters start at W' = W)",
+    "fan_in_fan_out": "no equivalent here (weights are read in PyTorch's layout)",
+}
+# where oversized adapters are reported: None, warn at once; a list, collect (inject warns once for all)
+_oversized = contextvars.ContextVar("lrtensor_oversized_adapters", default=None)
+
+
+@contextlib.contextmanager
+def oversized_adapters_collected():
+    """Within the block, layers whose adapters outsize their weights are collected, not warned of
+    one by one: the block yields the list of ``(layer, adapter numbers, weight numbers)``."""
+    found = []
+    token = _oversized.set(found)
+    try:
+        yield found
+    finally:
+        _oversized.reset(token)
+
+
+def oversized_description(layer, adapter: int, weight: int) -> str:
+    config = ", ".join(f"{k}={v}" for k, v in layer.adapter_config().items() if k in ("rank", "ranks"))
+    return f"{layer._label()} ({config or 'no rank'}): {adapter} adapter numbers for {weight} weights"
 
 
 class GradInParameterLayout(torch.autograd.Function):
@@ -50,7 +88,7 @@ class GradInParameterLayout(torch.autograd.Function):
         return tuple(ops.in_layout(g, shape, stride) for g, (shape, stride) in zip(grads, ctx.layouts))
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(HeldAdapters, nn.Module):
     """What every adapter layer shares: forward dispatch, input checks, merge/unmerge, naming.
 
     ``weight`` and ``bias`` are frozen (``requires_grad=False``) however the layer is built; a user
@@ -66,16 +104,59 @@ class AdapterLayer(nn.Module):
 
     adapter_method: str = ""
     adapter_param_names: tuple = ()
-    adapter_name: Optional[str] = None
+    adapter_name: Optional[str] = None  # the layer's dotted name in its model (error messages)
 
     # -- construction ------------------------------------------------------------------
+    peft_keywords: dict = {}  # PEFT's keyword -> this method's (see PEFT_KEYWORDS)
+
+    @classmethod
+    def _check_keywords(cls, kwargs: dict) -> None:
+        """Refuses keywords that neither the nn class nor the method takes, naming this method's
+        keyword for each of PEFT's LoRA keywords and the closest names for the others."""
+        taken = set(inspect.signature(cls._nn_base().__init__).parameters) - {"self"}
+        unknown = [k for k in kwargs if k not in taken]
+        if not unknown:
+            return
+        own = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+               if p.kind == p.KEYWORD_ONLY]
+        hints = []
+        for key in unknown:
+            ours = {**PEFT_KEYWORDS, **cls.peft_keywords}.get(key)
+            if ours is not None:
+                hints.append(f"unexpected keyword argument '{key}' (PEFT's name; {ours})")
+            else:
+                hints.append(f"unexpected keyword argument '{key}'"
+                             + suggestions.closest_phrase(key, own + sorted(taken)))
+        raise AdapterTypeError(f"{cls.__name__}: " + "; ".join(hints) + f". Its keywords: {', '.join(own)} and "
+                               f"nn.{cls._nn_base().__name__}'s")
+
     def _init_adapter(self, device, dropout: float, strategy: str, **config):
         self.dropout = validation.probability(dropout, "dropout", self._label())
         self._merged_base: Optional[torch.Tensor] = None
+        self.active_adapter = DEFAULT_ADAPTER
+        self._held = [DEFAULT_ADAPTER]  # every adapter's name, in the order they were added
         self._configure(**config)
         self.strategy = strategy
         self._freeze_base()
-        self._create_adapter(device)
+        self._create_adapter("meta")  # its size first, allocating nothing
+        self._report_if_oversized()
+        if device is None or torch.device(device).type != "meta":
+            self._create_adapter(device)
+
+    def _report_if_oversized(self) -> None:
+        """An adapter that trains more numbers than its weight holds (training the layer in full
+        would train fewer) is reported: OversizedAdapterWarning, or collected (see
+        :func:`oversized_adapters_collected`)."""
+        adapter, weight = sum(p.numel() for p in self.adapter_parameters()), self.weight.numel()
+        if adapter <= weight:
+            return
+        collected = _oversized.get()
+        if collected is not None:
+            collected.append((self, adapter, weight))
+            return
+        warnings.warn(f"{oversized_description(self, adapter, weight)}: the adapter trains more numbers than the "
+                      "layer's weight holds; a lower rank, or training the layer in full, trains fewer",
+                      OversizedAdapterWarning, stacklevel=4)
 
     def _freeze_base(self):
         for p in (self.weight, self.bias):
@@ -95,8 +176,10 @@ class AdapterLayer(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # a conversion to a 16-bit (or narrower) float leaves the adapter tensors (and their
-        # gradients) in float32, converted once from the originals
-        keep = {id(t) for p in self.adapter_parameters() for t in (p, p.grad) if t is not None}
+        # gradients) in float32, converted once from the originals; inactive adapters' too
+        stored = self._stored()
+        params = self.adapter_parameters() + [p for a in stored.values() for p in a.parameters()]
+        keep = {id(t) for p in params for t in (p, p.grad) if t is not None}
 
         def keep_adapters_wide(t):
             out = fn(t)
@@ -122,17 +205,34 @@ class AdapterLayer(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module, **adapter_kwargs) -> "AdapterLayer":
         """An adapter layer around ``module``'s own weight and bias (shared, not copied; frozen)."""
+        layer = cls.sized_for(module, **adapter_kwargs)
+        layer.take_module(module)
+        return layer
+
+    @classmethod
+    def sized_for(cls, module: nn.Module, **adapter_kwargs) -> "AdapterLayer":
+        """The layer ``from_module`` builds, still on the meta device: its configuration checked and
+        an adapter larger than the weight reported, nothing allocated (see :meth:`take_module`)."""
         base = cls._nn_base()
         if not isinstance(module, base) or isinstance(module, AdapterLayer):
             raise AdapterTypeError(f"{cls.__name__}.from_module expects a plain {base.__name__}, "
                                    f"got {type(module).__name__}")
-        layer = cls(**cls._base_kwargs(module), device="meta", dtype=module.weight.dtype, **adapter_kwargs)
-        layer.weight = module.weight
-        layer.bias = module.bias
-        layer._freeze_base()
-        layer._create_adapter(module.weight.device)
-        layer.train(module.training)
-        return layer
+        geometry = cls._base_kwargs(module)
+        given = [k for k in adapter_kwargs if k in geometry or k in ("device", "dtype")]
+        if given:
+            peft = "; PEFT's bias='none'|'all'|'lora_only' has " + PEFT_KEYWORDS["bias"] if "bias" in given else ""
+            raise AdapterTypeError(f"{cls.__name__}.from_module: {', '.join(repr(k) for k in given)} given, which "
+                                   f"come from the module (its geometry, bias, device and dtype){peft}")
+        return cls(**geometry, device="meta", dtype=module.weight.dtype, **adapter_kwargs)
+
+    def take_module(self, module: nn.Module) -> None:
+        """Holds ``module``'s weight and bias (shared, frozen) and creates the adapter tensors on
+        their device; ``module`` is the one this layer was sized for."""
+        self.weight = module.weight
+        self.bias = module.bias
+        self._freeze_base()
+        self._create_adapter(module.weight.device)
+        self.train(module.training)
 
     @classmethod
     def _nn_base(cls) -> type:
@@ -156,7 +256,9 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def adapter_state(self) -> dict:
-        """The adapter tensors by name, as ``save_adapters`` writes them."""
+        """The active adapter's tensors by name, as ``save_adapters`` writes them ({} when none is active)."""
+        if self.active_adapter is None:
+            return {}
         return {name: t for name, t in self.named_parameters() if name.split(".")[0] in self.adapter_param_names}
 
     def adapter_parameters(self):
@@ -164,7 +266,11 @@ class AdapterLayer(nn.Module):
 
     def _adapter_inputs(self) -> list:
         """``adapter_tensors()`` as the forward hands them to a backend: the same values, with
-        gradients that come back in each parameter's own layout (see ``GradInParameterLayout``)."""
+        gradients that come back in each parameter's own layout (see ``GradInParameterLayout``);
+        as they are under a torch.func transform or forward-mode AD, whose gradients are no
+        parameter's ``.grad``."""
+        if not torch.compiler.is_compiling() and ops.transformed():
+            return list(self.adapter_tensors())
         return list(GradInParameterLayout.apply(*self.adapter_tensors()))
 
     # -- names and errors ------------------------------------------------------------------
@@ -180,10 +286,16 @@ class AdapterLayer(nn.Module):
     def merged(self) -> bool:
         return self._merged_base is not None
 
+    def base_weight(self) -> torch.Tensor:
+        """The frozen base weight ``W`` (the weight itself, or what a merge kept of it)."""
+        return self._merged_base if self.merged else self.weight
+
     def effective_weight(self) -> torch.Tensor:
-        """``W'`` computed by the reference math, differentiable w.r.t. the adapter tensors."""
-        base = self._merged_base if self.merged else self.weight
-        return methods.effective_weight(base, self.adapter_tensors(), self.adapter_math, self.scale)
+        """``W'`` computed by the reference math, differentiable w.r.t. the adapter tensors (a copy of
+        ``W`` when no adapter is active)."""
+        if self.active_adapter is None:
+            return self.base_weight().clone()
+        return methods.effective_weight(self.base_weight(), self.adapter_tensors(), self.adapter_math, self.scale)
 
     def _is_linear(self) -> bool:
         return isinstance(self, nn.Linear)
@@ -217,8 +329,18 @@ class AdapterLayer(nn.Module):
             return F.pad(x, pads), [0] * n
         return x, list(self.padding)
 
+    _adapters_disabled = False  # set by named_adapters.disable_adapters
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain layer's op on the base weight ``W``, exactly as the nn class computes it."""
+        if self._is_linear():
+            return F.linear(x, self.base_weight(), self.bias)
+        return self._conv_forward(x, self.base_weight(), self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self._adapters_disabled or self.active_adapter is None:
+            return self.base_forward(x)
         if self.merged:
             return super().forward(x)
         dropped = F.dropout(x, self.dropout, True) if self.dropout > 0 and self.training else None
@@ -272,11 +394,14 @@ class AdapterLayer(nn.Module):
         self._merged_base = None
 
     def to_plain(self, merge: bool = True) -> nn.Module:
-        """A plain nn layer holding ``W'`` (``merge``; a new Parameter, refused if non-finite) or the
-        base weight (this layer's own Parameter when unmerged), and this layer's bias."""
+        """A plain nn layer holding ``W'`` (``merge``; a new Parameter, refused if non-finite; a merged
+        layer's the ``W'`` it holds, which a weighted merge made from several adapters) or the base
+        weight (this layer's own Parameter when unmerged), and this layer's bias."""
         base = self._nn_base()
         plain = base(**self._base_kwargs(self), device="meta", dtype=self.weight.dtype)
-        if merge or self.merged:
+        if merge and self.merged:
+            plain.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=self.weight.requires_grad)
+        elif merge or self.merged:
             weight = self.checked_effective_weight("unload(merge=True)") if merge else self._merged_base
             plain.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
         else:
@@ -323,6 +448,11 @@ class AdapterLayer(nn.Module):
                 self._set_merged(merged if assign else torch.empty_like(self.weight).copy_(merged))
 
     def extra_repr(self) -> str:
-        cfg = ", ".join(f"{k}={v}" for k, v in self.adapter_config().items())
+        if self.active_adapter is None:
+            adapter = f"{self.adapter_method}(no active adapter)"
+        else:
+            adapter = f"{self.adapter_method}(" + ", ".join(f"{k}={v}" for k, v in self.adapter_config().items()) + ")"
+        if self.held_adapters() != [DEFAULT_ADAPTER]:
+            adapter += f", active_adapter={self.active_adapter!r} of {self.held_adapters()}"
         merged = ", merged" if self.merged else ""
-        return f"{super().extra_repr()}, {self.adapter_method}({cfg}), strategy={self.strategy}{merged}"
+        return f"{super().extra_repr()}, {adapter}, strategy={self.strategy}{merged}"

@@ -83,16 +83,18 @@ def native_has_cuda_kernels() -> bool:
 
 
 _warned_native = False
+_warned_native_lock = threading.Lock()
 
 
 def _auto_cpu() -> str:
     global _warned_native
     if native_available():
         return "native"
-    if not _warned_native:
+    with _warned_native_lock:
+        first, _warned_native = not _warned_native, True
+    if first:
         from .kernels import native_build
 
-        _warned_native = True
         warnings.warn(f"lrtensor_kernels: the native CPU backend is unavailable ({native_build.unavailable_reason()}); "
                       "'auto' uses the 'reference' backend on the CPU ('triton' stays available on CUDA)",
                       RuntimeWarning, stacklevel=3)
@@ -111,6 +113,8 @@ def candidates(device: torch.device) -> tuple:
 def resolve(device: torch.device) -> str:
     """The concrete backend (``"reference"``, ``"triton"`` or ``"native"``) for tensors on ``device``."""
     name = _current()
+    if device.type == "meta":  # shapes only: every backend computes them with its differentiable reference math
+        return "reference" if name == "auto" else name
     if name == "auto":
         if device.type == "cuda":
             return "triton" if triton_available() else "reference"

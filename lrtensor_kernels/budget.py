@@ -5,6 +5,8 @@ for which the whole trainable count (adapters plus modules trained in full) stay
 budget. What ``r`` means per method:
 
 - ``"flora"``: ``ranks=r``: Tucker ranks (r, r, min(k, 2), ...), each clipped to its mode size;
+- ``"lora"``: ``rank=r``: A (r, prod(W.shape[1:])), B (out, r): on a Linear and a dense conv exactly
+  what ``match_lora_rank=r`` counts; on a grouped conv A has in/groups * prod(k) columns, fewer;
 - ``"liera"``: ``rank=r`` (delta "lora": B (out, r), A (r, prod(W.shape[1:])); delta "tucker": as
   FLoRA); ``alpha`` stays what is given (default 8), so the scale ``alpha / r`` follows the rank;
 - ``"ssl"``, ``"ssb"``: no rank; the count is what it is, and a budget below it is an error.
@@ -25,10 +27,11 @@ from typing import Optional
 from torch import nn
 
 from . import trainable
+from .adapter_layer import AdapterLayer, oversized_adapters_collected
 from .layers import LAYERS
 from .surgery import TargetSpec, _select, adaptable_type, inject, select_trainable
 
-RANKED = {"flora": "ranks", "liera": "rank"}
+RANKED = {"flora": "ranks", "lora": "rank", "liera": "rank"}
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def _describe(config: dict) -> str:
     if "ranks" in config:
         return "ranks " + "x".join(map(str, config["ranks"]))
     if "rank" in config:
-        return f"rank {config['rank']} ({config['delta']})"
+        return f"rank {config['rank']}" + (f" ({config['delta']})" if "delta" in config else "")
     return ""
 
 
@@ -100,9 +103,10 @@ def lora_parameter_count(module: nn.Module, rank: int) -> int:
 
 
 def _count(module: nn.Module, method: str, name: str, kwargs: dict) -> LayerCount:
-    cls = LAYERS[method][adaptable_type(module)]
+    cls = LAYERS[method][module._nn_base() if isinstance(module, AdapterLayer) else adaptable_type(module)]
     try:
-        layer = cls(**cls._base_kwargs(module), device="meta", dtype=module.weight.dtype, **kwargs)
+        with oversized_adapters_collected():  # a candidate rank: inject warns for the one applied
+            layer = cls(**cls._base_kwargs(module), device="meta", dtype=module.weight.dtype, **kwargs)
     except (TypeError, ValueError) as err:
         raise type(err)(f"ranks_for_budget: module '{name}': {err}") from None
     return LayerCount(name, type(module).__name__, tuple(module.weight.shape), layer.adapter_config(),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
@@ -10,11 +11,18 @@ from .adapter_layer import AdapterLayer
 from .validation import count_nonfinite
 
 _nonfinite_hook = None
+_lock = threading.Lock()
 
 
 def set_detect_nonfinite(mode: bool) -> None:
     """Turn on (or off) the check that raises NonFiniteError naming the adapter layer whose forward
-    output holds inf or NaN. Process-wide; off by default; costs nothing while off."""
+    output holds inf or NaN. Process-wide (every thread's forwards are checked; calls from several
+    threads are serialised); off by default; costs nothing while off."""
+    with _lock:
+        _set(mode)
+
+
+def _set(mode: bool) -> None:
     global _nonfinite_hook
     if mode and _nonfinite_hook is None:
         def check(module, inputs, output):
@@ -38,7 +46,8 @@ def is_detect_nonfinite_enabled() -> bool:
 
 @contextlib.contextmanager
 def detect_nonfinite(mode: bool = True):
-    """Context manager form of :func:`set_detect_nonfinite`; restores the previous setting."""
+    """Context manager form of :func:`set_detect_nonfinite`; restores the setting it found on entry
+    (process-wide: with blocks in several threads at once, the last to leave decides)."""
     previous = is_detect_nonfinite_enabled()
     set_detect_nonfinite(mode)
     try:

@@ -41,3 +41,9 @@ class NonFiniteError(AdapterError, ValueError):
 
 class SharedWeightError(AdapterError, ValueError):
     """``merge`` refused to write ``W'`` into a weight that another module of the model also holds."""
+
+
+class OversizedAdapterWarning(UserWarning):
+    """An adapter layer trains more numbers than its frozen weight holds (a rank too large for the
+    layer: training the layer in full would cost fewer). Turn it into an error to refuse such ranks:
+    ``warnings.filterwarnings("error", category=lk.OversizedAdapterWarning)``."""

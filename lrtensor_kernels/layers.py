@@ -1,6 +1,6 @@
 """Adapter layers: drop-in subclasses of nn.Conv1d/2d/3d and nn.Linear, one mixin per method.
 
-``FLoRA<Conv1d|Conv2d|Conv3d|Linear>``, ``LieRA...``, ``SSL...``, ``SSB...``: the nn class's own
+``FLoRA<Conv1d|Conv2d|Conv3d|Linear>``, ``LoRA...``, ``LieRA...``, ``SSL...``, ``SSB...``: the nn class's own
 constructor signature plus the method's keywords; what they share is
 :class:`lrtensor_kernels.adapter_layer.AdapterLayer`. ``LAYERS[method][nn class]`` is the class
 that adapts a module of that nn class.
@@ -57,15 +57,20 @@ class TuckerDelta:
 class FLoRAMixin(TuckerDelta, AdapterLayer):
     """FLoRA: ``W' = W + scale * (core x_1 U_1 ... x_N U_N)``.
 
-    Defaults as the official code: conv ranks 16 for the channel modes and min(k, 2) for each
-    kernel mode, scale 4.0; linear ranks (8, 8), scale 2.0. Core starts at zero.
+    Defaults: conv ranks 16 for the channel modes and min(k, 2) for each kernel mode, scale 4.0
+    (the FLoRA repository's convolution settings); linear ranks (8, 8), scale 2.0: the
+    Subspace-Tuning repository's LLaMA scripts (alpha / r = 16 / 8), not the FLoRA repository's
+    ``FLoRALayer`` default of 1.0. Core starts at zero, factors kaiming-normal (a = sqrt(3)).
     """
 
     adapter_method = "flora"
     adapter_param_names = ("core", "factors")
     adapter_math = methods.AdapterMath("tucker", "add")
+    peft_keywords = {"r": "FLoRA's is ranks (an int sets both channel modes; or one entry per weight mode)",
+                     "lora_alpha": "FLoRA's is scale, the update's multiplier itself (PEFT's lora_alpha / r)"}
 
     def __init__(self, *args, ranks=None, scale=None, dropout: float = 0.0, strategy: str = "auto", **kwargs):
+        self._check_keywords(kwargs)
         super().__init__(*args, **kwargs)
         self._init_adapter(kwargs.get("device"), dropout, strategy, ranks=ranks, scale=scale)
 
@@ -84,11 +89,70 @@ class FLoRAMixin(TuckerDelta, AdapterLayer):
         return dict(ranks=list(self.ranks), scale=self.scale, dropout=self.dropout)
 
 
+class LowRankDelta:
+    """A LoRA-form delta ``dW = (lora_B @ lora_A).reshape(W.shape)``: ``lora_A`` (rank,
+    prod(W.shape[1:])) kaiming-uniform (a = sqrt(5), as PEFT and the LoRA reference code),
+    ``lora_B`` (out, rank) zero; ``scale = alpha / rank``. The rank is not clipped."""
+
+    def _configure_rank(self, rank, alpha):
+        owner = self._label()
+        self.rank = validation.rank(rank, "rank", owner)
+        self.alpha = validation.real_number(alpha, "alpha", owner)
+        self.scale = self.alpha / self.rank
+
+    def _create_lora(self, device):
+        dtype = methods.compute_dtype(self.weight.dtype)
+        a = torch.empty(self.rank, self.weight[0].numel(), device=device, dtype=dtype)
+        if a.device.type != "meta":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(self.weight.shape[0], self.rank, device=device, dtype=dtype))
+
+    def _lora_tensors(self):
+        return [self.lora_B, self.lora_A]
+
+
+class LoRAMixin(LowRankDelta, AdapterLayer):
+    """LoRA: ``W' = W + scale * (lora_B @ lora_A).reshape(W.shape)``, ``scale = alpha / rank``.
+
+    As PEFT's LoRA: on a convolution ``lora_A`` (rank, C_in/groups * prod(k)) is a kernel of the
+    layer's own geometry down to ``rank`` channels and ``lora_B`` (C_out, rank) a 1x1 projection
+    back (PEFT builds ``lora_A`` with all C_in input channels, which a grouped weight does not
+    have: here each group's inputs are seen through the same ``lora_A``, so that ``dW`` has the
+    weight's shape and merges). Defaults as PEFT's ``LoraConfig``: rank 8, alpha 8, dropout 0,
+    ``lora_B`` zero, ``lora_A`` kaiming-uniform (a = sqrt(5)).
+    """
+
+    adapter_method = "lora"
+    adapter_param_names = ("lora_A", "lora_B")
+    adapter_math = methods.AdapterMath("lora", "add")
+    peft_keywords = {"r": "LoRA's is rank", "lora_alpha": "LoRA's is alpha (scale = alpha / rank, as PEFT's "
+                                                          "lora_alpha / r)"}
+
+    def __init__(self, *args, rank: int = 8, alpha: float = 8.0, dropout: float = 0.0, strategy: str = "auto",
+                 **kwargs):
+        self._check_keywords(kwargs)
+        super().__init__(*args, **kwargs)
+        self._init_adapter(kwargs.get("device"), dropout, strategy, rank=rank, alpha=alpha)
+
+    def _configure(self, rank, alpha):
+        self._configure_rank(rank, alpha)
+
+    def _create_adapter(self, device):
+        self._create_lora(device)
+
+    def adapter_tensors(self):
+        return self._lora_tensors()
+
+    def adapter_config(self):
+        return dict(rank=self.rank, alpha=self.alpha, dropout=self.dropout)
+
+
 LIERA_MODES = ("exp", "first_order")  # each is also the combine rule of methods.py
 LIERA_DELTAS = ("lora", "tucker")
 
 
-class LieRAMixin(TuckerDelta, AdapterLayer):
+class LieRAMixin(TuckerDelta, LowRankDelta, AdapterLayer):
     """LieRA: ``W' = W * exp(scale * dW)`` (mode "exp") or ``W * (1 + scale * dW)`` ("first_order").
 
     ``dW = (lora_B @ lora_A).reshape(W.shape)`` (delta "lora": ``lora_A`` (rank, prod(W.shape[1:]))
@@ -97,9 +161,12 @@ class LieRAMixin(TuckerDelta, AdapterLayer):
     """
 
     adapter_method = "liera"
+    peft_keywords = {"r": "LieRA's is rank", "lora_alpha": "LieRA's is alpha (scale = alpha / rank, as PEFT's "
+                                                            "lora_alpha / r)"}
 
     def __init__(self, *args, rank: int = 8, alpha: float = 8.0, mode: str = "exp", delta: str = "lora",
                  dropout: float = 0.0, strategy: str = "auto", **kwargs):
+        self._check_keywords(kwargs)
         super().__init__(*args, **kwargs)
         self._init_adapter(kwargs.get("device"), dropout, strategy, rank=rank, alpha=alpha, mode=mode, delta=delta)
 
@@ -107,9 +174,7 @@ class LieRAMixin(TuckerDelta, AdapterLayer):
         owner = self._label()
         self.mode = validation.choice(mode, "mode", LIERA_MODES, owner)
         self.delta = validation.choice(delta, "delta", LIERA_DELTAS, owner)
-        self.rank = validation.rank(rank, "rank", owner)
-        self.alpha = validation.real_number(alpha, "alpha", owner)
-        self.scale = self.alpha / self.rank
+        self._configure_rank(rank, alpha)
         self.adapter_math = methods.AdapterMath(delta, mode)
         if delta == "tucker":
             self.ranks = tucker_ranks(self, rank, rank)
@@ -120,16 +185,11 @@ class LieRAMixin(TuckerDelta, AdapterLayer):
     def _create_adapter(self, device):
         if self.delta == "tucker":
             self._create_tucker(device, self.ranks)
-            return
-        dtype = methods.compute_dtype(self.weight.dtype)
-        a = torch.empty(self.rank, self.weight[0].numel(), device=device, dtype=dtype)
-        if a.device.type != "meta":
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.lora_A = nn.Parameter(a)
-        self.lora_B = nn.Parameter(torch.zeros(self.weight.shape[0], self.rank, device=device, dtype=dtype))
+        else:
+            self._create_lora(device)
 
     def adapter_tensors(self):
-        return self._tucker_tensors() if self.delta == "tucker" else [self.lora_B, self.lora_A]
+        return self._tucker_tensors() if self.delta == "tucker" else self._lora_tensors()
 
     def adapter_config(self):
         return dict(rank=self.rank, alpha=self.alpha, mode=self.mode, delta=self.delta, dropout=self.dropout)
@@ -143,8 +203,10 @@ class ScalingMixin(AdapterLayer):
     adapter_math = methods.AdapterMath("scales", "mul")
     scale = 1.0
     scales_outputs = False
+    peft_keywords = {"r": "the scalings have no rank", "lora_alpha": "the scalings have no scale"}
 
     def __init__(self, *args, dropout: float = 0.0, strategy: str = "auto", **kwargs):
+        self._check_keywords(kwargs)
         super().__init__(*args, **kwargs)
         self._init_adapter(kwargs.get("device"), dropout, strategy)
 
@@ -189,6 +251,22 @@ class FLoRAConv3d(FLoRAMixin, nn.Conv3d):
 
 class FLoRALinear(FLoRAMixin, nn.Linear):
     """nn.Linear with a FLoRA adapter (see FLoRAMixin)."""
+
+
+class LoRAConv1d(LoRAMixin, nn.Conv1d):
+    """nn.Conv1d with a LoRA adapter (see LoRAMixin)."""
+
+
+class LoRAConv2d(LoRAMixin, nn.Conv2d):
+    """nn.Conv2d with a LoRA adapter (see LoRAMixin)."""
+
+
+class LoRAConv3d(LoRAMixin, nn.Conv3d):
+    """nn.Conv3d with a LoRA adapter (see LoRAMixin)."""
+
+
+class LoRALinear(LoRAMixin, nn.Linear):
+    """nn.Linear with a LoRA adapter (see LoRAMixin)."""
 
 
 class LieRAConv1d(LieRAMixin, nn.Conv1d):
@@ -241,6 +319,7 @@ class SSBLinear(SSBMixin, nn.Linear):
 
 LAYERS = {
     "flora": {nn.Conv1d: FLoRAConv1d, nn.Conv2d: FLoRAConv2d, nn.Conv3d: FLoRAConv3d, nn.Linear: FLoRALinear},
+    "lora": {nn.Conv1d: LoRAConv1d, nn.Conv2d: LoRAConv2d, nn.Conv3d: LoRAConv3d, nn.Linear: LoRALinear},
     "liera": {nn.Conv1d: LieRAConv1d, nn.Conv2d: LieRAConv2d, nn.Conv3d: LieRAConv3d, nn.Linear: LieRALinear},
     "ssl": {nn.Conv1d: SSLConv1d, nn.Conv2d: SSLConv2d, nn.Conv3d: SSLConv3d, nn.Linear: SSLLinear},
     "ssb": {nn.Conv1d: SSBConv1d, nn.Conv2d: SSBConv2d, nn.Conv3d: SSBConv3d, nn.Linear: SSBLinear},

@@ -27,6 +27,8 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from .adapter_layer import oversized_adapters_collected
+from .errors import AdapterConfigError
 from .surgery import adaptable_type, build_adapter, freeze_all_but_adapters, replace_module
 
 _FLORA_KEY = re.compile(r"(.+)\.flora_layer\.param_(G|\d+)$")
@@ -53,7 +55,7 @@ def _install(model: nn.Module, built: dict, what: str, problems: list, flags: li
     if problems:
         for p, flag in flags:  # building a layer may freeze the base weight it shares
             p.requires_grad_(flag)
-        raise ValueError(f"{what}: the state dict does not match the model:\n  " + "\n  ".join(problems))
+        raise AdapterConfigError(f"{what}: the state dict does not match the model:\n  " + "\n  ".join(problems))
     for name, (layer, tensors) in built.items():
         with torch.no_grad():
             for param, value in zip(layer.adapter_tensors(), tensors):
@@ -81,12 +83,19 @@ def flora_from_official(core: torch.Tensor, params: list) -> tuple:
     (see the module doc), ranks above their mode size folded into the core. Float64 math, so the
     fold adds no error beyond the final rounding to the parameters' dtype."""
     core = core.to(torch.float64).transpose(0, 1)
-    factors = [p.to(torch.float64) for p in [params[1], params[0], *params[2:]]]
+    return fold_oversized_factors(core, [p.to(torch.float64) for p in [params[1], params[0], *params[2:]]])
+
+
+def fold_oversized_factors(core: torch.Tensor, factors: list) -> tuple:
+    """``(core, factors)`` with every factor that has more columns than rows (a rank above its mode
+    size, which FLoRA layers clip) folded into the core: ``core x_n U_n`` and an identity factor,
+    the same Tucker product exactly up to rounding."""
+    factors = list(factors)
     for mode, factor in enumerate(factors):
         size, rank = factor.shape
         if rank > size:
             core = torch.tensordot(factor, core, dims=([1], [mode])).movedim(0, mode)
-            factors[mode] = torch.eye(size, dtype=torch.float64)
+            factors[mode] = torch.eye(size, dtype=factor.dtype, device=factor.device)
     return core, factors
 
 
@@ -121,7 +130,8 @@ def load_official_flora(model: nn.Module, state_dict: Mapping, scale: float, pre
             continue
         core, factors = flora_from_official(tensors["G"], params)
         try:
-            layer = build_adapter(module, "flora", name, ranks=list(core.shape), scale=scale, dropout=dropout)
+            with oversized_adapters_collected():  # the sizes the adapters were trained at are not news
+                layer = build_adapter(module, "flora", name, ranks=list(core.shape), scale=scale, dropout=dropout)
         except (TypeError, ValueError) as err:
             problems.append(f"layer '{name}': {err}")
             continue
@@ -156,8 +166,9 @@ def load_official_liera(model: nn.Module, state_dict: Mapping, alpha: float, pre
                             f"[r, {module.in_features}] and [{module.out_features}, r]")
             continue
         try:
-            layer = build_adapter(module, "liera", name, rank=rank, alpha=alpha, mode="first_order", delta="lora",
-                                  dropout=dropout)
+            with oversized_adapters_collected():
+                layer = build_adapter(module, "liera", name, rank=rank, alpha=alpha, mode="first_order",
+                                      delta="lora", dropout=dropout)
         except (TypeError, ValueError) as err:
             problems.append(f"layer '{name}': {err}")
             continue

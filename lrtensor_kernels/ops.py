@@ -14,6 +14,7 @@ weight-sized pass.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 from typing import Optional
@@ -21,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import methods
 from .kernels import workspace
@@ -67,11 +69,20 @@ def op_backward(grad_out: Tensor, x: Tensor, weight: Tensor, stride, padding, di
 
 class _OpCtx:
     """A Function's ctx as a custom op's autograd functions see it: ``needs_input_grad`` in the op's
-    own input structure (its list input regrouped); everything else is the Function's ctx."""
+    own input structure (its list input regrouped), and ``save_for_backward``/``saved_tensors``
+    holding what the op saves (the Function saves the op's inputs beside them, see
+    :func:`_eager_function`); everything else is the Function's ctx."""
 
     def __init__(self, ctx, needs_input_grad):
         object.__setattr__(self, "_ctx", ctx)
         object.__setattr__(self, "needs_input_grad", needs_input_grad)
+
+    def save_for_backward(self, *tensors):
+        self._ctx.op_saved = tensors
+
+    @property
+    def saved_tensors(self):
+        return self._ctx.saved_tensors[:self._ctx.op_saved_count]
 
     def __getattr__(self, name):
         return getattr(object.__getattribute__(self, "_ctx"), name)
@@ -85,23 +96,31 @@ def _regroup(flat, at: int, length: int) -> tuple:
 
 
 class FusedOp:
-    """A custom op ``lrtensor::<name>`` on the Python function ``impl``, callable two ways with one
+    """A custom op ``lrtensor::<name>`` on the Python function ``impl``, callable three ways with one
     implementation and one autograd formula:
 
     - under torch.compile (and for export, opcheck, ``torch.ops.lrtensor.<name>``): the custom op,
       which graphs see through its fake implementation;
     - eagerly: ``impl`` itself, under a plain autograd.Function running the same ``setup_context``
       and ``backward`` (the custom op's dispatch and pytree handling cost about 0.1 ms a call, more
-      than a small layer's convolution on a CPU).
+      than a small layer's convolution on a CPU);
+    - under a torch.func transform (grad, vmap, jvp, jacrev, ...), forward-mode AD and on the meta
+      device: ``composite``, the same math in differentiable PyTorch ops, which every transform
+      composes with (neither the custom op nor the kernels have batching or forward-mode rules).
+
+    A backward that must itself be differentiable (``create_graph=True``: gradient penalties,
+    Hessian-vector products) differentiates ``composite`` on the saved inputs, so that gradients
+    of every order are exact; the fused backward runs otherwise.
 
     ``list_index``: the position of the op's one ``list[Tensor]`` input (the adapter tensors), which
-    the Function receives flattened.
+    the Function receives flattened. ``composite`` takes the op's arguments and returns its outputs.
     """
 
-    def __init__(self, name: str, impl, list_index: Optional[int] = None):
+    def __init__(self, name: str, impl, list_index: Optional[int] = None, composite=None):
         self.impl = impl
         self.op = torch.library.custom_op(f"lrtensor::{name}", mutates_args=())(impl)
         self.list_index = list_index
+        self.composite = composite
         self._function = None
 
     def register_fake(self, fn):
@@ -109,11 +128,14 @@ class FusedOp:
 
     def register_autograd(self, backward, setup_context):
         self.op.register_autograd(backward, setup_context=setup_context)
-        self._function = _eager_function(self.impl, backward, setup_context, self.list_index)
+        self._function = _eager_function(self.impl, backward, setup_context, self.list_index, self.composite)
 
     def __call__(self, *args):
-        if not _plain_eager(args):
+        route = _route(args)
+        if route == "op":
             return self.op(*args)
+        if route == "composite" and self.composite is not None:
+            return self.composite(*args)
         if self._function is None:  # no autograd of its own (a backward op)
             return self.impl(*args)
         at = self.list_index
@@ -132,27 +154,35 @@ def _tracing_modes() -> tuple:
     return FakeTensorMode, FunctionalTensorMode, ProxyTorchDispatchMode
 
 
-def _plain_eager(args) -> bool:
-    """Whether a call runs on plain tensors outside every tracer: not under torch.compile, a
-    tracing torch_dispatch mode (fake tensors, functionalisation, make_fx) or a torch.func
-    transform, and no tensor subclass among the arguments. Anything else gets the custom op, which
-    they all understand. A mode that observes aten ops (FlopCounterMode, a memory tracker, a
-    debug mode) gets the eager path, so it sees the convolutions and matmuls the op runs."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
+def transformed() -> bool:
+    """Whether a torch.func transform or forward-mode AD (``torch.autograd.forward_ad.dual_level``) is on."""
+    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+
+
+def _route(args) -> str:
+    """How a call runs (see :class:`FusedOp`): ``"composite"`` under a torch.func transform, with
+    forward-mode AD on (``torch.autograd.forward_ad.dual_level``) or on the meta device; ``"op"``
+    under torch.compile, a tracing torch_dispatch mode (fake tensors, functionalisation, make_fx)
+    or with a tensor subclass among the arguments, which the custom op understands; else
+    ``"eager"``. A mode that observes aten ops (FlopCounterMode, a memory tracker, a debug mode)
+    gets the eager path, so it sees the convolutions and matmuls the op runs."""
+    if torch.compiler.is_compiling():
+        return "op"
+    tensors = [t for arg in args for t in (arg if isinstance(arg, (list, tuple)) else (arg,))
+               if isinstance(t, Tensor)]
+    if transformed() or any(t.device.type == "meta" for t in tensors):
+        return "composite"
     if torch._C._len_torch_dispatch_stack() > 0:
         from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
         if any(isinstance(mode, _tracing_modes()) for mode in _get_current_dispatch_mode_stack()):
-            return False
-    for arg in args:
-        for t in (arg if isinstance(arg, (list, tuple)) else (arg,)):
-            if isinstance(t, Tensor) and type(t) not in _PLAIN_TENSORS:
-                return False
-    return True
+            return "op"
+    if any(type(t) not in _PLAIN_TENSORS for t in tensors):
+        return "op"
+    return "eager"
 
 
-def _eager_function(impl, backward, setup_context, at: int):
+def _eager_function(impl, backward, setup_context, at: int, composite):
     class EagerOp(torch.autograd.Function):
         @staticmethod
         def forward(ctx, length, *flat):
@@ -160,16 +190,46 @@ def _eager_function(impl, backward, setup_context, at: int):
             output = impl(*inputs)
             ctx.list_length = length
             setup_context(_OpCtx(ctx, None), inputs, output)
+            # the op's own saved tensors, then its tensor inputs (for a differentiable backward; an
+            # input the op saves already costs nothing more)
+            op_saved = getattr(ctx, "op_saved", ())
+            ctx.op_saved_count = len(op_saved)
+            ctx.args = [None if isinstance(a, Tensor) else a for a in flat]
+            ctx.tensor_positions = [i for i, a in enumerate(flat) if isinstance(a, Tensor)]
+            ctx.save_for_backward(*op_saved, *(a for a in flat if isinstance(a, Tensor)))
+            ctx.op_saved = None
             return output
 
         @staticmethod
         def backward(ctx, *grads):
+            if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable too
+                return (None, *_differentiable_backward(ctx, composite, at, grads))
             needs = _regroup(ctx.needs_input_grad[1:], at, ctx.list_length)
             out = backward(_OpCtx(ctx, needs), *grads)
             flat = (*out[:at], *out[at], *out[at + 1:])
             return (None, *(g if g is None or isinstance(g, Tensor) else None for g in flat))
 
     return EagerOp
+
+
+def _differentiable_backward(ctx, composite, at: int, grads) -> list:
+    """The gradients of the op's flat inputs as differentiable functions of the inputs and ``grads``:
+    ``composite`` rerun on the saved inputs under autograd, and differentiated with ``create_graph``."""
+    flat = list(ctx.args)
+    for i, t in zip(ctx.tensor_positions, ctx.saved_tensors[ctx.op_saved_count:]):
+        flat[i] = t
+    wanted = [i for i, need in enumerate(ctx.needs_input_grad[1:]) if need]
+    with torch.enable_grad():
+        outputs = composite(*_regroup(flat, at, ctx.list_length))
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+    result = [None] * len(flat)
+    if pairs and wanted:
+        found = torch.autograd.grad([o for o, _ in pairs], [flat[i] for i in wanted], [g for _, g in pairs],
+                                    create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, found):
+            result[i] = g
+    return result
 
 
 def _adapted_op(
@@ -196,12 +256,26 @@ def _adapted_op(
         return base_op(x, w_eff, bias, stride, padding, dilation, groups)
 
 
-adapted_op = FusedOp("adapted_op", _adapted_op, list_index=3)
+def reference_adapted_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapter: list[Tensor], math: str,
+                         scale: float, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                         delta_only: bool, impl: str = "reference") -> Tensor:
+    """``adapted_op`` in differentiable PyTorch ops: ``W'`` (or ``W' - W``) by
+    :func:`methods.effective_weight`, then the op (the reference backend, and every backend's
+    composite; ``impl`` is not used)."""
+    with autocast_off(x):
+        w_eff = methods.effective_weight(weight, adapter, methods.AdapterMath.from_key(math), scale, delta_only)
+        return base_op(x, w_eff.to(x.dtype), bias, stride, padding, dilation, groups)
+
+
+adapted_op = FusedOp("adapted_op", _adapted_op, list_index=3, composite=reference_adapted_op)
 
 
 def autocast_off(x: Tensor):
     """The op bodies choose their dtypes themselves (``W'`` in the input's dtype); autocast, which
-    is also on while a backward runs inside an autocast region, must not recast their tensors."""
+    is also on while a backward runs inside an autocast region, must not recast their tensors.
+    (No autocast exists on some devices, the meta device among them: nothing to turn off there.)"""
+    if not torch.amp.is_autocast_available(x.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(x.device.type, enabled=False)
 
 

@@ -1,13 +1,14 @@
 """``plan(model, *example_inputs)``: which strategy every adapter layer runs on an example, and why."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .adapter_layer import AdapterLayer
-from .strategies import _observers, cost
+from .strategies import cost, observing
 
 _STRATEGY_COLUMNS = ("merged", "two_branch", "bypass", "hybrid")
 
@@ -51,8 +52,13 @@ class Plan(list):
 def plan(model: nn.Module, *example_inputs, **example_kwargs) -> Plan:
     """Runs ``model(*example_inputs, **example_kwargs)`` once (forward only, autograd on, as in
     training) and returns, per adapter layer call, the strategy chosen and the cost model's
-    estimates. Merged layers (``lk.merge``) run the plain layer and are listed as such."""
+    estimates. Merged layers (``lk.merge``) run the plain layer and are listed as such.
+
+    It sees the forward it runs in the calling thread, nothing else: other threads may run this
+    model or others meanwhile (not merge or change it), and their calls are neither listed nor
+    disturbed. Layers a model runs in threads of its own are not listed."""
     rows, current, hooks = Plan(), [None], []
+    thread = threading.get_ident()
 
     def observe(call, decision):
         layer_name, layer = current[0]
@@ -67,17 +73,17 @@ def plan(model: nn.Module, *example_inputs, **example_kwargs) -> Plan:
     for name, module in model.named_modules():
         if isinstance(module, AdapterLayer):
             def pre_hook(mod, args, name=name):
+                if threading.get_ident() != thread:  # another thread's forward of this model
+                    return
                 current[0] = (name, mod)
                 if mod.merged:
                     rows.append(PlanRow(name, type(mod).__name__, tuple(mod.weight.shape), (), "", "",
                                         mod.strategy, "merged into the weight", reason="lk.merge: the plain layer"))
             hooks.append(module.register_forward_pre_hook(pre_hook))
-    _observers.append(observe)
     try:
-        with torch.enable_grad():
+        with observing(observe), torch.enable_grad():
             model(*example_inputs, **example_kwargs)
     finally:
-        _observers.remove(observe)
         for h in hooks:
             h.remove()
     return rows

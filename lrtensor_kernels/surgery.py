@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Iterable, Optional, Sequence, Union
 
 from torch import nn
 
-from . import trainable, validation
-from .errors import AdapterConfigError, AdapterError, AdapterTypeError, SharedWeightError
-from .adapter_layer import AdapterLayer
+from . import suggestions, trainable, validation
+from .errors import AdapterConfigError, AdapterError, AdapterTypeError, OversizedAdapterWarning, SharedWeightError
+from .adapter_layer import DEFAULT_ADAPTER, AdapterLayer, oversized_adapters_collected, oversized_description
 from .layers import LAYERS
 from .trainable import owner_of
 
 TargetSpec = Union[str, Sequence[str], None]
+OVERSIZED_SHOWN = 5  # layers an OversizedAdapterWarning names
 
 
 def adaptable_type(module: nn.Module) -> Optional[type]:
@@ -39,9 +41,11 @@ def names_by_module(model: nn.Module) -> dict:
 
 
 def _picked(model: nn.Module, named: dict, spec: TargetSpec, what: str) -> Optional[list]:
-    """The names ``spec`` selects: one regex matched in full, or names matched exactly or as a dotted suffix."""
+    """The names ``spec`` selects: one regex matched in full, or names matched exactly or as a dotted suffix.
+    A spec that matches nothing is an error naming the closest names (of adaptable modules, for targets)."""
     if spec is None:
         return None
+    candidates = [n for n in named if what != "target_modules" or adaptable_type(named[n]) is not None]
     if isinstance(spec, str):
         try:
             regex = re.compile(spec)
@@ -49,7 +53,8 @@ def _picked(model: nn.Module, named: dict, spec: TargetSpec, what: str) -> Optio
             raise AdapterConfigError(f"{what} regex {spec!r} does not compile: {err}") from None
         hits = [n for n in named if regex.fullmatch(n)]
         if not hits:
-            raise AdapterConfigError(f"{what} regex {spec!r} matched no module")
+            raise AdapterConfigError(f"{what} regex {spec!r} matched no module of {type(model).__name__} (a regex "
+                                     "matches whole dotted names)" + suggestions.module_name_phrase(spec, candidates))
         return hits
     if not validation.is_sequence(spec) and not isinstance(spec, (set, frozenset)):
         raise AdapterTypeError(f"{what} must be a list of module names or one regex string, got {spec!r}")
@@ -63,16 +68,26 @@ def _picked(model: nn.Module, named: dict, spec: TargetSpec, what: str) -> Optio
             raise AdapterTypeError(f"{what} entries must be module names (str), got {pattern!r}")
         found = [n for n in named if _matches(n, pattern)]
         if not found:
-            raise AdapterConfigError(f"{what} entry {pattern!r} matched no module of {type(model).__name__}")
+            raise AdapterConfigError(f"{what} entry {pattern!r} matched no module of {type(model).__name__}"
+                                     + suggestions.module_name_phrase(pattern, candidates))
         hits.extend(found)
     return hits
 
 
+def _takes(module: nn.Module, method: str, adapter: str) -> bool:
+    """Whether ``module`` can take a new adapter ``adapter`` of ``method`` by default: a plain
+    adaptable layer, or an adapter layer of ``method`` that does not hold that name."""
+    if isinstance(module, AdapterLayer):
+        return module.adapter_method == method and adapter not in module.held_adapters()
+    return adaptable_type(module) is not None
+
+
 def _select(model: nn.Module, method: str, target_modules: TargetSpec, exclude_modules: TargetSpec,
-            trained: Sequence[str] = ()) -> list:
-    """Names of the modules to adapt, one per module (its first name); raises before anything changes.
-    Modules in or under ``trained`` (trained in full) are left out of the default targets and refused
-    as targets."""
+            trained: Sequence[str] = (), adapter: str = DEFAULT_ADAPTER) -> list:
+    """Names of the modules to give adapter ``adapter`` of ``method``, one per module (its first
+    name); raises before anything changes. Plain layers and adapter layers of ``method`` not holding
+    that name qualify. Modules in or under ``trained`` (trained in full) are left out of the default
+    targets and refused as targets."""
     named = dict(model.named_modules(remove_duplicate=False))
     named.pop("", None)
     first_name = {id(m): n for n, m in reversed(list(named.items()))}
@@ -81,13 +96,19 @@ def _select(model: nn.Module, method: str, target_modules: TargetSpec, exclude_m
     excluded = {id(named[n]) for n in _picked(model, named, exclude_modules, "exclude_modules") or ()}
     if targets is None:
         names = [n for n, m in model.named_modules()
-                 if n and adaptable_type(m) is not None and owner_of(n, trained) is None]
+                 if n and _takes(m, method, adapter) and owner_of(n, trained) is None]
     else:
         names = list(dict.fromkeys(first_name[id(named[n])] for n in targets))
         for n in names:
-            if isinstance(named[n], AdapterLayer):
-                raise AdapterConfigError(f"module '{n}' is already a {type(named[n]).__name__}")
-            if adaptable_type(named[n]) is None:
+            layer = named[n]
+            if isinstance(layer, AdapterLayer) and layer.adapter_method != method:
+                raise AdapterConfigError(f"module '{n}' is already a {type(layer).__name__}; a layer holds adapters "
+                                         f"of one method ({layer.adapter_method!r}), so a {method!r} adapter cannot "
+                                         "be added to it")
+            if isinstance(layer, AdapterLayer) and adapter in layer.held_adapters():
+                raise AdapterConfigError(f"module '{n}' is already a {type(layer).__name__} holding an adapter named "
+                                         f"{adapter!r} (inject(..., adapter_name=...) adds another)")
+            if not isinstance(layer, AdapterLayer) and adaptable_type(layer) is None:
                 raise AdapterTypeError(f"module '{n}' is a {type(named[n]).__name__}; expected one of Conv1d, "
                                        "Conv2d, Conv3d, Linear")
             if owner_of(n, trained) is not None:
@@ -140,34 +161,77 @@ def _check_method(method) -> None:
 
 
 def build_adapter(module: nn.Module, method: str, name: str, **method_kwargs) -> AdapterLayer:
-    """The adapter layer of ``method`` around ``module`` (which is left untouched)."""
+    """The adapter layer of ``method`` around ``module`` (which is left untouched but for its
+    frozen weight and bias, which the layer shares)."""
+    layer = _sized_adapter(module, method, name, **method_kwargs)
+    layer.take_module(module)
+    return layer
+
+
+def _sized_adapter(module: nn.Module, method: str, name: str, **method_kwargs) -> AdapterLayer:
+    """``build_adapter``'s layer still on the meta device (``AdapterLayer.sized_for``), named."""
     _check_method(method)
     base = adaptable_type(module)
     if base is None:
         raise AdapterTypeError(f"module '{name}' is a {type(module).__name__}, which cannot be adapted")
     cls = LAYERS[method][base]
     try:
-        layer = cls.from_module(module, **method_kwargs)
+        layer = cls.sized_for(module, **method_kwargs)
     except AdapterError as err:
         raise type(err)(f"module '{name}': {err}") from None
-    except TypeError as err:  # an unknown keyword argument
+    except TypeError as err:
         raise AdapterTypeError(f"module '{name}' ({cls.__name__}): {err}") from None
     layer.adapter_name = name
     return layer
 
 
-def build_all(model: nn.Module, specs: dict) -> dict:
-    """``{name: build_adapter(module, method, name, **kwargs)}`` for ``specs = {name: (method, kwargs)}``.
+def build_all(model: nn.Module, specs: dict, adapter: str = DEFAULT_ADAPTER, warn_oversized: bool = True,
+              oversized_elsewhere: Sequence = ()) -> dict:
+    """``{name: build_adapter(module, method, name, **kwargs)}`` for ``specs = {name: (method, kwargs)}``,
+    each layer running adapter ``adapter`` (its only one).
 
     Building freezes the base weights the new layers share with ``model``; if any build fails,
-    every ``requires_grad`` flag is restored before the error propagates."""
+    every ``requires_grad`` flag is restored before the error propagates. Every layer is sized (on
+    the meta device) before any adapter is allocated; layers whose adapters train more numbers
+    than their weights hold get one OversizedAdapterWarning for them all (``warn_oversized``;
+    with those of ``oversized_elsewhere``, collected by the caller), before the allocation (a
+    warning turned into an error leaves the model unchanged)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        return {n: build_adapter(model.get_submodule(n), method, n, **kwargs) for n, (method, kwargs) in specs.items()}
+        with oversized_adapters_collected() as oversized:
+            built = {n: _sized_adapter(model.get_submodule(n), method, n, **kwargs)
+                     for n, (method, kwargs) in specs.items()}
+        oversized = list(oversized_elsewhere) + oversized
+        if oversized and warn_oversized:
+            shown = "; ".join(oversized_description(*found) for found in oversized[:OVERSIZED_SHOWN])
+            more = f"; and {len(oversized) - OVERSIZED_SHOWN} more" if len(oversized) > OVERSIZED_SHOWN else ""
+            warnings.warn(f"{len(oversized)} adapter layer{'s' if len(oversized) > 1 else ''} train more numbers than "
+                          f"the weights they adapt hold: {shown}{more}. A lower rank, or training such a layer in "
+                          "full (trainable_modules), trains fewer", OversizedAdapterWarning, stacklevel=3)
+        for n, layer in built.items():
+            layer.take_module(model.get_submodule(n))
     except BaseException:
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
+    for layer in built.values():
+        layer.active_adapter, layer._held = adapter, [adapter]
+    return built
+
+
+def build_stored_all(model: nn.Module, specs: dict) -> dict:
+    """``{name: the new adapter (a StoredAdapter) for the adapter layer name}`` for ``specs = {name:
+    kwargs}``; the layers are unchanged. Errors name the layer."""
+    stored = {}
+    for n, kwargs in specs.items():
+        layer = model.get_submodule(n)
+        try:
+            stored[n] = layer.build_stored(**kwargs)
+        except AdapterError as err:
+            raise type(err)(f"module '{n}': {err}") from None
+        except TypeError as err:  # an unknown keyword argument
+            raise AdapterTypeError(f"module '{n}' ({type(layer).__name__}): {err}") from None
+    return stored
 
 
 def freeze_all_but_adapters(model: nn.Module) -> None:
@@ -185,10 +249,13 @@ def install(model: nn.Module, module: nn.Module, replacement: nn.Module, names: 
 
 
 def inject(model: nn.Module, method: str, target_modules: TargetSpec = None, exclude_modules: TargetSpec = None,
-           trainable_modules: TargetSpec = None, **method_kwargs) -> list:
+           trainable_modules: TargetSpec = None, adapter_name: Optional[str] = None, **method_kwargs) -> list:
     """Replace Conv1d/2d/3d and Linear layers of ``model`` in place by adapter layers of ``method``.
 
-    method: "flora", "liera", "ssl" or "ssb". target_modules: a list of names matched exactly or
+    method: "flora", "lora", "liera", "ssl" or "ssb". adapter_name: the adapter's name (default
+    "default"); a plain layer becomes an adapter layer running it, an adapter layer of the same
+    method that does not hold the name yet gets it as an inactive adapter (``lk.set_adapter``
+    switches; :mod:`lrtensor_kernels.named_adapters`). target_modules: a list of names matched exactly or
     as a dotted suffix, or one regex string matched in full against the whole name; by default
     every adaptable layer. A module registered under several names gets one adapter layer under
     all of them (it is listed once, under its first name; excluding any name excludes it).
@@ -197,15 +264,24 @@ def inject(model: nn.Module, method: str, target_modules: TargetSpec = None, exc
     their whole state. Freezes everything else; returns the adapted names. Every layer is built
     and every name checked before anything changes, so a bad argument leaves the model unchanged.
     """
+    from .named_adapters import check_adapter_name
+
     validation.model(model, "inject")
     _check_method(method)
+    adapter = DEFAULT_ADAPTER if adapter_name is None else check_adapter_name(adapter_name, "inject")
     extras = select_trainable(model, trainable_modules)
     trained = extras + [n for n, _ in trainable.marked_modules(model)]
-    names = _select(model, method, target_modules, exclude_modules, trained)
-    built = build_all(model, {n: (method, method_kwargs) for n in names})
+    names = _select(model, method, target_modules, exclude_modules, trained, adapter)
+    adapted = [n for n in names if isinstance(model.get_submodule(n), AdapterLayer)]
+    with oversized_adapters_collected() as oversized:  # a named adapter added to an adapted layer
+        stored = build_stored_all(model, {n: method_kwargs for n in adapted})
+    built = build_all(model, {n: (method, method_kwargs) for n in names if n not in stored}, adapter,
+                      oversized_elsewhere=oversized)
     aliases = names_by_module(model)
     for n, layer in built.items():
         install(model, model.get_submodule(n), layer, aliases)
+    for n, new in stored.items():
+        model.get_submodule(n)._add_stored(adapter, new)
     trainable.mark(model, extras)
     freeze_all_but_adapters(model)
     return names
@@ -229,12 +305,19 @@ def _refuse_tied_weights(model: nn.Module, layers: list) -> None:
             "lk.unload(model, merge=True) (W' in a new Parameter), or keep the layer unmerged. Nothing was merged.")
 
 
-def merge(model: nn.Module) -> None:
-    """Merge every adapter layer (``W <- W'``); merged layers are left as they are.
+def merge(model: nn.Module, adapter_weights: Optional[dict] = None) -> None:
+    """Merge every adapter layer (``W <- W'`` of its active adapter); merged layers are left as they are.
+    With ``adapter_weights`` ({adapter name: weight}), a weighted combination of named adapters
+    (:func:`lrtensor_kernels.named_adapters.merge_weighted`).
 
     All or nothing: a weight Parameter that another module also holds (tied weights) raises
     SharedWeightError, a ``W'`` holding inf or NaN raises NonFiniteError, before any layer changes.
     """
+    if adapter_weights is not None:
+        from .named_adapters import merge_weighted
+
+        validation.model(model, "merge")
+        return merge_weighted(model, adapter_weights)
     validation.model(model, "merge")
     layers = [(n, layer) for n, layer in adapter_layers(model) if not layer.merged]
     _refuse_tied_weights(model, layers)

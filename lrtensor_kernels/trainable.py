@@ -14,6 +14,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from . import suggestions
 from .adapter_layer import AdapterLayer
 
 MARK = "lrtensor_trainable"  # attribute set on a marked module
@@ -113,7 +114,8 @@ def plan_load(model: nn.Module, config: dict, stored: dict, adapter_names: list)
             continue
         module = modules.get(name)
         if module is None:
-            problems.append(f"{what}: no such module in {type(model).__name__}")
+            problems.append(f"{what}: no such module in {type(model).__name__}"
+                            + suggestions.closest_phrase(name, [n for n in modules if n]))
             continue
         if isinstance(module, AdapterLayer):
             problems.append(f"{what}: an adapter layer ({type(module).__name__}) in the model; the file trains it "
@@ -123,6 +125,11 @@ def plan_load(model: nn.Module, config: dict, stored: dict, adapter_names: list)
             problems.append(f"{what}: a {type(module).__name__} in the model, a {entry.get('module_type')} in the file")
             continue
         state = module.state_dict(keep_vars=True)
+        if any(t.device.type == "meta" for t in state.values()):
+            problems.append(f"{what}: its state is on the meta device and holds no values; give the model its base "
+                            "state first (model.load_state_dict(state, assign=True), or model.to_empty(device=...) "
+                            "and load it), then load the adapters")
+            continue
         if set(state) != set(expected):
             missing, extra = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
             problems.append(f"{what}: state keys differ: the model has {missing} that the file lacks, the file has "

@@ -107,8 +107,9 @@ def count_nonfinite(t: torch.Tensor) -> int:
 
 
 def finite_weight(merged: torch.Tensor, base: torch.Tensor, owner: str, action: str) -> None:
-    """Refuse to write a ``W'`` holding inf or NaN (``action`` says what was refused)."""
-    if torch.isfinite(merged).all():
+    """Refuse to write a ``W'`` holding inf or NaN (``action`` says what was refused). A ``W'`` on the
+    meta device holds no values to check."""
+    if merged.device.type == "meta" or torch.isfinite(merged).all():
         return
     bad = count_nonfinite(merged)
     cause = ("the base weight already holds non-finite values" if not torch.isfinite(base).all() else

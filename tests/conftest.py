@@ -37,8 +37,8 @@ def reference_backend(_auto_backend_by_default):
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """The tests' ops are tiny: intra-op threads only add synchronisation (several times slower on a
-    busy 2-core machine)."""
+    busy 2-core machine). LRTENSOR_TEST_THREADS=n runs them at n threads (the suite passes at any)."""
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("LRTENSOR_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(n)

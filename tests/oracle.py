@@ -2,6 +2,7 @@
 
 dW for Tucker: dW[i_1..i_N] = sum_a G[a_1..a_N] prod_n U_n[i_n, a_n]  (one einsum)
 FLoRA   W' = W + s dW            LieRA  W' = W exp(s dW) | W (1 + s dW), dW = (B A).reshape | Tucker
+LoRA    W' = W + s (B A).reshape
 SSL     W' = W d_in              SSB    W' = d_out W d_in
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ def effective_weight64(layer, base=None) -> torch.Tensor:
     w = (layer.weight if base is None else base).detach().to(F64)
     if isinstance(layer, lk.layers.FLoRAMixin):
         return w + layer.scale * tucker64(layer.core, list(layer.factors))
+    if isinstance(layer, lk.layers.LoRAMixin):
+        return w + layer.scale * (layer.lora_B.to(F64) @ layer.lora_A.to(F64)).reshape(w.shape)
     if isinstance(layer, lk.layers.LieRAMixin):
         if layer.delta == "tucker":
             d = tucker64(layer.core, list(layer.factors))

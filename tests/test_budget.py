@@ -1,6 +1,7 @@
 """ranks_for_budget: the largest single rank whose trainable count fits the budget, counted as built."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -128,3 +129,20 @@ def test_lora_count_per_layer_type():
     assert [lk.lora_parameter_count(model.get_submodule(n), 3) for n in names] == [
         lora_by_hand(model, 3, [n]) for n in names]
     assert lk.ranks_for_budget(model, "ssl", match_lora_rank=3).budget == lora_by_hand(model, 3, names)
+
+
+def test_lora_method_at_match_lora_rank_is_that_rank():
+    """The "lora" method trains exactly what match_lora_rank counts on Linear and dense convs (so the
+    plan is that rank, using the whole budget); on a grouped conv its A is smaller (in/groups * k)."""
+    dense = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv1d(16, 8, 5), nn.Flatten(), nn.Linear(40, 10))
+    for r in (1, 4, 7):
+        plan = lk.ranks_for_budget(dense, "lora", match_lora_rank=r)
+        assert plan.kwargs == {"rank": r} and plan.total == plan.budget
+        for name in ("0", "2", "4"):
+            module = dense.get_submodule(name)
+            layer = lk.layers.LAYERS["lora"][type(module)].from_module(copy.deepcopy(module), rank=r)
+            assert sum(p.numel() for p in layer.adapter_parameters()) == lk.lora_parameter_count(module, r)
+    grouped = cnn()  # its second conv has groups=2
+    plan = lk.ranks_for_budget(grouped, "lora", match_lora_rank=4)
+    assert plan.kwargs["rank"] >= 4 and plan.total < plan.budget
+    assert "rank 4" in str(lk.ranks_for_budget(dense, "lora", match_lora_rank=4))

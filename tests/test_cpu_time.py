@@ -21,19 +21,16 @@ def _workloads() -> list:
               (lk.FLoRAConv2d(32, 64, 1, stride=2), (2, 32, 8, 8)),
               (lk.SSBConv2d(12, 12, 5, padding=2, groups=12), (2, 12, 9, 9)),
               (lk.LieRALinear(40, 24, rank=4), (10, 40)),
-              (lk.FLoRALinear(40, 24), (10, 40))]
+              (lk.FLoRALinear(40, 24), (10, 40)),
+              (lk.LoRAConv2d(16, 24, 3, padding=1, rank=4), (2, 16, 9, 9))]
     seen = []
 
     def observe(call, decision):
         seen.append(cost.Workload.of(call))
 
-    strategies._observers.append(observe)
-    try:
-        with lk.use_backend("reference"):
-            for layer, shape in layers:
-                layer(torch.randn(shape, requires_grad=True))
-    finally:
-        strategies._observers.remove(observe)
+    with strategies.observing(observe), lk.use_backend("reference"):
+        for layer, shape in layers:
+            layer(torch.randn(shape, requires_grad=True))
     return [dataclasses.replace(w, fused=fused) for w in seen for fused in (False, True)]
 
 

@@ -54,6 +54,11 @@ LAYERS = {
     "flora_conv1d_dilated": lambda: lk.FLoRAConv1d(4, 9, 3, dilation=2, padding=2),
     "flora_conv3d": lambda: lk.FLoRAConv3d(3, 6, 2, padding="valid"),
     "flora_linear": lambda: lk.FLoRALinear(40, 24),
+    "lora_conv2d_groups": lambda: lk.LoRAConv2d(6, 20, 3, stride=2, padding=1, groups=2, rank=4, alpha=6.0),
+    "lora_depthwise": lambda: lk.LoRAConv2d(8, 8, 5, padding=2, groups=8, rank=3),
+    "lora_conv1d_dilated": lambda: lk.LoRAConv1d(4, 9, 3, dilation=2, padding=2, padding_mode="reflect"),
+    "lora_conv3d": lambda: lk.LoRAConv3d(3, 6, 2, padding="valid", rank=4),
+    "lora_linear": lambda: lk.LoRALinear(40, 24, rank=4),
     "liera_exp_conv2d": lambda: lk.LieRAConv2d(6, 20, 3, padding=1, rank=4),
     "liera_first_order_depthwise": lambda: lk.LieRAConv2d(8, 8, 5, padding=2, groups=8, mode="first_order"),
     "liera_tucker_conv2d": lambda: lk.LieRAConv2d(6, 10, 3, delta="tucker", rank=4),
@@ -82,6 +87,8 @@ def _strategies(name) -> list:
     method = name.split("_")[0]
     if method == "flora":
         return flora_strategies()
+    if method == "lora":
+        return ["merged", "two_branch", "bypass", "hybrid"]
     return ["merged", "two_branch"] + (["bypass"] if method in ("ssl", "ssb") else [])
 
 
@@ -178,7 +185,7 @@ def _outputs_with_same_dropout(layer, x, fused, seed, autocast_dtype=None):
 
 
 @pytest.mark.parametrize("name, strategy", [p for p in LAYER_STRATEGIES if p.values[0] in (
-    "flora_conv2d_groups", "liera_linear", "ssb_linear")])
+    "flora_conv2d_groups", "lora_conv2d_groups", "liera_linear", "ssb_linear")])
 def test_dropout_two_branch_form(name, strategy, fused):
     """With adapter dropout every strategy computes ``op(x, W) + op(dropout(x), W' - W)``."""
     layer = _build(name, torch.float32, 2, strategy)
@@ -209,7 +216,7 @@ def _saved_tensors(layer, x, backend):
 
 
 @pytest.mark.parametrize("name, strategy", [p for p in LAYER_STRATEGIES if p.values[0] in (
-    "flora_conv2d_groups", "liera_exp_conv2d", "liera_linear", "ssb_linear")])
+    "flora_conv2d_groups", "lora_conv2d_groups", "liera_exp_conv2d", "liera_linear", "ssb_linear")])
 def test_no_weight_sized_tensor_saved_for_backward(name, strategy, fused):
     layer = _build(name, torch.float32, 4, strategy)
     x = _input(layer, torch.float32, 5).requires_grad_()
@@ -225,7 +232,7 @@ def test_no_weight_sized_tensor_saved_for_backward(name, strategy, fused):
 
 
 @pytest.mark.parametrize("name, strategy", [p for p in LAYER_STRATEGIES if p.values[0] in (
-    "flora_conv2d_groups", "liera_exp_conv2d", "liera_first_order_depthwise", "ssb_linear")])
+    "flora_conv2d_groups", "lora_conv2d_groups", "liera_exp_conv2d", "liera_first_order_depthwise", "ssb_linear")])
 @pytest.mark.parametrize("dropout", [0.0, 0.4])
 def test_trainable_base_weight_gets_its_gradient(name, strategy, dropout, fused):
     """A base weight made trainable again gets the same gradient on both backends, every strategy."""
@@ -321,7 +328,7 @@ AUTOCAST_DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 
 
 @pytest.mark.parametrize("name, strategy", [p for p in LAYER_STRATEGIES if p.values[0] in (
-    "flora_conv2d_groups", "liera_exp_conv2d", "liera_linear", "ssb_linear")])
+    "flora_conv2d_groups", "lora_conv2d_groups", "liera_exp_conv2d", "liera_linear", "ssb_linear")])
 def test_autocast_runs_the_op_in_the_autocast_dtype(name, strategy, fused):
     """Mixed precision: float32 weights and adapters, the conv/matmul in the autocast dtype, the
     adapter math in float32; outputs and gradients within the accuracy rule against float64."""

@@ -19,7 +19,8 @@ from torch import nn
 import lrtensor_kernels as lk
 from lrtensor_kernels.layers import LAYERS
 from oracle import randomize_adapter
-from test_serialization import CONFIG, TENSORS, assert_unchanged, make_net, net_input, snapshot
+from test_serialization import (CONFIG, TENSORS_NAME, assert_unchanged, make_net, net_input, snapshot, tensors_file,
+                                tensors_name)
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
@@ -96,20 +97,24 @@ def test_unparseable_config(tmp_path, kind):
 
 
 CONFIG_EDITS = {
-    "no-format-version": (lambda c: c.pop("format_version"), r"has no field 'format_version', expected one of \(1, 2\)"),
+    "no-format-version": (lambda c: c.pop("format_version"),
+                          r"has no field 'format_version', expected one of \(1, 2, 3\)"),
     "format-version-str": (lambda c: c.update(format_version="1"), r"has format_version \"1\", expected one of"),
     "format-version-bool": (lambda c: c.update(format_version=True), r"has format_version true, expected one of"),
     "format-version-float": (lambda c: c.update(format_version=1.0), r"has format_version 1\.0, expected one of"),
-    "format-version-3": (lambda c: c.update(format_version=3), r"has format_version 3, expected one of \(1, 2\)"),
+    "format-version-4": (lambda c: c.update(format_version=4), r"has format_version 4, expected one of \(1, 2, 3\)"),
+    "files-missing": (lambda c: c.pop("files"), r"field 'files': expected an object naming the tensors file"),
+    "files-path": (lambda c: c.update(files={"tensors": "../elsewhere.safetensors"}),
+                   r"field 'files': expected an object naming the tensors file .*found an object"),
     "no-layers": (lambda c: c.pop("layers"), r"has no field 'layers'; expected an object"),
     "layers-list": (lambda c: c.update(layers=list(c["layers"])), r"has 'layers' a list \(\[\"pre\""),
     "layers-empty": (lambda c: c.update(layers={}), r"has 'layers' an object \(\{\}\)"),
     "entry-str": (lambda c: c["layers"].update(head="x"), r"layer 'head': expected an object, found a string"),
     **{f"no-{field}": ((lambda f: lambda c: head(c).pop(f))(field), rf"layer 'head': missing field '{field}'")
        for field in ("method", "kwargs", "module_type", "weight_shape", "tensors")},
-    "method-int": (lambda c: head(c).update(method=5), r"field 'method': expected one of \['flora', 'liera', 'ssl', "
-                                                       r"'ssb'\], found an integer \(5\)"),
-    "method-unknown": (lambda c: head(c).update(method="lora"), r"field 'method': expected one of .*found a string"),
+    "method-int": (lambda c: head(c).update(method=5), r"field 'method': expected one of \['flora', 'lora', "
+                                                       r"'liera', 'ssl', 'ssb'\], found an integer \(5\)"),
+    "method-unknown": (lambda c: head(c).update(method="loha"), r"field 'method': expected one of .*found a string"),
     "kwargs-list": (lambda c: head(c).update(kwargs=[1]), r"field 'kwargs': expected an object of keyword arguments, "
                                                           r"found a list"),
     "module-type": (lambda c: head(c).update(module_type="Conv4d"), r"field 'module_type': expected one of"),
@@ -218,14 +223,14 @@ TENSOR_CORRUPTIONS = {
 def test_corrupt_tensor_file(tmp_path, kind):
     _, base_state = saved(tmp_path)
     corrupt, match = TENSOR_CORRUPTIONS[kind]
-    (tmp_path / TENSORS).write_bytes(corrupt((tmp_path / TENSORS).read_bytes()))
-    load_fails(fresh(base_state), tmp_path, match, TENSORS)
+    tensors_file(tmp_path).write_bytes(corrupt(tensors_file(tmp_path).read_bytes()))
+    load_fails(fresh(base_state), tmp_path, match, tensors_name(tmp_path))
 
 
 def rewrite_tensors(directory, change):
-    tensors = load_file(str(directory / TENSORS))
+    tensors = load_file(str(tensors_file(directory)))
     change(tensors)
-    save_file(tensors, str(directory / TENSORS))
+    save_file(tensors, str(tensors_file(directory)))
 
 
 @pytest.mark.parametrize("dtype, name", [(torch.int64, "I64"), (torch.int8, "I8"), (torch.bool, "BOOL"),
@@ -233,7 +238,7 @@ def rewrite_tensors(directory, change):
 def test_non_floating_tensor_refused(tmp_path, dtype, name):
     _, base_state = saved(tmp_path)
     rewrite_tensors(tmp_path, lambda t: t.update({"head.lora_B": t["head.lora_B"].to(dtype)}))
-    load_fails(fresh(base_state), tmp_path, rf"tensor head\.lora_B has dtype {name} in adapters\.safetensors, "
+    load_fails(fresh(base_state), tmp_path, rf"tensor head\.lora_B has dtype {name} in {TENSORS_NAME}, "
                                             r"expected a floating dtype \(one of \['F16', 'BF16', 'F32', 'F64'\]\)")
 
 
@@ -241,7 +246,8 @@ def test_non_floating_tensor_refused(tmp_path, dtype, name):
 def test_non_finite_tensor_refused(tmp_path, value):
     _, base_state = saved(tmp_path)
     rewrite_tensors(tmp_path, lambda t: t["block.conv1.lora_A"].view(-1)[3].fill_(value))
-    load_fails(fresh(base_state), tmp_path, r"tensor block\.conv1\.lora_A holds 1 non-finite values", TENSORS)
+    load_fails(fresh(base_state), tmp_path, r"tensor block\.conv1\.lora_A holds 1 non-finite values",
+               tensors_name(tmp_path))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -249,7 +255,7 @@ def test_non_finite_tensor_refused(tmp_path, value):
 def test_floating_tensors_of_any_width_are_converted(tmp_path, dtype, model_dtype):
     _, base_state = saved(tmp_path)
     rewrite_tensors(tmp_path, lambda t: t.update({k: v.to(dtype) for k, v in t.items()}))
-    stored = load_file(str(tmp_path / TENSORS))
+    stored = load_file(str(tensors_file(tmp_path)))
     model = fresh(base_state).to(model_dtype)
     lk.load_adapters(model, str(tmp_path))
     for n, layer in lk.adapter_layers(model):
@@ -273,8 +279,9 @@ def test_missing_directory_and_files(tmp_path):
     (tmp_path / "file").write_text("x")
     load_fails(model, tmp_path / "file", r"file is not a directory")
     _, base_state = saved(tmp_path / "d")
-    os.remove(tmp_path / "d" / TENSORS)
-    load_fails(model, tmp_path / "d", r"adapters\.safetensors does not exist", TENSORS)
+    name = tensors_name(tmp_path / "d")
+    os.remove(tmp_path / "d" / name)
+    load_fails(model, tmp_path / "d", rf"{TENSORS_NAME} \(named by adapter_config\.json\) does not exist", name)
     with pytest.raises(lk.AdapterTypeError, match=r"^load_adapters: directory must be a path, got 3$"):
         lk.load_adapters(model, 3)
 
@@ -295,15 +302,15 @@ def test_edited_rank_allocates_nothing(tmp_path, monkeypatch, forge_header):
     edit_config(tmp_path, lambda c: c["layers"]["0"].update(kwargs={**c["layers"]["0"]["kwargs"], "rank": rank},
                                                              tensors={"lora_A": [rank, 512], "lora_B": [512, rank]}))
     if forge_header:
-        raw = (tmp_path / TENSORS).read_bytes()
+        raw = tensors_file(tmp_path).read_bytes()
         header, data = header_of(raw)
         header["0.lora_A"]["shape"] = [rank, 512]
-        (tmp_path / TENSORS).write_bytes(with_header(header, data))
+        tensors_file(tmp_path).write_bytes(with_header(header, data))
     built = []
     monkeypatch.setattr(lk.surgery, "build_adapter", lambda *a, **k: built.append(a))
     match = (r"tensor 0\.lora_A: data_offsets .* do not hold its 2048000000000000 bytes" if forge_header else
-             rf"layer '0': tensor 0\.lora_A has shape \[8, 512\] in adapters\.safetensors, expected \[{rank}, 512\]")
-    load_fails(big_model(), tmp_path, match, TENSORS if forge_header else None)
+             rf"layer '0': tensor 0\.lora_A has shape \[8, 512\] in {TENSORS_NAME}, expected \[{rank}, 512\]")
+    load_fails(big_model(), tmp_path, match, tensors_name(tmp_path) if forge_header else None)
     assert built == []
 
 
@@ -331,7 +338,7 @@ def test_root_level_adapter(tmp_path, method, kwargs, base, args, shape):
     lk.save_adapters(layer, str(tmp_path))
     config = json.loads((tmp_path / CONFIG).read_text())
     assert list(config["layers"]) == [""]
-    with safe_open(str(tmp_path / TENSORS), framework="pt") as f:
+    with safe_open(str(tensors_file(tmp_path)), framework="pt") as f:
         assert set(f.keys()) == set(layer.adapter_state())  # "core", not ".core"
     torch.manual_seed(0)
     target = cls(*args, **kwargs)  # same base weight, fresh adapter
@@ -418,10 +425,11 @@ def corrupted(draw, files):
     """The saved files with one or two random corruptions of their bytes or of the tensors' header."""
     files = dict(files)
     for _ in range(draw(st.integers(1, 2))):
-        name = draw(st.sampled_from([CONFIG, TENSORS]))
+        tensors = next(name for name in files if name != CONFIG)
+        name = draw(st.sampled_from([CONFIG, tensors]))
         raw = files[name]
         kind = draw(st.sampled_from(["header", "truncate", "flip", "splice", "length", "append"]))
-        if kind == "header" and name == TENSORS and len(raw) >= 8 and 8 + struct.unpack("<Q", raw[:8])[0] <= len(raw):
+        if kind == "header" and name == tensors and len(raw) >= 8 and 8 + struct.unpack("<Q", raw[:8])[0] <= len(raw):
             try:
                 header, data = header_of(raw)
             except ValueError:
@@ -435,7 +443,7 @@ def corrupted(draw, files):
         elif kind == "splice":
             i = draw(st.integers(0, len(raw)))
             raw = raw[:i] + draw(st.binary(max_size=12)) + raw[i + draw(st.integers(0, 12)):]
-        elif kind == "length" and name == TENSORS:
+        elif kind == "length" and name == tensors:
             raw = struct.pack("<Q", draw(st.integers(0, 2**64 - 1))) + raw[8:]
         else:
             raw = raw + draw(st.binary(min_size=1, max_size=16))
@@ -453,7 +461,7 @@ def saved_directory(tmp_path_factory):
 def loaded_matches_files(model, files, directory):
     """A load that succeeded put exactly the file's tensors and configuration into the model."""
     config = json.loads(files[CONFIG])
-    with safe_open(str(directory / TENSORS), framework="pt") as f:
+    with safe_open(str(directory / config["files"]["tensors"]), framework="pt") as f:
         for name, entry in config["layers"].items():
             layer = model.get_submodule(name)
             assert layer.adapter_method == entry["method"] and not layer.merged
@@ -480,7 +488,7 @@ def load_gives_clear_error_or_exact_result(files, base_state, directory, target)
         lk.load_adapters(model, str(directory))
     except lk.AdapterFileError as err:
         event("refused: " + ("the model" if err.path == str(directory) else os.path.basename(err.path)))
-        assert err.path in (str(directory), str(directory / CONFIG), str(directory / TENSORS)) and err.path in str(err)
+        assert err.path in (str(directory), *(str(directory / name) for name in files)) and err.path in str(err)
         assert_unchanged(model, snap)
     else:
         event("loaded")

@@ -18,8 +18,8 @@ from oracle import randomize_adapter, rel_err
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
 METHODS = [("flora", {}), ("liera", dict(rank=4)), ("liera", dict(rank=2, mode="first_order", delta="tucker")),
-           ("ssl", {}), ("ssb", {})]
-METHOD_IDS = ["flora", "liera", "liera-tucker-first_order", "ssl", "ssb"]
+           ("ssl", {}), ("ssb", {}), ("lora", dict(rank=4))]
+METHOD_IDS = ["flora", "liera", "liera-tucker-first_order", "ssl", "ssb", "lora"]
 
 
 def optional_import(name: str):

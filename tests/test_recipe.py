@@ -1,23 +1,48 @@
-"""examples/finetune_digits.py runs end to end (short: 2 seeds, 1 epoch) and compares the methods at
-LoRA's budget. Marked slow (it pretrains a network first)."""
+"""examples/finetune_digits.py runs end to end (short: 2 seeds, 1 epoch; marked slow, it pretrains a
+network first) and compares the methods at LoRA's budget; by default it writes where git does not
+look, leaving the committed results alone."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("sklearn.datasets")
-pytestmark = pytest.mark.slow
 
-RECIPE = Path(__file__).resolve().parent.parent / "examples" / "finetune_digits.py"
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "examples" / "finetune_digits.py"
 
 
-def test_recipe_runs_and_matches_budgets(tmp_path, capsys):
+def load_recipe():
     spec = importlib.util.spec_from_file_location("finetune_digits", RECIPE)
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
+    return recipe
+
+
+def test_default_output_is_ignored_by_git_and_the_committed_results_need_a_flag(tmp_path):
+    recipe = load_recipe()
+    default = recipe.parse_args([]).out
+    assert default.parent == ROOT / "examples" / "out"
+    for suffix in (".json", ".md", ".png"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(default.with_suffix(suffix))], cwd=ROOT)
+        assert ignored.returncode == 0, f"{default.with_suffix(suffix)} is not ignored by git"
+    committed = recipe.parse_args(["--update-results"]).out
+    assert committed == ROOT / "examples" / "results" / "finetune_digits"
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(committed.with_suffix(".md"))], cwd=ROOT,
+                             capture_output=True)
+    assert tracked.returncode == 0  # the flag writes the files the README shows
+    assert recipe.parse_args(["--out", str(tmp_path / "x")]).out == tmp_path / "x"
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--out", str(tmp_path / "x"), "--update-results"])
+
+
+@pytest.mark.slow
+def test_recipe_runs_and_matches_budgets(tmp_path, capsys):
+    recipe = load_recipe()
     out = tmp_path / "digits"
     recipe.main(["--seeds", "2", "--epochs", "1", "--timing-rounds", "2", "--out", str(out)])
     result = json.loads(out.with_suffix(".json").read_text())

@@ -71,6 +71,8 @@ GEOM_IDS = [g[0] for g in GEOMETRIES]
 METHODS = [
     ("flora-default", "FLoRA", {}),
     ("flora-r2-s1.5", "FLoRA", dict(ranks=2, scale=1.5)),
+    ("lora-default", "LoRA", {}),
+    ("lora-r3-a6", "LoRA", dict(rank=3, alpha=6.0)),
     ("liera-exp-lora", "LieRA", dict(mode="exp", delta="lora", rank=3, alpha=6.0)),
     ("liera-first_order-lora", "LieRA", dict(mode="first_order", delta="lora", rank=3, alpha=6.0)),
     ("liera-exp-tucker", "LieRA", dict(mode="exp", delta="tucker", rank=2, alpha=3.0)),
@@ -82,10 +84,12 @@ METHOD_IDS = [m[0] for m in METHODS]
 
 
 def applicable_strategies(method) -> tuple:
-    """The strategies that can run ``method`` (bypass: FLoRA, SSL, SSB; hybrid: FLoRA), FLoRA's chain
-    strategies in both forms (tests/forms.py)."""
+    """The strategies that can run ``method`` (bypass: FLoRA, LoRA, SSL, SSB; hybrid: FLoRA, LoRA),
+    FLoRA's chain strategies in both forms (tests/forms.py)."""
     if method[1] == "FLoRA":
         return tuple(flora_strategies())
+    if method[1] == "LoRA":
+        return ("merged", "two_branch", "bypass", "hybrid")
     return ("merged", "two_branch", "bypass") if method[1] in ("SSL", "SSB") else ("merged", "two_branch")
 
 
@@ -132,6 +136,8 @@ def oracle_weight(layer, w, t):
     straight from the formulas; ``layer`` only supplies the configuration (scale, mode, delta)."""
     if isinstance(layer, lk.layers.FLoRAMixin):
         return w + layer.scale * tucker64(t["core"], [t[f"factors.{i}"] for i in range(w.dim())])
+    if isinstance(layer, lk.layers.LoRAMixin):
+        return w + layer.scale * (t["lora_B"] @ t["lora_A"]).reshape(w.shape)
     if isinstance(layer, lk.layers.LieRAMixin):
         if layer.delta == "tucker":
             d = tucker64(t["core"], [t[f"factors.{i}"] for i in range(w.dim())])

@@ -1,4 +1,6 @@
-"""mpc_loss on hand-made factors, with expected values worked out by hand from the formulas."""
+"""mpc_loss (the paper's MPC on LoRA's factors) and tucker_orthogonality_loss (this package's Tucker
+extension) on hand-made factors, with expected values worked out by hand from the formulas, and
+against the paper's Eqs. 25/26 written out in the paper's own notation."""
 from __future__ import annotations
 
 import pytest
@@ -26,22 +28,22 @@ def set_(param, value):
 # ----------------------------------------------------------------------------------------------
 # zero for orthonormal factors
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["o", "d"])
-def test_orthonormal_tucker_factors_give_zero(kind):
+def test_orthonormal_tucker_factors_give_zero():
     model = nn.Sequential(lk.FLoRAConv2d(6, 8, 3, ranks=(4, 3, 2, 2), dtype=F64), lk.FLoRALinear(5, 7, dtype=F64))
     for layer in model:
         for i, u in enumerate(layer.factors):
             set_(u, orthonormal(*u.shape, seed=i))
-    loss = lk.mpc_loss(model, kind)
+    loss = lk.tucker_orthogonality_loss(model)
     assert loss.shape == () and abs(loss.item()) < 1e-20
     # a random factor is not orthonormal (the check above can fail)
     with torch.no_grad():
         model[0].factors[1].mul_(1.1)
-    assert lk.mpc_loss(model, kind).item() > 1e-3
+    assert lk.tucker_orthogonality_loss(model).item() > 1e-3
 
 
-def test_orthonormal_lora_gives_zero_for_kind_o():
-    layer = lk.LieRALinear(6, 5, rank=3, dtype=F64)
+@pytest.mark.parametrize("cls", [lk.LieRALinear, lk.LoRALinear])
+def test_orthonormal_lora_gives_zero_for_kind_o(cls):
+    layer = cls(6, 5, rank=3, dtype=F64)
     set_(layer.lora_A, orthonormal(3, 6, seed=0))  # orthonormal rows: A A^T = I
     set_(layer.lora_B, orthonormal(5, 3, seed=1))  # orthonormal columns: B^T B = I
     model = nn.Sequential(layer)
@@ -67,10 +69,11 @@ A = [[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]]
 B = [[1.0, 1.0], [0.0, 2.0]]
 
 
+@pytest.mark.parametrize("cls", [lk.LieRALinear, lk.LoRALinear])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("kind, expected", [("o", 25.0 + 18.0), ("d", 25.0 + 2.0)])
-def test_lora_hand_computed(kind, expected, dtype):
-    layer = lk.LieRALinear(3, 2, rank=2, dtype=dtype)
+def test_lora_hand_computed(kind, expected, dtype, cls):
+    layer = cls(3, 2, rank=2, dtype=dtype)
     set_(layer.lora_A, A)
     set_(layer.lora_B, B)
     loss = lk.mpc_loss(nn.Sequential(layer), kind)
@@ -90,12 +93,11 @@ def test_lora_conv_hand_computed():
 U1 = [[1.0, 0.0], [2.0, 1.0], [0.0, 1.0]]
 
 
-@pytest.mark.parametrize("kind", ["o", "d"])
-def test_tucker_sums_over_modes(kind):
+def test_tucker_sums_over_modes():
     layer = lk.FLoRALinear(3, 2, ranks=(2, 2), dtype=F64)
     set_(layer.factors[0], B)
     set_(layer.factors[1], U1)
-    assert lk.mpc_loss(nn.Sequential(layer), kind).item() == pytest.approx(18.0 + 25.0, rel=1e-12)
+    assert lk.tucker_orthogonality_loss(nn.Sequential(layer)).item() == pytest.approx(18.0 + 25.0, rel=1e-12)
 
 
 def test_liera_tucker_and_conv_modes():
@@ -106,20 +108,26 @@ def test_liera_tucker_and_conv_modes():
     set_(layer.factors[1], U1)                    # 25
     set_(layer.factors[2], orthonormal(3, 2, 0))  # 0
     set_(layer.factors[3], [[3.0]])               # (9 - 1)^2 = 64
-    assert lk.mpc_loss(nn.Sequential(layer), "o").item() == pytest.approx(18.0 + 25.0 + 64.0, rel=1e-12)
+    assert lk.tucker_orthogonality_loss(nn.Sequential(layer)).item() == pytest.approx(18.0 + 25.0 + 64.0,
+                                                                                     rel=1e-12)
 
 
-def test_sum_over_layers_and_ssl_layers_add_nothing():
-    lora = lk.LieRALinear(3, 2, rank=2, dtype=F64)
+def test_sum_over_layers_each_loss_its_own_layers():
+    liera = lk.LieRALinear(3, 2, rank=2, dtype=F64)
+    set_(liera.lora_A, A)
+    set_(liera.lora_B, B)
+    lora = lk.LoRALinear(3, 2, rank=2, dtype=F64)
     set_(lora.lora_A, A)
     set_(lora.lora_B, B)
     tucker = lk.FLoRALinear(3, 2, ranks=(2, 2), dtype=F64)
     set_(tucker.factors[0], B)
     set_(tucker.factors[1], U1)
     ssl = lk.SSLConv2d(3, 4, 3, dtype=F64)
-    model = nn.Sequential(ssl, nn.ReLU(), lora, nn.Sequential(tucker, lk.SSBLinear(2, 2)))
-    assert lk.mpc_loss(model, "o").item() == pytest.approx(43.0 + 43.0, rel=1e-12)
-    assert lk.mpc_loss(model, "d").item() == pytest.approx(27.0 + 43.0, rel=1e-12)
+    model = nn.Sequential(ssl, nn.ReLU(), liera, nn.Sequential(tucker, lk.SSBLinear(2, 2)), lora)
+    assert lk.mpc_loss(model, "o", tucker_factors=False).item() == pytest.approx(43.0 + 43.0, rel=1e-12)
+    assert lk.mpc_loss(model, "d", tucker_factors=False).item() == pytest.approx(27.0 + 27.0, rel=1e-12)
+    assert lk.tucker_orthogonality_loss(model).item() == pytest.approx(43.0, rel=1e-12)
+    assert lk.mpc_loss(model, "o", tucker_factors=True).item() == pytest.approx(43.0 + 43.0 + 43.0, rel=1e-12)
 
 
 def test_gradient_matches_hand_formula():
@@ -127,7 +135,7 @@ def test_gradient_matches_hand_formula():
     layer = lk.FLoRALinear(3, 2, ranks=(2, 2), dtype=F64)
     set_(layer.factors[0], B)
     set_(layer.factors[1], U1)
-    lk.mpc_loss(nn.Sequential(layer), "o").backward()
+    lk.tucker_orthogonality_loss(nn.Sequential(layer)).backward()
     for u in layer.factors:
         w = u.detach()
         expected = 4 * w @ (w.t() @ w - torch.eye(2, dtype=F64))
@@ -168,13 +176,90 @@ def test_injected_model_default_kind_is_o():
     assert lk.mpc_loss(model).item() == pytest.approx(43.0, rel=1e-5)
 
 
-def test_model_without_adapters_raises():
-    with pytest.raises(ValueError, match="Sequential has no adapter layer"):
-        lk.mpc_loss(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 2)))
+@pytest.mark.parametrize("loss", [lk.mpc_loss, lk.tucker_orthogonality_loss])
+def test_model_without_adapters_raises(loss):
+    with pytest.raises(lk.AdapterConfigError, match="Sequential has no adapter layer"):
+        loss(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 2)))
 
 
-@pytest.mark.parametrize("kind", ["x", "O", "orthogonal", ""])
+@pytest.mark.parametrize("kind", ["x", "O", "orthogonal", "", None])
 def test_unknown_kind_raises(kind):
-    model = nn.Sequential(lk.FLoRALinear(3, 2))
-    with pytest.raises(ValueError, match=f"unknown MPC kind '{kind}'"):
+    model = nn.Sequential(lk.LoRALinear(3, 2))
+    with pytest.raises(lk.AdapterConfigError, match=f"unknown MPC kind {kind!r}"):
         lk.mpc_loss(model, kind)
+
+
+def test_mpc_adds_the_tucker_extension_only_when_asked():
+    model = nn.Sequential(lk.FLoRAConv2d(3, 4, 3), lk.SSLLinear(4, 2), lk.LieRALinear(2, 2, delta="tucker"),
+                          lk.LoRALinear(2, 3, rank=2))
+    lora_only = lk.mpc_loss(nn.Sequential(model[3]), "o").item()
+    tucker = lk.tucker_orthogonality_loss(model).item()
+    assert tucker > 1e-3 and lora_only > 1e-3
+    assert lk.mpc_loss(model, "o", tucker_factors=True).item() == pytest.approx(lora_only + tucker, rel=1e-6)
+    for kind in ("o", "d"):  # unasked, neither adds terms the paper does not define nor skips layers silently
+        with pytest.raises(lk.AdapterConfigError, match=r"FLoRAConv2d has Tucker factors.*tucker_factors=True.*"
+                                                        r"tucker_factors=False"):
+            lk.mpc_loss(model, kind)
+    assert lk.mpc_loss(model, "o", tucker_factors=False).item() == pytest.approx(lora_only, rel=1e-6)
+    assert lk.mpc_loss(model, "d", tucker_factors=False).item() == pytest.approx(
+        lk.mpc_loss(nn.Sequential(model[3]), "d").item(), rel=1e-6)
+    assert lk.mpc_loss(nn.Sequential(model[0]), tucker_factors=False).item() == 0.0
+    with pytest.raises(lk.AdapterConfigError, match=r"kind 'd' on FLoRAConv2d, whose Tucker factors have no diagonal "
+                                                    r"form.*tucker_factors=False"):
+        lk.mpc_loss(model, "d", tucker_factors=True)
+    with pytest.raises(lk.AdapterTypeError, match="tucker_factors must be True, False or None"):
+        lk.mpc_loss(model, "o", tucker_factors=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper's Eqs. 25/26, written in the paper's notation: W (n, m) on row vectors, dW = A B
+# ----------------------------------------------------------------------------------------------
+def paper_mpc(A_paper, B_paper, kind):
+    """Eq. 25 (o) / Eq. 26 (d) exactly as printed, for A (n, r) and B (r, m)."""
+    r = A_paper.shape[1]
+    eye = torch.eye(r, dtype=F64)
+    first = torch.linalg.matrix_norm(A_paper.T @ A_paper - eye) ** 2
+    bbt = B_paper @ B_paper.T
+    second = torch.linalg.matrix_norm(bbt - (eye if kind == "o" else torch.diag(torch.diagonal(bbt)))) ** 2
+    return first + second
+
+
+@pytest.mark.parametrize("kind", ["o", "d"])
+@pytest.mark.parametrize("make", [
+    lambda: lk.LoRALinear(7, 5, rank=3, dtype=F64),
+    lambda: lk.LoRAConv2d(4, 6, 3, rank=5, dtype=F64),
+    lambda: lk.LoRAConv2d(4, 6, 3, groups=2, rank=2, dtype=F64),
+    lambda: lk.LoRAConv1d(3, 2, 4, rank=4, dtype=F64),
+    lambda: lk.LieRAConv3d(2, 3, 2, rank=3, dtype=F64),
+], ids=["lora-linear", "lora-conv2d", "lora-conv2d-groups", "lora-conv1d", "liera-conv3d"])
+def test_mpc_on_lora_factors_is_the_papers(make, kind):
+    """With the paper's A = lora_A^T (the down projection) and B = lora_B^T (the up projection):
+    ``x W_paper`` with ``W_paper = W^T`` is our ``W x``, and ``dW_paper = A B`` is our ``(lora_B lora_A)^T``."""
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.normal_()
+    A_paper, B_paper = layer.lora_A.detach().T, layer.lora_B.detach().T
+    delta = lk.methods.delta("lora", [t.detach() for t in layer.adapter_tensors()], layer.weight.shape)
+    torch.testing.assert_close(A_paper @ B_paper, delta.reshape(layer.weight.shape[0], -1).T)
+    got = lk.mpc_loss(nn.Sequential(layer), kind)
+    assert got.item() == pytest.approx(paper_mpc(A_paper, B_paper, kind).item(), rel=1e-12)
+    # the other reading of the notation (A the up projection) gives another value: the test can fail
+    if kind == "d":
+        swapped = paper_mpc(layer.lora_B.detach(), layer.lora_A.detach(), kind)
+        assert abs(swapped.item() - got.item()) > 1e-6 * abs(got.item())
+
+
+def test_zero_initialised_up_projection_satisfies_the_diagonal_form():
+    """MPC_d asks only orthogonal up-projection directions: LoRA's B starts at zero and pays nothing
+    for it, while MPC_o charges its r unit norms (r^2 ... here r: ||0 - I||^2 = r)."""
+    layer = lk.LoRALinear(16, 12, rank=4, dtype=F64)
+    a = layer.lora_A.detach()
+    a_term = gram_penalty_by_hand(a @ a.T)
+    assert lk.mpc_loss(nn.Sequential(layer), "d").item() == pytest.approx(a_term, rel=1e-12)
+    assert lk.mpc_loss(nn.Sequential(layer), "o").item() == pytest.approx(a_term + 4.0, rel=1e-12)
+
+
+def gram_penalty_by_hand(gram):
+    return ((gram - torch.eye(gram.shape[0], dtype=gram.dtype)) ** 2).sum().item()

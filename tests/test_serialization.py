@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import re
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +18,17 @@ from torch import nn
 import lrtensor_kernels as lk
 from oracle import F64, randomize_adapter, rel_err
 
-TENSORS, CONFIG = "adapters.safetensors", "adapter_config.json"
+CONFIG = "adapter_config.json"
+TENSORS_NAME = r"adapters-[0-9a-f]{16}\.safetensors"  # the tensors file, named by its content
+
+
+def tensors_name(directory) -> str:
+    """The name of the tensors file the config in ``directory`` names."""
+    return json.loads((Path(directory) / CONFIG).read_text())["files"]["tensors"]
+
+
+def tensors_file(directory) -> Path:
+    return Path(directory) / tensors_name(directory)
 
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
@@ -50,12 +63,13 @@ BASE_NAME = {"pre": "Conv3d", "block.conv1": "Conv2d", "block.conv2": "Conv2d", 
 METHOD_KWARGS = [
     ("flora", {}),
     ("flora", dict(ranks=(2, 3, 1, 2), scale=0.7)),
+    ("lora", dict(rank=3, alpha=5.0, dropout=0.1)),
     ("liera", dict(rank=3, alpha=5.0)),
     ("liera", dict(rank=2, alpha=3.0, mode="first_order", delta="tucker", dropout=0.1)),
     ("ssl", {}),
     ("ssb", {}),
 ]
-MK_IDS = ["flora", "flora-kwargs", "liera-lora", "liera-tucker", "ssl", "ssb"]
+MK_IDS = ["flora", "flora-kwargs", "lora", "liera-lora", "liera-tucker", "ssl", "ssb"]
 
 
 def make_net(seed=0, **kwargs):
@@ -169,15 +183,17 @@ def test_load_into_float64_model(tmp_path):
 def test_files_are_safetensors_and_json(tmp_path):
     net, _, names = adapted_net("liera", dict(rank=3, alpha=5.0))
     lk.save_adapters(net, str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == sorted([TENSORS, CONFIG])
+    assert sorted(os.listdir(tmp_path)) == sorted([tensors_name(tmp_path), CONFIG])
+    assert re.fullmatch(TENSORS_NAME, tensors_name(tmp_path))
 
-    raw = (tmp_path / TENSORS).read_bytes()
+    raw = tensors_file(tmp_path).read_bytes()
+    assert tensors_name(tmp_path) == f"adapters-{hashlib.sha256(raw).hexdigest()[:16]}.safetensors"
     assert not raw.startswith(b"\x80") and not raw.startswith(b"PK")  # neither pickle nor torch.save zip
     header_len = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8:8 + header_len])
     expected_keys = {f"{n}.{k}" for n, layer in lk.adapter_layers(net) for k in layer.adapter_state()}
     assert set(header) - {"__metadata__"} == expected_keys
-    with safe_open(str(tmp_path / TENSORS), framework="pt") as f:
+    with safe_open(str(tensors_file(tmp_path)), framework="pt") as f:
         assert set(f.keys()) == expected_keys
         for n, layer in lk.adapter_layers(net):
             for k, t in layer.adapter_state().items():
@@ -185,7 +201,8 @@ def test_files_are_safetensors_and_json(tmp_path):
 
     config = json.loads((tmp_path / CONFIG).read_text())
     assert config["package_version"] == lk.__version__
-    assert config["format_version"] == 2
+    assert config["format_version"] == 3
+    assert config["files"] == {"tensors": tensors_name(tmp_path)}
     assert config["trainable_modules"] == {}
     assert list(config["layers"]) == names
     for n, layer in lk.adapter_layers(net):
@@ -215,9 +232,9 @@ def saved_flora(tmp_path):
 
 
 def rewrite_tensors(directory, change):
-    tensors = load_file(str(directory / TENSORS))
+    tensors = load_file(str(tensors_file(directory)))
     change(tensors)
-    save_file(tensors, str(directory / TENSORS))
+    save_file(tensors, str(tensors_file(directory)))
 
 
 def check_fails_unchanged(model, directory, match, error=ValueError):
@@ -266,7 +283,8 @@ def test_layer_name_held_by_other_module_type(saved_flora):
 def test_extra_tensor(saved_flora):
     directory, base_state = saved_flora
     rewrite_tensors(directory, lambda t: t.__setitem__("head.extra", torch.zeros(3)))
-    check_fails_unchanged(fresh_like(base_state), directory, r"tensor head\.extra in adapters\.safetensors belongs to no adapter")
+    check_fails_unchanged(fresh_like(base_state), directory,
+                          rf"tensor head\.extra in {TENSORS_NAME} belongs to no adapter")
 
 
 def test_missing_tensor(saved_flora):
@@ -280,7 +298,8 @@ def test_wrong_tensor_shape(saved_flora):
     rewrite_tensors(directory, lambda t: t.__setitem__("block.conv1.core", torch.zeros(2, 2, 2, 2)))
     model = fresh_like(base_state)
     check_fails_unchanged(model, directory,
-                          r"layer 'block\.conv1': tensor block\.conv1\.core has shape \[2, 2, 2, 2\] in adapters\.safetensors, "
+                          r"layer 'block\.conv1': tensor block\.conv1\.core has shape \[2, 2, 2, 2\] in "
+                          rf"{TENSORS_NAME}, "
                           r"expected \[4, 3, 2, 2\]")
     # the same file problem with a model that already has the adapters
     lk.inject(model, "flora")
@@ -327,6 +346,6 @@ def test_format_version_and_missing_files(saved_flora, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")
     check_fails_unchanged(fresh_like(base_state), empty, CONFIG + " does not exist", error=lk.AdapterFileError)
     config = json.loads((directory / CONFIG).read_text())
-    config["format_version"] = 3
+    config["format_version"] = 4
     (directory / CONFIG).write_text(json.dumps(config))
-    check_fails_unchanged(fresh_like(base_state), directory, r"format_version 3, expected one of \(1, 2\)")
+    check_fails_unchanged(fresh_like(base_state), directory, r"format_version 4, expected one of \(1, 2, 3\)")

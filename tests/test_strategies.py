@@ -26,7 +26,7 @@ from fused import FUSED_BACKENDS, fused_kernels
 from models import ResNet18, make_net
 from oracle import F64, randomize_adapter, rel_err
 
-ADDITIVE_OR_SCALING = ("flora", "ssl", "ssb")
+ADDITIVE_OR_SCALING = ("flora", "lora", "ssl", "ssb")
 
 
 def _classes(method):
@@ -74,8 +74,8 @@ def test_reenabled_base_gets_correct_gradients(strategy):
 @pytest.mark.parametrize("method", list(lk.layers.LAYERS))
 def test_every_applicable_strategy_is_accepted(method):
     layer = _small(_classes(method)[1])
-    expected = ("auto", "merged", "two_branch") + {"flora": ("bypass", "hybrid"), "ssl": ("bypass",),
-                                                   "ssb": ("bypass",)}.get(method, ())
+    expected = ("auto", "merged", "two_branch") + {"flora": ("bypass", "hybrid"), "lora": ("bypass", "hybrid"),
+                                                   "ssl": ("bypass",), "ssb": ("bypass",)}.get(method, ())
     for strategy in expected:
         layer.strategy = strategy
         assert layer.strategy == strategy
@@ -197,8 +197,8 @@ _GEOMETRY = st.fixed_dictionaries(dict(
 def test_merged_and_bypass_agree_on_random_geometries(g):
     torch.manual_seed(g["seed"])
     kwargs = dict(dtype=F64, dropout=0.3 if g["dropout"] else 0.0)
-    if g["method"] == "flora":
-        kwargs["ranks"] = g["rank"]
+    if g["method"] in ("flora", "lora"):
+        kwargs["ranks" if g["method"] == "flora" else "rank"] = g["rank"]
     cls = lk.layers.LAYERS[g["method"]][{0: nn.Linear, 1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[g["dims"]]]
     c_in, c_out = g["groups"] * g["per_group_in"], g["groups"] * g["per_group_out"]
     if g["dims"] == 0:
@@ -251,6 +251,12 @@ def test_flop_ratios_of_the_default_strategy(name, cost_inputs, reference_backen
     # means the counter could not see inside an op
     assert min(ratios.values()) >= 0.999, ratios
     assert ratios["flora"] <= FLORA_FLOP_LIMIT.get(name, 1.10), ratios
+    # LoRA (rank 8) by its bypass: within 1% of PEFT-style LoRA's own module structure of the same rank
+    from bench.suite import PlainLoRA
+
+    peft_style = costs.step_flops(PlainLoRA(costs.frozen_layer(lambda: copy.deepcopy(base)), 8, 8.0), x) / frozen
+    assert ratios["lora"] <= 1.01 * peft_style and ratios["lora"] <= FLORA_FLOP_LIMIT.get(name, 1.10), (
+        ratios, peft_style)
     assert ratios["ssl"] <= 1.02 and ratios["ssb"] <= 1.02, ratios
     assert ratios["liera"] <= 1.05 * full, (ratios, full)
     # the check can fail: merged pays the full weight gradient
@@ -268,10 +274,11 @@ def test_bytes_kept_for_backward(name, fused, cost_inputs):
     frozen = costs.saved_bytes(base, x)
     with lk.use_backend("reference"):
         assert costs.saved_bytes(costs.adapted(base, "flora"), x) <= 1.25 * frozen
+        assert costs.saved_bytes(costs.adapted(base, "lora"), x) <= 1.25 * frozen
     output_bytes = base(x[:1]).numel() * x.shape[0] * x.element_size()
-    methods = ["flora", "ssl", "liera", "liera_first_order"]
+    methods = ["flora", "lora", "ssl", "liera", "liera_first_order"]
     if fused == "triton" and base.weight.numel() >= 300_000:
-        methods = ["flora", "ssl"]  # LieRA's forward runs the transform: slow in the Triton interpreter
+        methods = ["flora", "lora", "ssl"]  # LieRA's forward runs the transform: slow in the Triton interpreter
     with lk.use_backend(fused):
         for method in methods:
             layer = costs.adapted(base, method.split("_")[0])
@@ -373,10 +380,11 @@ def test_whole_resnet18_flops(reference_backend):
 
 
 def test_auto_on_a_depthwise_convolution():
-    """FLoRA's chain would run per group: merged. SSL/SSB scale activations, with no weight
+    """FLoRA's chain would run per group: merged; so would LoRA's (A on each group's one channel, to
+    r channels per group: r times the depthwise op). SSL/SSB scale activations, with no weight
     gradient, which a depthwise layer makes slow on the CPU (convnext_t/dw7x7 bench rows): bypass."""
     x = torch.randn(2, 96, 28, 28, requires_grad=True)
-    for method, want in (("flora", "merged"), ("ssl", "bypass"), ("ssb", "bypass")):
+    for method, want in (("flora", "merged"), ("lora", "merged"), ("ssl", "bypass"), ("ssb", "bypass")):
         layer = lk.layers.LAYERS[method][nn.Conv2d](96, 96, 7, padding=3, groups=96)
         plan = lk.plan(nn.Sequential(layer), x)
         other = "bypass" if want == "merged" else "merged"
@@ -414,6 +422,16 @@ def test_bypass_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.lrtensor.tucker_bypass.default,
                           (x, None, flora.weight, flora.bias, factors, [1, 1], [1, 1], [1, 1], 2, True, "triton"),
                           test_utils=checks)
+    torch.library.opcheck(torch.ops.lrtensor.tucker_hybrid.default,
+                          (x, flora.weight, flora.bias, factors, [1, 1], [1, 1], [1, 1], 2, "triton"),
+                          test_utils=checks)
+    lora = randomize_adapter(lk.LoRAConv2d(4, 6, 3, padding=1, groups=2, rank=3), 1)
+    lora_factors = [f.detach().requires_grad_() for f in lk.strategies.tucker_chain.chain_factors(
+        lora.adapter_tensors(), lora.scale, x.dtype, delta="lora", weight_shape=tuple(lora.weight.shape))]
+    for x_chain in (None, torch.randn(2, 4, 5, 5, requires_grad=True)):  # LoRA's chain: the folded form
+        torch.library.opcheck(torch.ops.lrtensor.tucker_bypass.default,
+                              (x, x_chain, lora.weight, lora.bias, lora_factors, [1, 1], [1, 1], [1, 1], 2, False,
+                               "triton"), test_utils=checks)
     ssb = randomize_adapter(lk.SSBConv2d(4, 6, 3, padding=1, groups=2), 1)
     for split in (False, True):
         torch.library.opcheck(torch.ops.lrtensor.scale_bypass.default,

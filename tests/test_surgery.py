@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("reference_backend")
 ADAPTABLE = ["pre", "block.conv1", "block.conv2", "conv1", "seq.0", "head"]
 BASE_OF = {"pre": nn.Conv3d, "block.conv1": nn.Conv2d, "block.conv2": nn.Conv2d, "conv1": nn.Conv2d,
            "seq.0": nn.Conv1d, "head": nn.Linear}
-PREFIX = {"flora": "FLoRA", "liera": "LieRA", "ssl": "SSL", "ssb": "SSB"}
+PREFIX = {"flora": "FLoRA", "lora": "LoRA", "liera": "LieRA", "ssl": "SSL", "ssb": "SSB"}
 SUFFIX = {nn.Linear: "Linear", nn.Conv1d: "Conv1d", nn.Conv2d: "Conv2d", nn.Conv3d: "Conv3d"}
 
 
@@ -43,12 +43,13 @@ def adapter_ids(model):
 METHOD_KWARGS = [
     ("flora", {}),
     ("flora", dict(ranks=2, scale=1.5)),
+    ("lora", dict(rank=2, alpha=3.0)),
     ("liera", {}),
     ("liera", dict(rank=2, alpha=3.0, mode="first_order", delta="tucker")),
     ("ssl", {}),
     ("ssb", dict(dropout=0.2)),
 ]
-MK_IDS = ["flora", "flora-kwargs", "liera", "liera-kwargs", "ssl", "ssb-dropout"]
+MK_IDS = ["flora", "flora-kwargs", "lora", "liera", "liera-kwargs", "ssl", "ssb-dropout"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ def test_multihead_attention_out_proj_not_adapted_by_default():
 # merge / unmerge on single layers
 # ----------------------------------------------------------------------------------------------
 LAYER_METHODS = [
-    ("flora", {}), ("liera-exp-lora", dict(mode="exp", delta="lora", rank=3)),
+    ("flora", {}), ("lora", dict(rank=3)), ("liera-exp-lora", dict(mode="exp", delta="lora", rank=3)),
     ("liera-first_order-tucker", dict(mode="first_order", delta="tucker", rank=2)), ("ssl", {}), ("ssb", {}),
 ]
 PLAINS = [

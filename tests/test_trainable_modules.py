@@ -14,7 +14,7 @@ from torch import nn
 import lrtensor_kernels as lk
 from models import make_net
 from oracle import randomize_adapter
-from test_serialization import CONFIG, TENSORS, assert_unchanged, check_fails_unchanged, snapshot
+from test_serialization import CONFIG, assert_unchanged, check_fails_unchanged, snapshot, tensors_file
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
@@ -163,8 +163,9 @@ def test_adapters_alone_do_not_reproduce_the_trained_model(tmp_path):
     """The check above can fail: the adapter tensors alone give another model."""
     net, base_state = trained_net()
     lk.save_adapters(net, str(tmp_path))
-    tensors = load_file(str(tmp_path / TENSORS))
-    save_file({k: v for k, v in tensors.items() if not k.startswith(("block.bn.", "head."))}, str(tmp_path / TENSORS))
+    tensors = load_file(str(tensors_file(tmp_path)))
+    save_file({k: v for k, v in tensors.items() if not k.startswith(("block.bn.", "head."))},
+              str(tensors_file(tmp_path)))
     config = json.loads((tmp_path / CONFIG).read_text())
     config["trainable_modules"] = {}
     (tmp_path / CONFIG).write_text(json.dumps(config))
@@ -182,8 +183,9 @@ def test_version_1_files_still_load(tmp_path):
         randomize_adapter(layer, i)
     lk.save_adapters(net, str(tmp_path))
     config = json.loads((tmp_path / CONFIG).read_text())
-    del config["trainable_modules"]
+    del config["trainable_modules"], config["files"]
     config["format_version"] = 1
+    tensors_file(tmp_path).rename(tmp_path / "adapters.safetensors")  # formats 1 and 2 had this one name
     (tmp_path / CONFIG).write_text(json.dumps(config))
     fresh = fresh_base(base_state)
     lk.load_adapters(fresh, str(tmp_path))
@@ -232,17 +234,17 @@ def test_load_trainable_module_the_model_adapts(saved):
 
 def test_load_trainable_module_tensor_problems(saved):
     directory, base_state = saved
-    tensors = load_file(str(directory / TENSORS))
+    tensors = load_file(str(tensors_file(directory)))
     missing = {k: v for k, v in tensors.items() if k != "block.bn.running_var"}
-    save_file(missing, str(directory / TENSORS))
+    save_file(missing, str(tensors_file(directory)))
     check_fails_unchanged(fresh_base(base_state), directory, r"trainable module 'block\.bn': tensor block\.bn\.running_var "
                r"missing from the file")
     wrong = dict(tensors, **{"block.bn.num_batches_tracked": torch.tensor(1.5)})
-    save_file(wrong, str(directory / TENSORS))
+    save_file(wrong, str(tensors_file(directory)))
     check_fails_unchanged(fresh_base(base_state), directory, r"tensor block\.bn\.num_batches_tracked is a floating tensor in "
                r"the file, the model's is torch\.int64")
     extra = dict(tensors, **{"block.bn.extra": torch.zeros(2)})
-    save_file(extra, str(directory / TENSORS))
+    save_file(extra, str(tensors_file(directory)))
     check_fails_unchanged(fresh_base(base_state), directory, r"tensor block\.bn\.extra in .*belongs to no adapter layer or "
                r"trainable module")
 
@@ -255,3 +257,21 @@ def test_merge_and_unload_leave_trainable_modules_alone():
     lk.unload(net, merge=True)
     assert net.head is head and head.weight.requires_grad
     torch.testing.assert_close(net(x), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trained", [["head"], ["block"]], ids=["the-module", "a-module-around-it"])
+def test_load_over_a_module_trained_in_full_is_refused_like_inject(tmp_path, trained):
+    """A file that adapts a module the model trains in full (or one inside it) is refused, as inject
+    refuses it, and the module keeps its trainable weights and its mark."""
+    source = make_net()
+    lk.inject(source, "liera", target_modules=["head", "block.conv1"], rank=2)
+    lk.save_adapters(source, str(tmp_path))
+    model = make_net()
+    lk.inject(model, "ssl", target_modules=["seq.0"], trainable_modules=trained)
+    owner, layer = trained[0], "head" if trained == ["head"] else "block.conv1"
+    with pytest.raises(ValueError, match=rf"module '{layer}' trains in full \(trainable_modules: '{owner}'\)"):
+        lk.inject(copy.deepcopy(model), "liera", target_modules=[layer])
+    check_fails_unchanged(model, tmp_path, rf"layer '{layer}': trains in full in the model \(trainable_modules: "
+                                           rf"'{owner}'\); it cannot also get an adapter", error=lk.AdapterFileError)
+    assert {n for n, _ in lk.trainable.marked_modules(model)} == set(trained)
+    assert all(p.requires_grad for p in model.get_submodule(owner).parameters())

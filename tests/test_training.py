@@ -58,11 +58,12 @@ def base_model(digits):
 @pytest.mark.parametrize("method, kwargs, lr", [
     ("flora", {}, 3e-3),
     ("flora", dict(ranks=4, dropout=0.1), 3e-3),
+    ("lora", dict(rank=4, alpha=4.0), 1e-2),
     ("liera", dict(rank=4, alpha=4.0), 1e-2),
     ("liera", dict(rank=4, alpha=4.0, mode="first_order", delta="tucker"), 1e-2),
     ("ssl", {}, 3e-2),
     ("ssb", {}, 3e-2),
-], ids=["flora", "flora-r4-dropout", "liera-exp-lora", "liera-first_order-tucker", "ssl", "ssb"])
+], ids=["flora", "flora-r4-dropout", "lora", "liera-exp-lora", "liera-first_order-tucker", "ssl", "ssb"])
 def test_adapter_training_reduces_loss_and_keeps_base_frozen(digits, base_model, method, kwargs, lr):
     x, y = digits
     xs, ys = x[:300], y[:300]

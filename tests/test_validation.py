@@ -30,7 +30,7 @@ GEOMETRY = {
     nn.Conv3d: ((2, 3, 2), (1, 2, 3, 4, 3)),
 }
 CLASSES = [(method, base, cls) for method, by_base in LAYERS.items() for base, cls in by_base.items()]
-REAL_PARAM = {"flora": "scale", "liera": "alpha"}  # the real-valued hyperparameter of each method
+REAL_PARAM = {"flora": "scale", "lora": "alpha", "liera": "alpha"}  # the real-valued hyperparameter of each method
 
 
 def classes(*methods):
@@ -67,7 +67,7 @@ GOOD_REALS = [2, -3, np.float32(1.5), np.float64(-0.25), np.int64(3), torch.tens
               Fraction(3, 2), 1e-3, 0.0]
 
 
-@classes("flora", "liera")
+@classes("flora", "lora", "liera")
 def test_real_hyperparameter(method, base, cls):
     name = REAL_PARAM[method]
     for value in BAD_REALS + ([None] if name == "alpha" else []):  # scale=None is the default scale
@@ -85,14 +85,14 @@ BAD_RANKS = [0, -1, 2.0, np.float64(2.0), True, np.bool_(True), torch.tensor(Tru
 GOOD_RANKS = [np.int64(2), np.int32(2), np.uint8(2), torch.tensor(2), torch.tensor(2, dtype=torch.int16)]
 
 
-@classes("liera")
-def test_liera_rank(method, base, cls):
-    for delta in ("lora", "tucker"):
+@classes("liera", "lora")
+def test_lora_and_liera_rank(method, base, cls):
+    for delta_kwargs in ([dict(delta="lora"), dict(delta="tucker")] if method == "liera" else [{}]):
         for value in BAD_RANKS:
             refused(cls, base, rf"^{cls.__name__}: rank must be an integer >= 1, got {re.escape(repr(value))}$",
-                    rank=value, delta=delta)
+                    rank=value, **delta_kwargs)
         for value in GOOD_RANKS:
-            layer = build(cls, base, rank=value, delta=delta)
+            layer = build(cls, base, rank=value, **delta_kwargs)
             assert type(layer.rank) is int and layer.rank == 2 and layer.scale == 4.0, value
             json.dumps(layer.adapter_config())
 

@@ -7,11 +7,12 @@ computed, never its value (up to rounding), the parameters or what is saved to a
   takes the full weight gradient ``dL/dW'`` and projects it onto the adapter tensors.
 - ``"two_branch"`` (any method): ``op(x, W) + op(x, W' - W)``; keeps a small update's precision in
   bfloat16/float16 at the cost of one more op forward and backward.
-- ``"bypass"`` (FLoRA, SSL, SSB): the frozen op on ``W`` plus an exact cheap path for the update,
-  with no full weight gradient: FLoRA's Tucker chain (:mod:`.tucker_bypass`), SSL/SSB's scaled
-  activations (:mod:`.scale_bypass`).
-- ``"hybrid"`` (FLoRA): the forward and the input gradient through ``W'`` as merged, the adapter
-  gradients through the Tucker chain as bypass (:mod:`.tucker_hybrid`); no full weight gradient.
+- ``"bypass"`` (FLoRA, LoRA, SSL, SSB): the frozen op on ``W`` plus an exact cheap path for the
+  update, with no full weight gradient: FLoRA's Tucker chain and LoRA's A-then-B chain
+  (:mod:`.tucker_bypass`), SSL/SSB's scaled activations (:mod:`.scale_bypass`).
+- ``"hybrid"`` (FLoRA, LoRA): the forward and the input gradient through ``W'`` as merged, the
+  adapter gradients through the low-rank chain as bypass (:mod:`.tucker_hybrid`); no full weight
+  gradient.
 - ``"auto"`` (default): chosen per call by the cost model (:mod:`.cost`); on the CPU it also picks
   the backend (native or reference) it estimates faster for the layer, when the backend in force
   is "auto".
@@ -23,7 +24,9 @@ model which of them does.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+import threading
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -40,14 +43,14 @@ def check_strategy(strategy, math: methods.AdapterMath) -> str:
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy != "auto" and strategy not in cost.applicable(math):
-        why = "it has no low-rank bypass" if strategy == "bypass" else "hybrid needs FLoRA's additive Tucker update"
+        why = "it has no low-rank bypass" if strategy == "bypass" else "hybrid needs an additive Tucker or LoRA update"
         raise ValueError(f"strategy {strategy!r} cannot run a {math.combine!r} update of a {math.delta!r} delta "
                          f"({why}); expected one of {('auto',) + cost.applicable(math)}")
     return strategy
 
 
 def _run_bypass(call: AdaptedCall, decision: cost.Decision) -> Tensor:
-    if call.math.delta == "tucker":
+    if call.math.delta in ("tucker", "lora"):
         return tucker_bypass.run(call, decision.input_grad_via_weight, decision.folded)
     return scale_bypass.run(call)
 
@@ -88,7 +91,8 @@ def adapted_forward(
     as autocast would run the plain layer.
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:  # autocast leaves float64 alone
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if autocast and x.dtype != torch.float64:  # autocast leaves float64 alone
         dtype = torch.get_autocast_dtype(device_type)
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         with torch.autocast(device_type, enabled=False):
@@ -101,12 +105,38 @@ def adapted_forward(
     decision = decide(call, strategy, impls)
     if decision.impl is not None:
         call.impl = decision.impl
-    for observer in _observers:
-        observer(call, decision)
+    if _observers:
+        _notify(call, decision)
     return _RUN[decision.strategy](call, decision)
 
 
-_observers: list = []  # callables (call, decision) told of every decision; see lrtensor_kernels/plan.py
+# observers of each thread's decisions (lk.plan), by thread id: a forward tells those of its own
+# thread only, so a plan never sees, nor disturbs, the forwards other threads run meanwhile
+_observers: dict = {}
+_observers_lock = threading.Lock()
+
+
+@torch.compiler.disable
+def _notify(call: AdaptedCall, decision: cost.Decision) -> None:
+    for observer in _observers.get(threading.get_ident(), ()):
+        observer(call, decision)
+
+
+@contextlib.contextmanager
+def observing(observer: Callable[[AdaptedCall, cost.Decision], None]):
+    """Within the block, ``observer(call, decision)`` is told of every decision the calling thread makes."""
+    thread = threading.get_ident()
+    with _observers_lock:
+        _observers[thread] = _observers.get(thread, ()) + (observer,)
+    try:
+        yield
+    finally:
+        with _observers_lock:
+            left = tuple(o for o in _observers[thread] if o is not observer)
+            if left:
+                _observers[thread] = left
+            else:
+                del _observers[thread]
 
 
 def decide(call: AdaptedCall, strategy: str = "auto", impls: tuple = ()) -> cost.Decision:

@@ -19,7 +19,7 @@ matmuls, weight-sized passes, activation-sized passes and fixed per-call costs.
 ``reference`` for it, with rules before cost:
 - LieRA (multiplicative ``exp``/``first_order``) runs merged: it has no bypass, its floor is full
   fine-tuning; two_branch is offered for precision, not picked.
-- In bfloat16/float16 FLoRA and SSL/SSB never run merged or hybrid: rounding ``W'`` to the op's
+- In bfloat16/float16 FLoRA, LoRA and SSL/SSB never run merged or hybrid: rounding ``W'`` to the op's
   dtype loses most of a small update (see the precision table of docs/strategies.md), which bypass
   and two_branch keep.
 """
@@ -392,7 +392,8 @@ def two_branch_cost(w: Workload) -> Cost:
 @dataclass(frozen=True)
 class _Chain:
     """The Tucker chain's ops on one workload (see tucker_chain): three (P_in, op_K, P_out) or,
-    folded, two (op_M, P_out); per op its FLOPs, and the chain's activations u, z, in elements."""
+    folded, two (op_M, P_out; LoRA's chain, op_A then B, always); per op its FLOPs, and the chain's
+    activations u, z, in elements."""
 
     folded: bool
     f_in: float  # P_in, or op_M when folded (k x k, the layer's geometry)
@@ -403,13 +404,14 @@ class _Chain:
 
     @classmethod
     def of(cls, s: _Sizes, w: Workload, folded: bool) -> "_Chain":
-        r1, r2 = w.ranks[0], w.ranks[1]
-        g = w.groups
+        r1, g = w.ranks[0], w.groups
+        folded = folded or w.math.delta == "lora"
         z = s.batch * g * r1 * s.pixels_out
         f_out = 2.0 * s.batch * s.pixels_out * s.c_out * r1
         if folded:
             f_m = 2.0 * s.batch * s.pixels_out * g * r1 * s.c_group * s.kernel
             return cls(True, f_m, 0.0, f_out, 0.0, z)
+        r2 = w.ranks[1]
         f_in = 2.0 * s.batch * s.pixels_in * s.c_in * r2
         f_mid = 2.0 * s.batch * s.pixels_out * g * r1 * r2 * s.kernel
         return cls(False, f_in, f_mid, f_out, s.batch * g * r2 * s.pixels_in, z)
@@ -455,8 +457,11 @@ class _Chain:
         return cost
 
 
-def _chain_notes(chain: _Chain, kept: Optional[tuple]) -> list:
-    notes = ["P_in folded into op_K" if chain.folded else "three-op chain"]
+def _chain_notes(w: Workload, chain: _Chain, kept: Optional[tuple]) -> list:
+    if w.math.delta == "lora":
+        notes = ["LoRA chain"]
+    else:
+        notes = ["P_in folded into op_K" if chain.folded else "three-op chain"]
     if kept is not None:
         names = [n for n, k in zip(("u", "z"), kept) if k]
         notes.append(" and ".join(names) + " kept" if names else "nothing kept")
@@ -466,7 +471,7 @@ def _chain_notes(chain: _Chain, kept: Optional[tuple]) -> list:
 def _tucker_bypass_form(w: Workload, folded: bool) -> Cost:
     s = _Sizes(w)
     chain = _Chain.of(s, w, folded)
-    cost = s.conv_pass(Cost(notes=["op(x, W) + Tucker chain"], kind="tucker_bypass", fused=w.fused))
+    cost = s.conv_pass(Cost(notes=["op(x, W) + low-rank chain"], kind="tucker_bypass", fused=w.fused))
     chain.to_z(s, cost)
     s.op(cost, chain.f_out, chain.z, s.y, s.y)
     kept = chain.kept(s.x)
@@ -485,12 +490,15 @@ def _tucker_bypass_form(w: Workload, folded: bool) -> Cost:
         chain.backward(s, cost, kept, False)
     if w.need_weight:
         s.weight_grad_pass(cost)
-    cost.notes += _chain_notes(chain, kept)
+    cost.notes += _chain_notes(w, chain, kept)
     return cost
 
 
 def _cheapest(w: Workload, form) -> Cost:
-    """The cheaper of a chain strategy's two forms (three ops, or P_in folded into op_K)."""
+    """The cheaper of a chain strategy's two forms (three ops, or P_in folded into op_K; LoRA's
+    chain has the folded form only)."""
+    if w.math.delta == "lora":
+        return form(w, True)
     dev = device_model(w.device_type)
     three, folded = form(w, False), form(w, True)
     return folded if folded.seconds(dev, w.dtype) < three.seconds(dev, w.dtype) else three
@@ -511,7 +519,7 @@ def _tucker_hybrid_form(w: Workload, folded: bool) -> Cost:
         chain.backward(s, cost, (False, False), False)
     if w.need_weight:
         s.weight_grad_pass(cost)
-    cost.notes += _chain_notes(chain, None)
+    cost.notes += _chain_notes(w, chain, None)
     return cost
 
 
@@ -575,17 +583,18 @@ class Decision:
 
 APPLICABLE = {
     "tucker:add": ("merged", "two_branch", "bypass", "hybrid"),
+    "lora:add": ("merged", "two_branch", "bypass", "hybrid"),
     "scales:mul": ("merged", "two_branch", "bypass"),
 }
 # strategies that round W' to the op's dtype in the forward: not chosen by auto in 16-bit dtypes
 ROUND_WEIGHT = ("merged", "hybrid")
 _COSTS = {"merged": merged_cost, "two_branch": two_branch_cost, "hybrid": tucker_hybrid_cost}
-_BYPASS_COSTS = {"tucker": tucker_bypass_cost, "scales": scale_bypass_cost}
+_BYPASS_COSTS = {"tucker": tucker_bypass_cost, "lora": tucker_bypass_cost, "scales": scale_bypass_cost}
 
 
 def applicable(math: methods.AdapterMath) -> tuple:
-    """The strategies that can run ``math`` (bypass needs an additive Tucker or a scaling update,
-    hybrid an additive Tucker one)."""
+    """The strategies that can run ``math`` (bypass needs an additive Tucker or LoRA update or a
+    scaling one, hybrid an additive Tucker or LoRA one)."""
     return APPLICABLE.get(math.key, ("merged", "two_branch"))
 
 

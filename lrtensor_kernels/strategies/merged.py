@@ -15,18 +15,16 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .. import methods, ops
+from .. import ops
 from .call import AdaptedCall
 
 
 def _adapted(call: AdaptedCall, inp: Tensor, bias, delta_only: bool) -> Tensor:
     """``op(inp, W', bias)`` or, with ``delta_only``, ``op(inp, W' - W, bias)``."""
     stride, padding, dilation, groups = call.geometry
-    if call.impl == "reference":
-        w_eff = methods.effective_weight(call.weight, call.adapter, call.math, call.scale, delta_only)
-        return ops.base_op(inp, w_eff.to(inp.dtype), bias, stride, padding, dilation, groups)
-    return ops.adapted_op(inp, call.weight, bias, list(call.adapter), call.math.key, float(call.scale),
-                          list(stride), list(padding), list(dilation), groups, delta_only, call.impl)
+    run = ops.reference_adapted_op if call.impl == "reference" else ops.adapted_op
+    return run(inp, call.weight, bias, list(call.adapter), call.math.key, float(call.scale), list(stride),
+               list(padding), list(dilation), groups, delta_only, call.impl)
 
 
 def run_two_branch(call: AdaptedCall) -> Tensor:

@@ -139,7 +139,16 @@ def _scale_bypass(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapter: li
     return y, (x.new_empty(0) if z is None else ops.like(z, y))
 
 
-scale_bypass_op = ops.FusedOp("scale_bypass", _scale_bypass, list_index=3)
+def _scale_bypass_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], adapter: list[Tensor],
+                            stride: list[int], padding: list[int], dilation: list[int], groups: int, split: bool,
+                            impl: str) -> tuple:
+    """:func:`_scale_bypass` in differentiable PyTorch ops (torch.func, higher-order gradients)."""
+    with ops.autocast_off(x):
+        y, z = forward(x, None, weight, bias, adapter, (stride, padding, dilation, groups), split)
+    return y, (x.new_empty(0) if z is None else z)
+
+
+scale_bypass_op = ops.FusedOp("scale_bypass", _scale_bypass, list_index=3, composite=_scale_bypass_composite)
 
 
 @scale_bypass_op.register_fake

@@ -1,10 +1,10 @@
-"""FLoRA's "bypass" strategy: the frozen op plus the Tucker chain; no full weight gradient.
+"""FLoRA's and LoRA's "bypass" strategy: the frozen op plus a low-rank chain; no full weight gradient.
 
     op(x, W') = op(x, W) + P_out(op_K(P_in(x)))      (or P_out(op_M(x)), folded)
 
-with the chain of :mod:`.tucker_chain`. Backward: the input gradient is one op on the
-materialised ``W'`` (exactly the frozen layer's op; ``input_grad_via_weight``) or ``op^T(grad, W)``
-plus the chain transposed, whichever the cost model finds cheaper; with adapter dropout the
+with the chain of :mod:`.tucker_chain` (LoRA's: ``P_out(op_A(x))``, the folded form). Backward:
+the input gradient is one op on the materialised ``W'`` (exactly the frozen layer's op;
+``input_grad_via_weight``) or ``op^T(grad, W)`` plus the chain transposed, whichever the cost model finds cheaper; with adapter dropout the
 chain's input is the dropped ``x`` and receives the chain's part. The op takes the chain's factors
 and returns their gradients, the chain's weight gradients (ops on activations of r_1 or r_2
 channels). Saved for backward: ``x``, the factors and, while they have together at most
@@ -12,8 +12,8 @@ channels). Saved for backward: ``x``, the factors and, while they have together 
 narrow layer keeps u alone, a wide one both, so that its backward runs no op of the forward again).
 
 One op for every backend, ``lrtensor::tucker_bypass`` and its backward (:class:`ops.FusedOp`: a
-custom op under torch.compile, the same functions in a plain autograd.Function eagerly); the
-backends differ only in how the backward builds ``W'`` (the reference math, or the backend's
+custom op under torch.compile, the same functions in a plain autograd.Function eagerly, the chain
+under autograd for torch.func and higher-order gradients); the backends differ only in how the backward builds ``W'`` (the reference math, or the backend's
 transform kernel, on the factors as a low-rank form of their own).
 """
 from __future__ import annotations
@@ -29,14 +29,15 @@ from .call import AdaptedCall
 
 
 def forward(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], factors,
-            geometry: tuple) -> tuple:
+            geometry: tuple, in_place: bool = True) -> tuple:
     """``(y, u, z)``: ``y = op(x, W, bias) + P_out(z)``, ``(u, z)`` the chain's activations on
-    ``x_chain`` (None: ``x``; u None when folded)."""
+    ``x_chain`` (None: ``x``; u None when folded). ``in_place``: the chain's output added into the
+    frozen op's (not under torch.func's vmap, where the chain may be batched and the frozen op not)."""
     weights = chain.conv_weights(factors, geometry[3], weight.dim() - 2, x.dtype)
     u, z = chain.chain_to_z(x if x_chain is None else x_chain, weights, geometry)
     y = ops.base_op(x, weight.to(x.dtype), bias, *geometry)
-    y += ops.base_op(z, weights[-1], None, *chain.pointwise(weight.dim() - 2), geometry[3])
-    return y, u, z
+    update = ops.base_op(z, weights[-1], None, *chain.pointwise(weight.dim() - 2), geometry[3])
+    return (y.add_(update) if in_place else y + update), u, z
 
 
 def backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tensor, factors, u: Optional[Tensor],
@@ -81,7 +82,16 @@ def _tucker_bypass(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: O
     return y, (x.new_empty(0) if u is None else u.contiguous()), z.contiguous()  # as the fake promises
 
 
-tucker_bypass_op = ops.FusedOp("tucker_bypass", _tucker_bypass, list_index=4)
+def _tucker_bypass_composite(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+                             factors: list[Tensor], stride: list[int], padding: list[int], dilation: list[int],
+                             groups: int, input_grad_via_weight: bool, impl: str) -> tuple:
+    """:func:`_tucker_bypass` in differentiable PyTorch ops (torch.func, higher-order gradients)."""
+    with ops.autocast_off(x):
+        y, u, z = forward(x, x_chain, weight, bias, factors, (stride, padding, dilation, groups), in_place=False)
+    return y, (x.new_empty(0) if u is None else u), z
+
+
+tucker_bypass_op = ops.FusedOp("tucker_bypass", _tucker_bypass, list_index=4, composite=_tucker_bypass_composite)
 
 
 @tucker_bypass_op.register_fake
@@ -139,7 +149,7 @@ tucker_bypass_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def run(call: AdaptedCall, input_grad_via_weight: bool, folded: bool = False) -> Tensor:
-    factors = chain.chain_factors(call.adapter, call.scale, call.x.dtype, folded)
+    factors = chain.factors_of_call(call, folded)
     y, _, _ = tucker_bypass_op(call.x, call.dropped_x, call.weight, call.bias, factors, list(call.stride),
                                list(call.padding), list(call.dilation), call.groups, input_grad_via_weight, call.impl)
     return y

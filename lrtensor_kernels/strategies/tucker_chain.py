@@ -17,9 +17,16 @@ geometry, then ``P_out``: ``C_g g r_1 k + C_out r_1`` multiply-adds per output p
 one backward op) fewer. Cheaper where the kernel is 1x1 (and for linear layers), or where there
 are few input channels; the cost model chooses (``strategies.cost``).
 
-The chain's *factors* are ``[U_2, K, scale * U_1]`` (three ops) or ``[M, scale * U_1]`` (folded),
-built from the adapter tensors under autograd (:func:`chain_factors`): an op that takes them
-returns their gradients, and autograd maps those to the core and the factors in C++.
+LoRA's update ``dW = (B A).reshape(W.shape)`` is this chain already folded, with ``M = A`` reshaped
+to (r, C_g, *k) and ``scale * B`` for ``scale * U_1``: ``z = op_A(x)`` runs the layer's op with A
+repeated per group (g r, C_g, *k), so group j's r channels see only group j's inputs, as the
+grouped weight does, and ``P_out`` maps output channel o (in group j) from group j's r channels.
+Per output pixel ``g r C_g k + C_out r`` multiply-adds; A's gradient is the sum of the g copies'.
+
+The chain's *factors* are ``[U_2, K, scale * U_1]`` (three ops) or ``[M, scale * U_1]`` (folded;
+LoRA's ``[A, scale * B]``), built from the adapter tensors under autograd (:func:`chain_factors`):
+an op that takes them returns their gradients, and autograd maps those to the core and the
+factors (or A and B) in C++.
 """
 from __future__ import annotations
 
@@ -38,20 +45,31 @@ TUCKER_ADD = methods.AdapterMath("tucker", "add")
 LORA_ADD = methods.AdapterMath("lora", "add")
 
 
-def chain_factors(adapter, scale: float, dtype: torch.dtype, folded: bool = False) -> list:
+def chain_factors(adapter, scale: float, dtype: torch.dtype, folded: bool = False, delta: str = "tucker",
+                  weight_shape: Optional[tuple] = None) -> list:
     """``[U_2, K, scale * U_1]``, or ``[M, scale * U_1]`` with ``folded``: the chain's factors in the
     compute dtype, differentiable w.r.t. the adapter tensors. U_2 (C_g, r_2); K (r_1, r_2, *k), the
     core (r_1, r_2) of a linear layer; M = K x_2 U_2 (r_1, C_g, *k); scale * U_1 (C_out, r_1).
+    ``delta="lora"`` (adapter ``[B, A]``, always folded): ``[A.reshape(r, *weight_shape[1:]), scale * B]``.
 
     In 16-bit dtypes the factors are first balanced by powers of two to the same magnitude (exact,
     their product unchanged): a core that is still small next to its factors (it starts at zero)
     would otherwise round to float16's subnormals when cast to the op's dtype."""
-    core, u1, u2, *kernel_factors = adapter
-    kernel = methods.tucker_product(core, kernel_factors, first_mode=2) if kernel_factors else core
-    factors = [methods.mode_product(kernel, u2, 1), scale * u1] if folded else [u2, kernel, scale * u1]
+    if delta == "lora":
+        lora_b, lora_a = adapter
+        factors = [lora_a.reshape(lora_a.shape[0], *weight_shape[1:]), scale * lora_b]
+    else:
+        core, u1, u2, *kernel_factors = adapter
+        kernel = methods.tucker_product(core, kernel_factors, first_mode=2) if kernel_factors else core
+        factors = [methods.mode_product(kernel, u2, 1), scale * u1] if folded else [u2, kernel, scale * u1]
     if dtype in (torch.float16, torch.bfloat16):
         factors = _balanced(factors)
     return factors
+
+
+def factors_of_call(call, folded: bool = False) -> list:
+    """:func:`chain_factors` of an adapted call (``strategies.call.AdaptedCall``); LoRA's always folded."""
+    return chain_factors(call.adapter, call.scale, call.x.dtype, folded, call.math.delta, tuple(call.weight.shape))
 
 
 def is_folded(factors) -> bool:

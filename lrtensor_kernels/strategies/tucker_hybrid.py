@@ -1,4 +1,4 @@
-"""FLoRA's "hybrid" strategy: the forward and the input gradient through ``W'`` as merged does, the
+"""FLoRA's and LoRA's "hybrid" strategy: the forward and the input gradient through ``W'`` as merged does, the
 adapter gradients through the low-rank chain as bypass does; no full weight gradient.
 
     forward      y = op(x, W', bias), W' = W + dW built in one weight-sized pass (a scratch tensor)
@@ -13,7 +13,8 @@ keeps (x), less than bypass. Like merged it rounds ``W'`` to the op's dtype in t
 dropped input) it runs bypass.
 
 One op for every backend, ``lrtensor::tucker_hybrid`` (:class:`ops.FusedOp`), whose backward is
-bypass's backward op with no chain input and nothing kept.
+bypass's backward op with no chain input and nothing kept; under torch.func and for higher-order
+gradients, ``op(x, W')`` with ``W'`` by the reference math under autograd.
 """
 from __future__ import annotations
 
@@ -35,7 +36,16 @@ def _tucker_hybrid(x: Tensor, weight: Tensor, bias: Optional[Tensor], factors: l
         return ops.base_op(x, w_eff, bias, stride, padding, dilation, groups)
 
 
-tucker_hybrid_op = ops.FusedOp("tucker_hybrid", _tucker_hybrid, list_index=3)
+def _tucker_hybrid_composite(x: Tensor, weight: Tensor, bias: Optional[Tensor], factors: list[Tensor],
+                             stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                             impl: str) -> Tensor:
+    """:func:`_tucker_hybrid` in differentiable PyTorch ops (torch.func, higher-order gradients)."""
+    with ops.autocast_off(x):
+        w_eff = chain.effective_weight(weight, factors, "reference", x.dtype)
+        return ops.base_op(x, w_eff, bias, stride, padding, dilation, groups)
+
+
+tucker_hybrid_op = ops.FusedOp("tucker_hybrid", _tucker_hybrid, list_index=3, composite=_tucker_hybrid_composite)
 
 
 @tucker_hybrid_op.register_fake
@@ -66,6 +76,6 @@ tucker_hybrid_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def run(call: AdaptedCall, folded: bool = False) -> Tensor:
-    factors = chain.chain_factors(call.adapter, call.scale, call.x.dtype, folded)
+    factors = chain.factors_of_call(call, folded)
     return tucker_hybrid_op(call.x, call.weight, call.bias, factors, list(call.stride), list(call.padding),
                             list(call.dilation), call.groups, call.impl)
