@@ -501,3 +501,46 @@ def test_autocast_leaves_a_float64_layer_in_float64(strategy):
         lk.merge(nn.Sequential(layer))
         y_merged = layer(x)
     assert y.dtype == y_merged.dtype == F64 and rel_err(y, y_merged) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("form", ["three", "folded"])
+@pytest.mark.parametrize("strategy", ["bypass", "hybrid"])
+@pytest.mark.parametrize("name", ["flora_conv2d_groups", "flora_linear"])
+def test_chain_forms_under_torch_func_and_double_backward(name, strategy, form, backend):
+    """FLoRA's chain strategies in each form (whatever the cost model prefers): torch.func's grad and
+    per-sample gradients, forward-mode AD, and a gradient penalty's gradients (create_graph) against
+    the float64 oracle; test_higher_order covers the form auto picks, this one both."""
+    import test_higher_order as higher
+
+    layer, x, params = higher._setup(name, strategy, backend)
+    f, f64 = higher._functions(layer)
+    weights = torch.randn(f64(params, x).shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    tangents = higher._random_like(params, 7)
+
+    def loss(fn):
+        return lambda p, inp: (fn(p, inp) * weights[: inp.shape[0]]).sum()
+
+    def penalty_grads(fn):
+        leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
+        inp = x.clone().requires_grad_()
+        first = torch.autograd.grad(fn(leaves, inp).square().sum(), [inp, *leaves.values()], create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        return [penalty.detach(), *torch.autograd.grad(penalty, [inp, *leaves.values()])]
+
+    def everything(fn):
+        return dict(grad=torch.func.grad(loss(fn), argnums=(0, 1))(params, x),
+                    per_sample=torch.func.vmap(torch.func.grad(lambda p, s: loss(fn)(p, s.unsqueeze(0))),
+                                               in_dims=(None, 0))(params, x),
+                    jvp=torch.func.jvp(lambda p: fn(p, x), (params,), (tangents,)),
+                    penalty=penalty_grads(fn))
+
+    with chain_form(form), lk.use_backend(backend):
+        seen = []
+        with lk.strategies.observing(lambda call, decision: seen.append(decision)):
+            f(params, x)
+        assert seen[0].strategy == strategy and seen[0].folded == (form == "folded")
+        got = everything(f)
+    ref = everything(f64)
+    for key in ref:
+        higher._assert_close(f"{name} {strategy}:{form} {backend} {key}", got[key], ref[key])
