@@ -12,8 +12,8 @@ Two parts, each one command, each writing JSON and Markdown next to ``--out``:
 - ``resnet18``: one training step (AdamW, cross entropy) of a ResNet-18 (torchvision's where it
   imports, else the same convolutions written out in tests/models.py) on 8x3x112x112, every
   convolution adapted and the classifier trained in full, against training the classifier alone:
-  full fine-tuning, PEFT LoRA r8, FLoRA (auto, default ranks and at LoRA r8's parameter budget,
-  and merged), LieRA r8, SSL, SSB; with the FLOPs of each at 224x224, batch 2.
+  full fine-tuning, PEFT LoRA r8, this package's LoRA (r8, PEFT's defaults), FLoRA (auto, default
+  ranks and at LoRA r8's parameter budget, and merged), LieRA r8, SSL, SSB; with the FLOPs of each at 224x224, batch 2.
 
 The clock: with one thread (the default) the calling thread's CPU time (``time.thread_time``),
 which other processes on a shared machine do not inflate by preempting it; with more threads the
@@ -507,7 +507,8 @@ def fit_constants(rows: list, statistic: str = "min_ms", fixed: Optional[dict] =
 # the ResNet-18 part
 # ---------------------------------------------------------------------------------------------
 
-RESNET_CONFIGS = ("fc", "full_ft", "peft_lora", "flora", "flora_budget", "flora_merged", "liera", "ssl", "ssb")
+RESNET_CONFIGS = ("fc", "full_ft", "peft_lora", "lora", "flora", "flora_budget", "flora_merged", "liera", "ssl",
+                  "ssb")
 
 
 def conv_names(model: nn.Module) -> list:
