@@ -354,7 +354,9 @@ def work_backend(work: cost.Workload) -> str:
 
 
 def auto_against_forced(cells: dict, methods) -> dict:
-    """Per method: auto's time over the fastest forced backend x strategy in the same run."""
+    """Per method: auto's time over the fastest forced backend x strategy in the same run, and
+    whether that cell ran what auto ran (``same_path``: the same strategy on the same backend, so
+    that their difference is the measurement's noise, not a wrong choice)."""
     out = {}
     for method in methods:
         forced = {n: c["ms"] for n, c in cells.items() if c.get("method") == method and c["backend"] != "auto"}
@@ -362,8 +364,9 @@ def auto_against_forced(cells: dict, methods) -> dict:
         if not forced or auto is None:
             continue
         best = min(forced, key=forced.get)
+        same = (cells[best]["ran"], cells[best]["ran_on"]) == (auto["ran"], auto["ran_on"])
         out[method] = {"auto_ms": auto["ms"], "auto_ran": f"{auto['ran']} on {auto['ran_on']}", "best": best,
-                       "best_ms": forced[best], "ratio": auto["ms"] / forced[best]}
+                       "best_ms": forced[best], "ratio": auto["ms"] / forced[best], "same_path": same}
     return out
 
 
@@ -381,17 +384,20 @@ def layer_summary(rows: list) -> dict:
         out[f"predicted_over_measured_{label}"] = statistics.median(ratios) if ratios else None
         out[f"abs_log_error_{label}"] = statistics.median(abs(math.log(q)) for q in ratios) if ratios else None
         out[f"cells_within_25pct_{label}"] = f"{within}/{len(ratios)}"
-    autos = [a["ratio"] for r in big for a in r["auto"].values()]
+    chosen = [a for r in big for a in r["auto"].values()]
+    autos = [a["ratio"] for a in chosen]
     out.update(auto_over_best_geomean=math.exp(statistics.fmean(math.log(a) for a in autos)) if autos else None,
                auto_over_best_max=max(autos) if autos else None,
-               auto_cells_within_10pct=f"{sum(a <= 1.10 for a in autos)}/{len(autos)}")
+               auto_cells_within_10pct=f"{sum(a <= 1.10 for a in autos)}/{len(autos)}",
+               auto_misses_on_another_path=sum(a["ratio"] > 1.10 and not a.get("same_path", False) for a in chosen))
     return out
 
 
 def layers_markdown(rows: list, summary: dict, meta: dict) -> str:
     lines = [f"# CPU step time per layer: measured against the cost model", "", _meta_line(meta), "",
              "Per row and method: auto's choice (strategy, backend), its measured ms, the fastest forced "
-             "backend x strategy, auto / fastest; then every cell as measured ms / predicted ms.", ""]
+             "backend x strategy, auto / fastest (\"same path\": the fastest forced cell ran auto's strategy "
+             "on auto's backend); then every cell as measured ms / predicted ms.", ""]
     lines += ["| row | frozen ms (pred) | method | auto ran | auto ms | fastest forced | ms | auto / fastest |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -399,7 +405,7 @@ def layers_markdown(rows: list, summary: dict, meta: dict) -> str:
         for method, a in r["auto"].items():
             lines.append(f"| {r['name']} | {frozen['ms']:.2f} ({frozen['predicted_ms']:.2f}) | {method} | "
                          f"{a['auto_ran']} | {a['auto_ms']:.2f} | {a['best'].split('_', 1)[1]} | {a['best_ms']:.2f} | "
-                         f"{a['ratio']:.2f} |")
+                         f"{a['ratio']:.2f}{' (same path)' if a.get('same_path') else ''} |")
     lines += ["", "Every cell: measured ms / predicted ms.", ""]
     names = list(dict.fromkeys(n for r in rows for n in r["cells"]))
     lines += ["| row | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

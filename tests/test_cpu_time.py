@@ -104,3 +104,23 @@ def test_one_row_end_to_end():
     text = cpu_time.layers_markdown([row], summary, {"cpu": "x", "torch": "y", "threads": 1, "clock": "c",
                                                      "rounds": 1, "per_round": 1, "load_average": 0, "commit": "z"})
     assert "| tiny/3x3_8-8_6 |" in text
+
+
+def test_auto_against_forced_tells_noise_from_a_wrong_choice():
+    """auto 20% over the fastest forced cell counts as a miss of the model only where that cell ran
+    another strategy or backend; on the same path the difference is the measurement's."""
+    def cell(ms, backend, strategy, ran, ran_on):
+        return {"ms": ms, "method": "flora", "backend": backend, "strategy": strategy, "ran": ran, "ran_on": ran_on}
+
+    same = {"flora_auto:auto": cell(1.2, "auto", "auto", "merged", "reference"),
+            "flora_reference:merged": cell(1.0, "reference", "merged", "merged", "reference"),
+            "flora_native:merged": cell(1.1, "native", "merged", "merged", "native")}
+    other = dict(same, **{"flora_native:bypass": cell(0.9, "native", "bypass", "bypass", "native")})
+    rows = []
+    for cells in (same, other):
+        verdict = cpu_time.auto_against_forced(cells, ("flora",))["flora"]
+        rows.append({"cells": {"frozen": {"ms": 2.0}, **cells}, "auto": {"flora": verdict}})
+    assert [r["auto"]["flora"]["same_path"] for r in rows] == [True, False]
+    assert rows[1]["auto"]["flora"]["best"] == "flora_native:bypass"
+    summary = cpu_time.layer_summary(rows)
+    assert summary["auto_cells_within_10pct"] == "0/2" and summary["auto_misses_on_another_path"] == 1
