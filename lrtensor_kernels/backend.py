@@ -105,7 +105,7 @@ def candidates(device: torch.device) -> tuple:
     """The concrete backends that may run a call on ``device``, the default first: under ``"auto"``
     on the CPU ``("native", "reference")`` when the native library is available (the cost model
     picks per call), else the one :func:`resolve` names."""
-    if _current() == "auto" and device.type == "cpu" and native_available():
+    if _current() == "auto" and device.type == "cpu" and _auto_cpu() == "native":
         return ("native", "reference")
     return (resolve(device),)
 
