@@ -454,9 +454,10 @@ def features_seconds(features: dict, device: cost.DeviceModel, dtype: torch.dtyp
     dense = device.flop_rate(dtype)
     grouped = min(device.grouped or dense, dense)
     grouped_wg = min(device.grouped_weight_grad or dense, dense)
-    matmul = min(device.matmul or dense, dense)
+    matmul = device.matmul_rate(dtype)
     kind, _, backend = features["call"].partition("/")
-    return (features["dense_flops"] / dense + features.get("matmul_flops", 0.0) / matmul
+    adapter_ops = 0.0 if kind in cost._PLAIN_KINDS else features["ops"] * device.adapter_op_overhead
+    return (features["dense_flops"] / dense + features.get("matmul_flops", 0.0) / matmul + adapter_ops
             + features["grouped_flops"] / grouped
             + features["grouped_weight_grad_flops"] / grouped_wg + features["bytes"] / device.bandwidth
             + features["ops"] * device.op_overhead + features["conv_calls"] * device.conv_overhead

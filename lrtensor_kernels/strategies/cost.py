@@ -3,7 +3,7 @@ on each backend that can run it.
 
     time = flops / flop_rate(dtype) + bytes / bandwidth + exp_elements / exp_rate
            + ops * op_overhead + conv_calls * conv_overhead + spatial_conv_calls * spatial_conv_overhead
-           + call_overhead[strategy, backend]
+           + call_overhead[strategy, backend] (+ ops * adapter_op_overhead for an adapter strategy's ops)
 
 counted from the call's shapes alone (nothing runs): the FLOPs of every convolution or matmul a
 strategy calls in the forward and in the backward autograd will run for this call (only the
@@ -50,7 +50,11 @@ class DeviceModel:
     ``spatial_conv_overhead``: what a convolution with a kernel larger than 1x1,
     or a stride, costs beyond that; ``exp_rate``: elements/s through ``exp`` in a fused pass (None: free);
     ``call_overhead``: seconds of Python and autograd per call of a strategy, by ``(cost kind,
-    fused)`` (:attr:`Cost.kind`), beyond the ops counted."""
+    fused)`` (:attr:`Cost.kind`), beyond the ops counted; ``matmul_flops``: FLOP/s of a linear
+    layer's matmuls per dtype (before ``matmul``); ``adapter_op_overhead``: host seconds each op of an
+    adapter strategy costs beyond ``op_overhead`` (this package's Python around the op:
+    autograd.Function, the launchers, the strategy's bookkeeping; not charged to the frozen layer
+    nor to full fine-tuning; CUDA's, where ``call_overhead`` is not fitted)."""
 
     flops: dict
     bandwidth: float
@@ -63,9 +67,19 @@ class DeviceModel:
     exp_rate: Optional[float] = None
     fresh_byte_cost: float = 0.0
     call_overhead: dict = field(default_factory=dict)
+    matmul_flops: Optional[dict] = None
+    adapter_op_overhead: float = 0.0
 
     def flop_rate(self, dtype: torch.dtype) -> float:
         return self.flops.get(dtype, self.flops[torch.float32])
+
+    def matmul_rate(self, dtype: torch.dtype) -> float:
+        """A linear layer's matmuls: ``matmul_flops[dtype]``, else ``matmul`` (at most the dense
+        rate), else the dense rate."""
+        if self.matmul_flops and dtype in self.matmul_flops:
+            return self.matmul_flops[dtype]
+        dense = self.flop_rate(dtype)
+        return dense if self.matmul is None else min(self.matmul, dense)
 
 
 # Python and autograd per call of each strategy's code path beyond the ops counted, on the CPU, by
@@ -112,11 +126,19 @@ DEVICES = {
                             bandwidth=15e9, op_overhead=6e-6, grouped=7e9, grouped_weight_grad=2.5e9,
                             conv_overhead=40e-6, spatial_conv_overhead=0.0, exp_rate=0.9e9,
                             call_overhead=_CPU_CALL_OVERHEAD),
-    # H100 SXM by its specification sheet, derated to what cuDNN/cuBLAS reach on mid-size layers;
-    # not yet calibrated by measurement on this package's ops.
-    "cuda": DeviceModel(flops={torch.float32: 50e12, torch.float64: 50e12, torch.bfloat16: 450e12,
-                               torch.float16: 450e12},
-                        bandwidth=2.6e12, op_overhead=6e-6),
+    # NVIDIA H200 (sm_90, 132 multiprocessors), torch 2.11.0+cu130, cuDNN 9.19, triton 3.6.0,
+    # measured at commit 28b8496 (bench/results/h200_28b8496): the rates, bandwidth and per-call
+    # costs by bench/calibrate.py (calibrate.json; convolutions: the median over its five shapes,
+    # float32 convolutions in TF32 as cuDNN runs them by default, float32 matmuls in full float32
+    # as torch does by default; float64 not measured: the H100 sheet's figure kept). The adapter
+    # ops' host cost fitted by bench/cuda_fit.py to the layer rows (layers.json): the median of
+    # (measured step - the model's device time) / ops over this package's rows.
+    "cuda": DeviceModel(flops={torch.float32: 146e12, torch.float64: 50e12, torch.bfloat16: 374e12,
+                               torch.float16: 361e12},
+                        bandwidth=4.10e12, op_overhead=8.1e-6, grouped=2.02e12, grouped_weight_grad=1.24e12,
+                        conv_overhead=6.18e-6,
+                        matmul_flops={torch.float32: 50.6e12, torch.bfloat16: 785e12, torch.float16: 755e12},
+                        adapter_op_overhead=200e-6),
 }
 
 
@@ -164,6 +186,8 @@ def _output_shape(call: AdaptedCall) -> tuple:
     return (call.x.shape[0], call.weight.shape[0], *spatial)
 
 
+# the plain layer's costs (frozen, trained in full): no adapter host cost
+_PLAIN_KINDS = ("frozen", "full")
 PARTS = ("convolutions and matmuls", "weight-sized passes", "activation-sized passes", "fixed per-call costs")
 _CONV, _WEIGHT, _ACTIVATION, _FIXED = PARTS
 
@@ -225,7 +249,7 @@ class Cost:
         def rate(grouped_rate: Optional[float]) -> float:
             return dense if grouped_rate is None else min(grouped_rate, dense)
 
-        grouped = (self.grouped_flops / rate(device.grouped) + self.matmul_flops / rate(device.matmul)
+        grouped = (self.grouped_flops / rate(device.grouped) + self.matmul_flops / device.matmul_rate(dtype)
                    + self.grouped_weight_grad_flops / rate(device.grouped_weight_grad))
         flops = {p: self.part_flops.get(p, 0.0) for p in PARTS}
         nbytes = {p: self.part_bytes.get(p, 0.0) for p in PARTS}
@@ -238,7 +262,8 @@ class Cost:
         if device.exp_rate:
             out[_WEIGHT] += self.exp_elements / device.exp_rate
         out[_WEIGHT] += self.fresh_bytes * device.fresh_byte_cost
-        out[_FIXED] = self.ops * device.op_overhead + device.call_overhead.get((self.kind, self.fused), 0.0)
+        host = device.op_overhead + (device.adapter_op_overhead if self.kind not in _PLAIN_KINDS else 0.0)
+        out[_FIXED] = self.ops * host + device.call_overhead.get((self.kind, self.fused), 0.0)
         return out
 
 
