@@ -20,7 +20,6 @@ test was renamed) is listed under ``missing`` in the summary, not run; on CUDA i
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.gpu_check import _junit_counts, stage_environment
 
 REPO = Path(__file__).resolve().parents[1]
 FAILED_IDS = REPO / "bench" / "results" / "h200_28b8496" / "failed_tests.txt"
@@ -132,8 +133,6 @@ def pytest_ids(ids: list, junit: Path, workers: int, env: dict, log, timeout: fl
         command += ["-n", str(workers)]
     started = time.time()
     result = _run(command + ids, env, log, timeout)
-    from bench.gpu_check import _junit_counts
-
     counts = _junit_counts(junit)
     status = "ok" if result.returncode == 0 else ("cut off" if result.returncode == 124 else "failed")
     return dict(counts, status=status, exit_status=result.returncode, seconds=round(time.time() - started, 1))
@@ -173,13 +172,7 @@ def main(argv=None) -> int:
     started = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_rerun_"))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               PYTHONUNBUFFERED="1", MAX_JOBS=os.environ.get("MAX_JOBS", "8"))
-    if args.dry_run:
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env.pop("TRITON_INTERPRET", None)
-    workers = 1 if args.dry_run or importlib.util.find_spec("xdist") is None else 8
+    env, workers = stage_environment(args.dry_run)
     ids = read_ids(args.ids)
     count = args.sample if args.sample is not None else (DRY_RUN_SAMPLE if args.dry_run else len(ids))
     ids = sample(ids, count)
@@ -218,7 +211,9 @@ def main(argv=None) -> int:
               f"failed, {r.get('skipped', 0)} skipped of {r.get('tests', 0)}; {r.get('seconds', 0)} s")
     for check in summary["layers"].get("checks", []):
         print(f"layers  {check['provider']:14} {check['status']:9} grad_params {check['grad_params']}")
-    print(f"missing {len(summary['missing'])} ids not collected here; total {summary['seconds']} s; results in {args.out}")
+    print(f"probe   exit status {summary['native_probe']['exit_status']} (a negative one: killed by that signal)")
+    print(f"missing {len(summary['missing'])} ids not collected here; total {summary['seconds']} s; "
+          f"results in {args.out}")
     ok = all(summary[p]["status"] in ("ok", "nothing to run") for p in ("triton", "native"))
     ok = ok and summary["layers"]["status"] == "ok" and (args.dry_run or not summary["missing"])
     return 0 if ok else 1
