@@ -3,14 +3,16 @@
 Run ``bash bench/gpu_rerun.sh`` from the repository root (``--dry-run``: on the CPU, Triton under the
 interpreter, a sample of the ids). It runs
 
-1. the test ids of ``bench/results/h200_28b8496/failed_tests.txt`` (the FAILED lines of that run's
-   log), those of the Triton backend while the native backend's CUDA build runs beside them, then
-   (after the probe below) those of the native backend, 8 pytest workers where pytest-xdist is
-   installed;
-2. a probe of the native ops' argument errors (each bad call named before it runs, on the CPU and
+1. the layer check that mismatched: ``bench.run --verify-only`` on convnext_t/dw7x7_96_56 (depthwise
+   7x7, 96 channels, 56x56, bfloat16) for SSL and SSB on the Triton route under auto;
+2. the test ids of ``bench/results/h200_28b8496/failed_tests.txt`` (the FAILED lines of that run's
+   log) of the Triton backend, while the native backend's CUDA build runs beside these two steps;
+3. a probe of the native ops' argument errors (each bad call named before it runs, on the CPU and
    on CUDA: the four tests of those errors died of a segmentation fault on CUDA);
-3. the layer check that mismatched: ``bench.run --verify-only`` on convnext_t/dw7x7_96_56 (depthwise
-   7x7, 96 channels, 56x56, bfloat16) for SSL and SSB on the Triton route under auto.
+4. the ids of the native backend; pytest with 8 workers where pytest-xdist is installed.
+
+Each step gets at most what is left of ``--budget`` (default 240 s), and ``summary.json`` is
+rewritten after each.
 
 Results under ``$OUT`` (default bench/out/gpu_rerun), five files: ``triton.xml`` and ``native.xml``
 (junit), ``layers.json`` (the check), ``gpu_rerun.log`` (every command's output) and
@@ -100,11 +102,11 @@ def probe_native_errors() -> None:
                 print(f"  RuntimeError: {str(exc).splitlines()[0]}", flush=True)
 
 
-def collected(ids: list, env: dict, log) -> set:
+def collected(ids: list, env: dict, log, timeout: float) -> set:
     """The ids among ``ids`` that pytest collects in this checkout."""
     files = sorted({i.split("::")[0] for i in ids})
     command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files]
-    result = _run(command, env, log, timeout=300)
+    result = _run(command, env, log, timeout=timeout)
     found = {line.strip() for line in result.stdout.splitlines() if "::" in line}
     return {i for i in ids if i in found}
 
@@ -162,6 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ids", type=Path, default=FAILED_IDS, help="file of test ids (default: %(default)s)")
     parser.add_argument("--sample", type=int, default=None,
                         help=f"run this many of the ids, spread evenly (default: all; {DRY_RUN_SAMPLE} in a dry run)")
+    parser.add_argument("--budget", type=float, default=240,
+                        help="seconds for the whole run (default %(default)s); each step gets what is left")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or REPO / "bench" / "out" / "gpu_rerun"))
     args = parser.parse_args(argv)
     import torch
@@ -178,19 +182,29 @@ def main(argv=None) -> int:
     ids = sample(ids, count)
     summary = dict(torch=torch.__version__, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                    dry_run=args.dry_run, ids_file=str(args.ids), ids=len(ids))
+    deadline = started + args.budget
+    left = lambda limit: max(5.0, min(limit, deadline - time.time()))  # noqa: E731
+
+    def save():  # after every step: a run cut off from outside still leaves what it found
+        summary["seconds"] = round(time.time() - started, 1)
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
     with open(args.out / "gpu_rerun.log", "a") as log:
         log.write(f"\n# gpu_rerun {time.strftime('%Y-%m-%d %H:%M:%S')} {json.dumps(summary)}\n")
         build_log = work / "native_build.log"
-        with open(build_log, "w") as build_output:  # a minute or more of nvcc: beside the Triton tests
+        with open(build_log, "w") as build_output:  # a minute or more of nvcc: beside the Triton steps
             build = subprocess.Popen([sys.executable, "-c", BUILD], cwd=REPO, env=env, stdout=build_output,
                                      stderr=subprocess.STDOUT)
-        present = collected(ids, env, log)
+        summary["layers"] = layer_check(args.dry_run, work, args.out, env, log, timeout=left(150))
+        save()
+        present = collected(ids, env, log, timeout=left(120))
         summary["missing"] = [i for i in ids if i not in present]
         runnable = [i for i in ids if i in present]
         summary["triton"] = pytest_ids([i for i in runnable if not is_native(i)], args.out / "triton.xml", workers,
-                                       env, log, timeout=240)
+                                       env, log, timeout=left(240))
+        save()
         try:
-            build.wait(timeout=300)
+            build.wait(timeout=left(300))
         except subprocess.TimeoutExpired:
             build.kill()
             build.wait()
@@ -198,20 +212,21 @@ def main(argv=None) -> int:
         log.write(f"\n$ native build\n{build_output}")
         summary["native_build"] = dict(exit_status=build.returncode, output=build_output.strip().splitlines()[-3:])
         probe = _run([sys.executable, "-X", "faulthandler", "-c",
-                      "from bench.gpu_rerun import probe_native_errors; probe_native_errors()"], env, log, timeout=120)
+                      "from bench.gpu_rerun import probe_native_errors; probe_native_errors()"], env, log,
+                     timeout=left(60))
         summary["native_probe"] = dict(exit_status=probe.returncode, output=probe.stdout.strip().splitlines()[-40:])
+        save()
         summary["native"] = pytest_ids([i for i in runnable if is_native(i)], args.out / "native.xml", workers, env,
-                                       log, timeout=240)
-        summary["layers"] = layer_check(args.dry_run, work, args.out, env, log, timeout=240)
-    summary["seconds"] = round(time.time() - started, 1)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+                                       log, timeout=left(240))
+        save()
     for part in ("triton", "native"):
         r = summary[part]
         print(f"{part:7} {r['status']:14} {r.get('passed', 0)} passed, {r.get('failures', 0) + r.get('errors', 0)} "
               f"failed, {r.get('skipped', 0)} skipped of {r.get('tests', 0)}; {r.get('seconds', 0)} s")
     for check in summary["layers"].get("checks", []):
         print(f"layers  {check['provider']:14} {check['status']:9} grad_params {check['grad_params']}")
-    print(f"probe   exit status {summary['native_probe']['exit_status']} (a negative one: killed by that signal)")
+    status = summary["native_probe"]["exit_status"]
+    print(f"probe   exit status {status}" + (f": killed by signal {-status}" if status < 0 else ""))
     print(f"missing {len(summary['missing'])} ids not collected here; total {summary['seconds']} s; "
           f"results in {args.out}")
     ok = all(summary[p]["status"] in ("ok", "nothing to run") for p in ("triton", "native"))
