@@ -52,7 +52,7 @@ def effective_weight64(layer, base=None) -> torch.Tensor:
 def plain_twin(layer, weight, dtype=F64) -> nn.Module:
     """A plain nn layer with ``layer``'s geometry holding ``weight`` and the layer's bias."""
     base = layer._nn_base()
-    twin = base(**layer._base_kwargs(layer), dtype=dtype)
+    twin = base(**layer._base_kwargs(layer), dtype=dtype, device=weight.device)
     with torch.no_grad():
         twin.weight.copy_(weight)
         if layer.bias is not None:
@@ -78,7 +78,8 @@ def randomize_adapter(layer, seed: int, std: float = 0.3):
 
 
 def rel_err(got, ref, what: str = "result") -> float:
-    got, ref = got.detach().to(F64), ref.detach().to(F64)
+    """``||got - ref|| / ||ref||`` in float64, on ``got``'s device (a CUDA result against a CPU reference)."""
+    got, ref = got.detach().to(F64), ref.detach().to(device=got.device, dtype=F64)
     assert torch.isfinite(got).all(), f"non-finite values in the {what}"
     return ((got - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 

@@ -10,10 +10,17 @@ computed, never its value (up to rounding), the parameters or what is saved to a
 - ``"bypass"`` (FLoRA, LoRA, SSL, SSB): the frozen op on ``W`` plus an exact cheap path for the
   update, with no full weight gradient: FLoRA's Tucker chain and LoRA's A-then-B chain
   (:mod:`.tucker_bypass`), SSL/SSB's scaled activations (:mod:`.scale_bypass`).
-- ``"auto"`` (default): chosen by the cost model (:mod:`.cost`) once per layer call signature.
+- ``"hybrid"`` (FLoRA, LoRA): the forward and the input gradient through ``W'`` as merged, the
+  adapter gradients through the low-rank chain as bypass (:mod:`.tucker_hybrid`); no full weight
+  gradient.
+- ``"auto"`` (default): chosen by the cost model (:mod:`.cost`) once per layer call signature; on
+  the CPU it also picks the backend (native or reference) it estimates faster for the layer, when
+  the backend in force is "auto".
 
 Each strategy runs on every backend: in plain PyTorch on "reference", through custom ops on the
-fused backends. Layers hold a strategy name and hand it here with their tensors.
+fused backends. Layers hold a strategy name and hand it here with their tensors; they know nothing
+of backends: :func:`adapted_forward` asks :mod:`..backend` which ones may run the call and the cost
+model which of them does.
 """
 from __future__ import annotations
 
@@ -25,10 +32,10 @@ import torch
 from torch import Tensor
 
 from .. import backend, methods
-from . import cost, merged, scale_bypass, tucker_bypass
+from . import cost, merged, scale_bypass, tucker_bypass, tucker_hybrid
 from .call import AdaptedCall
 
-STRATEGIES = ("auto", "merged", "two_branch", "bypass")
+STRATEGIES = ("auto", "merged", "two_branch", "bypass", "hybrid")
 
 
 def check_strategy(strategy, math: methods.AdapterMath) -> str:
@@ -36,21 +43,29 @@ def check_strategy(strategy, math: methods.AdapterMath) -> str:
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy != "auto" and strategy not in cost.applicable(math):
+        why = "it has no low-rank bypass" if strategy == "bypass" else "hybrid needs an additive Tucker or LoRA update"
         raise ValueError(f"strategy {strategy!r} cannot run a {math.combine!r} update of a {math.delta!r} delta "
-                         f"(it has no low-rank bypass); expected one of {('auto',) + cost.applicable(math)}")
+                         f"({why}); expected one of {('auto',) + cost.applicable(math)}")
     return strategy
 
 
 def _run_bypass(call: AdaptedCall, decision: cost.Decision) -> Tensor:
     if call.math.delta in ("tucker", "lora"):
-        return tucker_bypass.run(call, decision.input_grad_via_weight)
+        return tucker_bypass.run(call, decision.input_grad_via_weight, decision.folded)
     return scale_bypass.run(call)
+
+
+def _run_hybrid(call: AdaptedCall, decision: cost.Decision) -> Tensor:
+    if call.dropped_x is not None:  # the update acts on the dropped input: bypass's form
+        return tucker_bypass.run(call, False, decision.folded)
+    return tucker_hybrid.run(call, decision.folded)
 
 
 _RUN = {
     "merged": lambda call, decision: merged.run_merged(call),
     "two_branch": lambda call, decision: merged.run_two_branch(call),
     "bypass": _run_bypass,
+    "hybrid": _run_hybrid,
 }
 
 
@@ -84,9 +99,12 @@ def adapted_forward(
             return adapted_forward(cast(x), weight, cast(bias), adapter, math, scale, geometry, cast(dropped_x),
                                    strategy)
     stride, padding, dilation, groups = geometry
+    impls = backend.candidates(weight.device)
     call = AdaptedCall(x, weight, bias, adapter, math, float(scale), list(stride), list(padding), list(dilation),
-                       groups, dropped_x, backend.resolve(weight.device))
-    decision = decide(call, strategy)
+                       groups, dropped_x, impls[0])
+    decision = decide(call, strategy, impls)
+    if decision.impl is not None:
+        call.impl = decision.impl
     if _observers:
         _notify(call, decision)
     return _RUN[decision.strategy](call, decision)
@@ -121,8 +139,9 @@ def observing(observer: Callable[[AdaptedCall, cost.Decision], None]):
                 del _observers[thread]
 
 
-def decide(call: AdaptedCall, strategy: str = "auto") -> cost.Decision:
-    """The strategy ``call`` runs under ``strategy`` (the cost model's choice for "auto"), made
-    once per call signature (shapes, dtypes, geometry, gradients needed, backend): a lookup on
-    later calls; under torch.compile a constant of the graph (:func:`cost.decision`)."""
-    return cost.decision(cost.signature(call), strategy)
+def decide(call: AdaptedCall, strategy: str = "auto", impls: tuple = ()) -> cost.Decision:
+    """The strategy ``call`` runs under ``strategy`` (the cost model's choice for "auto"), and with
+    several backends in ``impls`` the one it runs on (``decision.impl``); made once per call
+    signature (shapes, dtypes, geometry, gradients needed, backend) and backends: a lookup on later
+    calls; under torch.compile a constant of the graph (:func:`cost.decision`)."""
+    return cost.decision(cost.signature(call), strategy, tuple(impls))
