@@ -1,14 +1,16 @@
 """torch.compile of injected models. A small model with every method, on every backend that runs
 here, and FLoRA on torchvision's resnet18 and timm's convnext_atto (or their stand-ins), compiled by
 inductor with fullgraph: forward and every gradient matching eager within the oracle's tolerance,
-gradients in their parameters' layouts. The real models under every method and strategy: one
-graph for a training step. A training loop without fullgraph: one compile per input shape, the
-cost model run only while tracing. Marked slow: inductor compiles C++ on the CPU (about 20-150 s
+gradients in their parameters' layouts. The real models under every strategy, each model holding
+every method that runs it, traced by dynamo without compiling code: one graph for a training
+step. A training loop without fullgraph: one compile per input shape, the cost model run only
+while tracing. Marked slow: inductor compiles C++ on the CPU (about 20-150 s
 per model on 2 cores); CI runs them (`pytest -m slow`), on torch 2.13 and 2.14."""
 from __future__ import annotations
 
 import copy
 import importlib
+import re
 
 import pytest
 import torch
@@ -172,19 +174,31 @@ REAL_MODELS = {
     "convnext_atto_standin": (_standin("timm", lambda: models.ConvNeXtAtto(num_classes=10)), ["head"]),
 }
 METHOD_KWARGS = {"flora": {}, "liera": dict(rank=4), "lora": dict(rank=4), "ssl": {}, "ssb": {}}
-METHOD_STRATEGIES = [(method, strategy) for method, kwargs in METHOD_KWARGS.items() for strategy in
-                     ("auto",) + cost.applicable(lk.layers.LAYERS[method][nn.Conv2d](4, 4, 1, **kwargs).adapter_math)]
-# Every strategy on the reference backend, whose strategies trace as plain torch ops. On the native
-# backend they trace to its custom ops: auto (merged's adapted_op, and FLoRA's bypass) and bypass
-# cover each of them (two_branch is adapted_op again). Triton's interpreter is too slow for whole
-# models (the small model above runs it).
-ONE_GRAPH_CASES = [pytest.param(method, strategy, backend_name, id=f"{method}-{strategy}-{backend_name}")
-                   for backend_name in ("reference", "native") for method, strategy in METHOD_STRATEGIES
+STRATEGIES = ("auto", "merged", "two_branch", "bypass", "hybrid")
+
+
+def methods_running(strategy: str) -> list:
+    """The methods that can run ``strategy`` (every one under auto)."""
+    return [method for method, kwargs in METHOD_KWARGS.items() if strategy == "auto" or strategy in
+            cost.applicable(lk.layers.LAYERS[method][nn.Conv2d](4, 4, 1, **kwargs).adapter_math)]
+
+
+# One model per strategy, its layers shared out among the methods that run it, on the reference
+# backend, whose strategies trace as plain torch ops. On the native backend they trace to its
+# custom ops: auto (merged's adapted_op, and FLoRA's bypass) and bypass cover each of them
+# (two_branch is adapted_op again). Triton's interpreter is too slow for whole models (the small
+# model above runs it).
+ONE_GRAPH_CASES = [pytest.param(strategy, backend_name, id=f"{strategy}-{backend_name}")
+                   for backend_name in ("reference", "native") for strategy in STRATEGIES
                    if backend_name == "reference" or strategy in ("auto", "bypass")]
 
 
-def test_every_method_is_compiled():
-    assert set(METHOD_KWARGS) == set(lk.layers.LAYERS)
+def test_every_method_and_strategy_is_compiled():
+    """The one-graph cases: auto (every method) and each strategy any method can run."""
+    assert set(METHOD_KWARGS) == set(lk.layers.LAYERS) == set(methods_running("auto"))
+    assert {s for m, kw in METHOD_KWARGS.items()
+            for s in cost.applicable(lk.layers.LAYERS[m][nn.Conv2d](4, 4, 1, **kw).adapter_math)} | {"auto"} \
+        == set(STRATEGIES)
 
 
 def real_model(name: str, method: str, strategy: str = "auto", seed: int = 0):
@@ -199,16 +213,37 @@ def real_model(name: str, method: str, strategy: str = "auto", seed: int = 0):
     return model.train()
 
 
+def mixed_model(name: str, strategy: str, seed: int = 0):
+    """The model with its adaptable layers shared out in turn among the methods that run
+    ``strategy``, all under ``strategy``, adapter tensors random, the listed modules trained in full,
+    in train mode: one model, and one trace, for every method a strategy applies to."""
+    make, trainable = REAL_MODELS[name]
+    torch.manual_seed(seed)
+    model = make().to(DEVICE)
+    targets = lk.inject(copy.deepcopy(model), "ssl", trainable_modules=trainable)
+    methods = methods_running(strategy)
+    for i, method in enumerate(methods):
+        mine = targets[i::len(methods)]
+        lk.inject(model, method, strategy=strategy, trainable_modules=trainable,
+                  target_modules="|".join(re.escape(n) for n in mine), **METHOD_KWARGS[method])
+    for i, (_, layer) in enumerate(lk.adapter_layers(model)):
+        randomize_adapter(layer, seed + i, std=0.05)
+    method_of = {cls: method for method, classes in lk.layers.LAYERS.items() for cls in classes.values()}
+    assert {method_of[type(layer)] for _, layer in lk.adapter_layers(model)} == set(methods)
+    return model.train()
+
+
 def images(batch: int, size: int = 32, seed: int = 1):
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
-@pytest.mark.parametrize("method, strategy, backend_name", ONE_GRAPH_CASES)
+@pytest.mark.parametrize("strategy, backend_name", ONE_GRAPH_CASES)
 @pytest.mark.parametrize("model_name", REAL_MODELS)
-def test_real_model_compiles_in_one_graph(model_name, method, strategy, backend_name):
-    """fullgraph: one graph for the training step's forward, no break, no recompile on the next step."""
+def test_real_model_compiles_in_one_graph(model_name, strategy, backend_name):
+    """fullgraph, traced by dynamo without compiling code: one graph for the training step's forward
+    of a model holding every method that runs ``strategy``, no break, no recompile on the next step."""
     require(backend_name)
-    model = real_model(model_name, method, strategy)
+    model = mixed_model(model_name, strategy)
     trained = [p for p in model.parameters() if p.requires_grad]
     x = images(2)
     counter = CompileCounter()
