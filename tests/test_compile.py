@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONCRETE_BACKENDS = [b for b in lk.BACKENDS if b != "auto"]
 FLOOR = 1e-6
-DECIDE = cost.decide
+DECIDE_BACKEND = cost.decide_backend
 
 
 def require(backend_name: str) -> None:
@@ -275,7 +275,8 @@ def test_training_loop_compiles_once_per_input_shape(model_name, monkeypatch):
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=1e-3)
     decisions = []
-    monkeypatch.setattr(cost, "decide", lambda w, requested: decisions.append(w) or DECIDE(w, requested))
+    monkeypatch.setattr(cost, "decide_backend",  # once per signature, whatever the backends offered
+                        lambda w, requested, impls: decisions.append(w) or DECIDE_BACKEND(w, requested, impls))
     cost._decision_cached.cache_clear()
     counter = CompileCounterWithBackend("aot_eager")  # forward and backward graphs traced
     torch._dynamo.reset()

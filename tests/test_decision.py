@@ -127,3 +127,19 @@ def test_the_requested_strategy_is_part_of_the_key(decisions):
     assert [strategies.decide(call, s).strategy for s in ("merged", "bypass", "two_branch", "merged")] == [
         "merged", "bypass", "two_branch", "merged"]
     assert [requested for _, requested in decisions] == ["merged", "bypass", "two_branch"]
+
+
+def test_the_backends_offered_are_part_of_the_key(decisions):
+    """With several backends offered, the cost model runs once per backend on the first call of a
+    signature (the workload with that backend) and not again; the decision names the backend it
+    estimates faster. Offering one backend only is another key: decided afresh, on that backend."""
+    layer = randomize_adapter(lk.FLoRAConv2d(64, 64, 3, padding=1), 0)
+    call = _call(layer, torch.randn(4, 64, 16, 16), impl="native")
+    both = [strategies.decide(call, "auto", ("native", "reference")) for _ in range(3)]
+    assert [w.impl for w, _ in decisions] == ["native", "reference"]
+    assert all(d is both[0] for d in both) and both[0].impl in ("native", "reference")
+    assert set(both[0].backend_seconds) == {"native", "reference"}
+    assert both[0].impl == min(both[0].backend_seconds, key=both[0].backend_seconds.get)
+    alone = strategies.decide(call, "auto", ("native",))
+    assert [w.impl for w, _ in decisions] == ["native", "reference", "native"]
+    assert alone.impl is None and alone is not both[0]
