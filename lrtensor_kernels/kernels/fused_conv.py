@@ -166,7 +166,8 @@ def _forward_kernel(
         i_w = ow * SW - PW + kw * DW
         inside = m_mask & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
         c_mask = channels < C_g
-        x_tile = tl.load(x_ptr + (x_pixels + i_d * sxd + i_h * sxh + i_w * sxw)[None, :] + channels[:, None] * sxc,
+        x_tile = tl.load(x_ptr + (x_pixels + i_d * sxd + i_h * sxh + i_w * sxw)[None, :]
+                         + channels.to(tl.int64)[:, None] * sxc,
                          mask=c_mask[:, None] & inside[None, :], other=0.0)
         w_mask = o_mask[:, None] & c_mask[None, :]
         w_tile = tl.load(w_ptr + rows[:, None] * swo + channels[None, :] * swc + (kd * swd + kh * swh + kw * sww),
@@ -181,10 +182,11 @@ def _forward_kernel(
         ranks = tl.arange(0, UP_RANK)
         r_mask = ranks < RZ
         up = tl.load(up_ptr + rows[:, None] * RZ + ranks[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
-        z = tl.load(z_ptr + (n * szn + od * szd + oh * szh + ow * szw)[None, :] + (group * RZ + ranks)[:, None] * szc,
+        z = tl.load(z_ptr + (n * szn + od * szd + oh * szh + ow * szw)[None, :]
+                    + (group * RZ + ranks).to(tl.int64)[:, None] * szc,
                     mask=r_mask[:, None] & m_mask[None, :], other=0.0)
         acc = tl.dot(up, z, acc, input_precision=PRECISION, out_dtype=ACC)
-    y_offsets = (n * syn + od * syd + oh * syh + ow * syw)[None, :] + rows[:, None] * syc
+    y_offsets = (n * syn + od * syd + oh * syh + ow * syw)[None, :] + rows.to(tl.int64)[:, None] * syc
     y_mask = o_mask[:, None] & m_mask[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + y_offsets, mask=y_mask, other=0.0).to(ACC)
@@ -237,7 +239,8 @@ def _input_grad_kernel(
         o_w = jw + (rw + PW - kw * DW) // SW
         reached = m_mask & (o_d >= 0) & (o_d < OD) & (o_h >= 0) & (o_h < OH) & (o_w >= 0) & (o_w < OW)
         o_mask = outs < O_g
-        g_tile = tl.load(g_ptr + (g_pixels + o_d * sgd + o_h * sgh + o_w * sgw)[:, None] + outs[None, :] * sgc,
+        g_tile = tl.load(g_ptr + (g_pixels + o_d * sgd + o_h * sgh + o_w * sgw)[:, None]
+                         + outs.to(tl.int64)[None, :] * sgc,
                          mask=reached[:, None] & o_mask[None, :], other=0.0)
         rows = group * O_g + outs
         w_tile = tl.load(w_ptr + rows[:, None] * swo + offs_c[None, :] * swc + (kd * swd + kh * swh + kw * sww),
@@ -247,7 +250,8 @@ def _input_grad_kernel(
             right = _right_cols(r_ptr, offs_c * KVOL + tap, RCOLS, R1, RANK, ACC, BLOCK_N)
             w_tile = _combine(w_tile.to(ACC), _update(left, right, RANK, ACC, UPDATE_PRECISION), COMBINE, DELTA_ONLY)
         acc = tl.dot(g_tile, w_tile.to(g_tile.dtype), acc, input_precision=PRECISION, out_dtype=ACC)
-    dx_offsets = (n * sxn + i_d * sxd + i_h * sxh + i_w * sxw)[:, None] + (group * C_g + offs_c)[None, :] * sxc
+    dx_offsets = ((n * sxn + i_d * sxd + i_h * sxh + i_w * sxw)[:, None]
+                  + (group * C_g + offs_c).to(tl.int64)[None, :] * sxc)
     tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])
 
 
@@ -322,7 +326,7 @@ def _weight_grad_kernel(
             tl.store(gr_ptr + slot_o * R1 * RCOLS + ranks[:, None] * RCOLS + cols[None, :], grad_right,
                      mask=r_mask[:, None] & c_mask[None, :])
     else:
-        dw_offsets = split.to(tl.int64) * O * RCOLS + rows[:, None] * RCOLS + cols[None, :]
+        dw_offsets = (split.to(tl.int64) * O + rows.to(tl.int64))[:, None] * RCOLS + cols[None, :]
         tl.store(dw_ptr + dw_offsets, acc, mask=o_mask[:, None] & c_mask[None, :])
 
 

@@ -10,6 +10,9 @@ computed, never its value (up to rounding), the parameters or what is saved to a
 - ``"bypass"`` (FLoRA, LoRA, SSL, SSB): the frozen op on ``W`` plus an exact cheap path for the
   update, with no full weight gradient: FLoRA's Tucker chain and LoRA's A-then-B chain
   (:mod:`.tucker_bypass`), SSL/SSB's scaled activations (:mod:`.scale_bypass`).
+- ``"fused"`` (any method, triton backend): the adapter math inside the convolution's or matmul's
+  own tiles, Triton implicit-GEMM kernels for every op (:mod:`.fused`); FLoRA may run its Tucker
+  chain there instead, with the up-projection in the frozen op's epilogue.
 - ``"auto"`` (default): chosen per call by the cost model (:mod:`.cost`).
 
 Each strategy runs on every backend: in plain PyTorch on "reference", through custom ops on the
@@ -25,20 +28,33 @@ import torch
 from torch import Tensor
 
 from .. import backend, methods
-from . import cost, merged, scale_bypass, tucker_bypass
+from . import cost, fused, merged, scale_bypass, tucker_bypass
 from .call import AdaptedCall
 
-STRATEGIES = ("auto", "merged", "two_branch", "bypass")
+STRATEGIES = ("auto", "merged", "two_branch", "bypass", "fused")
 
 
 def check_strategy(strategy, math: methods.AdapterMath) -> str:
     """``strategy`` if it names a strategy that can run ``math``; else a ValueError saying why."""
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy != "auto" and strategy not in cost.applicable(math):
+    if strategy not in ("auto", "fused") and strategy not in cost.applicable(math):
+        expected = ("auto",) + cost.applicable(math) + ("fused",)
         raise ValueError(f"strategy {strategy!r} cannot run a {math.combine!r} update of a {math.delta!r} delta "
-                         f"(it has no low-rank bypass); expected one of {('auto',) + cost.applicable(math)}")
+                         f"(it has no low-rank bypass); expected one of {expected}")
     return strategy
+
+
+def cannot_run(strategy: str, device: torch.device) -> str:
+    """Why ``strategy`` cannot run on tensors on ``device`` with the backend in force ("" if it can):
+    "fused" needs the triton backend."""
+    if strategy == "fused":
+        impl = backend.resolve(device)
+        if impl != "triton":
+            return (f"strategy 'fused' runs on the 'triton' backend (its implicit-GEMM kernels), but the backend in "
+                    f"force for tensors on {device} is {impl!r}: use lk.use_backend('triton') (CUDA tensors, or the "
+                    f"CPU with TRITON_INTERPRET=1) or another strategy")
+    return ""
 
 
 def _run_bypass(call: AdaptedCall, decision: cost.Decision) -> Tensor:
@@ -51,6 +67,7 @@ _RUN = {
     "merged": lambda call, decision: merged.run_merged(call),
     "two_branch": lambda call, decision: merged.run_two_branch(call),
     "bypass": _run_bypass,
+    "fused": lambda call, decision: fused.run(call, decision.fused_form),
 }
 
 

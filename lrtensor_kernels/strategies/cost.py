@@ -13,6 +13,11 @@ elementwise passes read or write, and the number of ops. The per-device constant
   fine-tuning; two_branch is offered for precision, not picked.
 - FLoRA, LoRA and SSL/SSB in bfloat16/float16 never run merged: rounding ``W'`` to the op's dtype loses
   most of a small update (see the README's precision table), which bypass and two_branch keep.
+- "fused" (the Triton implicit-GEMM kernels, triton backend only) is considered only on a CUDA
+  device whose ``DeviceModel`` was calibrated by a measurement run (``calibrated``; none is yet):
+  until then auto keeps the other strategies' choices and says why. In bfloat16/float16 its
+  ``W'``-in-the-tiles form rounds like merged and follows merged's rule; FLoRA's chain form keeps
+  the update.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from typing import Optional
 import torch
 
 from .. import methods
+from ..errors import AdapterConfigError
 from .call import AdaptedCall
 
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)
@@ -36,7 +42,8 @@ class DeviceModel:
     per op launched from Python (dispatch, launch, small-op latency); ``grouped``: FLOP/s of a
     grouped convolution's forward and input gradient, ``grouped_weight_grad``: of its weight
     gradient (None: the dense rate); ``conv_overhead``: seconds a convolution call costs beyond
-    ``op_overhead``."""
+    ``op_overhead``; ``calibrated``: the constants were fitted to a measurement run of this
+    package's strategies on the device, fused kernels included (auto considers "fused" only then)."""
 
     flops: dict
     bandwidth: float
@@ -44,6 +51,7 @@ class DeviceModel:
     grouped: Optional[float] = None
     grouped_weight_grad: Optional[float] = None
     conv_overhead: float = 0.0
+    calibrated: bool = False
 
     def flop_rate(self, dtype: torch.dtype) -> float:
         return self.flops.get(dtype, self.flops[torch.float32])
@@ -90,6 +98,7 @@ class Workload:
     need_adapter: bool
     dropout: bool
     fused: bool
+    triton: bool = False  # on the triton backend, where strategy "fused" runs
 
     @classmethod
     def of(cls, call: AdaptedCall) -> "Workload":
@@ -97,7 +106,7 @@ class Workload:
         return cls(tuple(call.weight.shape), tuple(call.x.shape), _output_shape(call), call.groups, call.x.dtype,
                    call.weight.dtype, call.weight.device.type, call.math, tuple(tuple(t.shape) for t in call.adapter),
                    needs["input"], needs["weight"], needs["bias"], needs["adapter"], call.dropped_x is not None,
-                   call.impl != "reference")
+                   call.impl != "reference", call.impl == "triton")
 
     @property
     def ranks(self) -> tuple:
@@ -351,6 +360,97 @@ def scale_bypass_cost(w: Workload) -> Cost:
     return cost
 
 
+# The pixel tile for which the fused kernels form a W' tile (the GPU plans' usual block): the
+# prologue's E = L @ R and combine are paid once per weight element and pixel tile.
+FUSED_PIXEL_TILE = 128
+
+
+def _fused_rank(w: Workload) -> int:
+    """The rank the fused tiles compute E with: 1 for scales, else the rank padded to a power of two >= 16."""
+    rank = w.ranks[0] if w.ranks else 1
+    return 1 if rank == 1 else max(16, 1 << (rank - 1).bit_length())
+
+
+def _prologue(s: _Sizes, cost: Cost, pixels: float) -> Cost:
+    """``W'`` formed in the weight tiles of a pass over ``pixels`` pixels: FLOPs only, no bytes."""
+    tiles = pymath.ceil(pixels / FUSED_PIXEL_TILE)
+    return cost.add(2.0 * _fused_rank(s.w) * s.weight * tiles, 0, ops=0)
+
+
+def fused_prologue_cost(w: Workload) -> Cost:
+    """Strategy "fused", ``W'`` in the tiles: the layer's op with ``W'`` formed in its weight tiles
+    (forward and input gradient), the weight gradient projected in its epilogue; no weight-sized
+    pass. With dropout, ``op(x, W) + op(xd, W' - W)`` (the second adds the first in its epilogue)."""
+    s = _Sizes(w)
+    cost = Cost(notes=["W' formed in the op's weight tiles"])
+    pixels_out, pixels_in = s.batch * s.pixels_out, s.batch * s.pixels_in
+    _prologue(s, s.conv_pass(cost), pixels_out)
+    if w.dropout:
+        s.op(s.conv_pass(cost), 0, s.y)
+    if w.need_input or w.dropout:
+        _prologue(s, s.conv_pass(cost), pixels_in)
+        if w.dropout and w.need_input:
+            s.conv_pass(cost)
+    if w.need_adapter:
+        epilogue = (4.0 + (2.0 if w.math.combine == "exp" else 0.0)) * _fused_rank(w) * s.weight
+        s.weight_grad_pass(cost).add(epilogue, 0 if w.math.combine == "add" else s.weight * s.e, ops=0)
+        cost.notes.append("weight gradient projected in its tiles")
+    if w.need_weight:
+        s.weight_grad_pass(cost)
+    return cost
+
+
+def fused_chain_cost(w: Workload) -> Cost:
+    """Strategy "fused" for FLoRA, chain form: the frozen op plus the Tucker chain, all on the
+    fused kernels, the chain's up-projection added in the frozen op's epilogue (no output-sized
+    pass), the input gradient through ``W'`` formed in the tiles (exactly the frozen layer's op)."""
+    from .tucker_bypass import SAVE_U_FRACTION
+
+    s = _Sizes(w)
+    f_in, f_mid, f_out, u, z = _chain_parts(s, w)
+    cost = s.conv_pass(Cost(notes=["op(x, W) + Tucker chain, U_1 z in the op's epilogue"]))
+    s.op(cost, f_in, s.x, u)
+    s.grouped_op(cost, f_mid, u, z)
+    cost.add(f_out, s.e * z, ops=0)
+    keeps_u = u <= SAVE_U_FRACTION * s.x
+    if w.need_adapter:
+        if not keeps_u:
+            s.op(cost, f_in, s.x, u)
+        s.grouped_op(cost, f_mid, u, z)
+        s.op(cost, f_out, s.y, z)  # grad z
+        s.op(cost, f_out, s.y, z)  # grad U_1
+        s.grouped_op(cost, f_mid, z, u)  # grad u
+        s.grouped_op(cost, f_mid, z, u, weight_grad=True)  # grad K
+        s.op(cost, f_in, u, s.x)  # grad U_2
+    if w.dropout:
+        s.conv_pass(cost)
+        s.op(cost, f_in, u, s.x, s.x, s.x)
+        cost.notes.append("input gradient through W and the chain")
+    elif w.need_input:
+        _prologue(s, s.conv_pass(cost), s.batch * s.pixels_in)
+        cost.notes.append("input gradient through W' formed in the tiles")
+    if w.need_weight:
+        s.weight_grad_pass(cost)
+    cost.notes.append("u kept" if keeps_u else "u recomputed")
+    return cost
+
+
+def fused_form(w: Workload) -> tuple:
+    """``(form, cost)`` of strategy "fused": "chain" or "prologue" for FLoRA, whichever costs less
+    (the chain alone in bfloat16/float16, where the prologue form would round the update into
+    ``W'``), "prologue" for every other method."""
+    prologue = fused_prologue_cost(w)
+    if w.math.key != "tucker:add":
+        return "prologue", prologue
+    chain = fused_chain_cost(w)
+    if w.dtype in REDUCED_PRECISION:
+        return "chain", chain
+    device = DEVICES.get(w.device_type, DEVICES["cuda"])
+    if chain.seconds(device, w.dtype) <= prologue.seconds(device, w.dtype):
+        return "chain", chain
+    return "prologue", prologue
+
+
 @dataclass
 class Decision:
     """The strategy a call runs, why, and every candidate's estimated cost."""
@@ -359,6 +459,7 @@ class Decision:
     reason: str
     costs: dict
     input_grad_via_weight: bool = False
+    fused_form: str = ""  # strategy "fused": "prologue" (W' in the tiles) or "chain" (FLoRA's Tucker chain)
 
 
 APPLICABLE = {
@@ -394,19 +495,32 @@ def _decide(w: Workload, requested: str) -> Decision:
     device = DEVICES.get(w.device_type, DEVICES["cuda"])
     candidates = applicable(w.math)
     costs = {name: strategy_cost(w, name) for name in candidates}
+    form = ""
+    if w.triton:
+        form, costs["fused"] = fused_form(w)
+    elif requested == "fused":
+        raise AdapterConfigError("strategy 'fused' runs on the 'triton' backend only (its implicit-GEMM kernels)")
     times = {name: cost.seconds(device, w.dtype) for name, cost in costs.items()}
+    fused_considered = w.triton and w.device_type == "cuda" and device.calibrated
     if requested != "auto":
         strategy, reason = requested, "set on the layer"
     elif w.math.combine in ("exp", "first_order"):
         strategy, reason = "merged", "multiplicative update: no bypass; merged is the cheapest exact form"
+        if fused_considered and times["fused"] < times["merged"]:
+            strategy, reason = "fused", "multiplicative update: no bypass; fused is the cheapest exact form"
     else:
         allowed = [c for c in candidates if not (c == "merged" and w.dtype in REDUCED_PRECISION)]
+        if fused_considered and not (form == "prologue" and w.dtype in REDUCED_PRECISION):
+            allowed.append("fused")
         strategy = min(allowed, key=times.__getitem__)
         reason = "cheapest estimate"
         if len(allowed) < len(candidates):
             reason += f"; merged excluded: {str(w.dtype).replace('torch.', '')} would round a small update away"
+    if requested == "auto" and w.triton and not fused_considered:
+        reason += ("; fused not considered: " + ("Triton is interpreted on the CPU" if w.device_type != "cuda" else
+                                                 "the CUDA cost constants are not yet calibrated by a measurement run"))
     via_weight = strategy == "bypass" and "input gradient through W'" in costs["bypass"].notes
-    return Decision(strategy, reason, costs, via_weight)
+    return Decision(strategy, reason, costs, via_weight, form if strategy == "fused" else "")
 
 
 _decide_cached = functools.lru_cache(maxsize=4096)(_decide)

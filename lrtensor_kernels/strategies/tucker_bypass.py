@@ -103,11 +103,12 @@ def _pointwise(spatial_dims: int) -> tuple:
     return [1] * spatial_dims, [0] * spatial_dims, [1] * spatial_dims
 
 
-def chain_input_projection(x_chain: Tensor, weights: list, groups: int) -> Tensor:
-    """``u = P_in(x)`` (``x`` itself for a chain without an input projection)."""
+def chain_input_projection(x_chain: Tensor, weights: list, groups: int, conv=ops) -> Tensor:
+    """``u = P_in(x)`` (``x`` itself for a chain without an input projection; ``conv``: the module
+    whose ``base_op`` runs it)."""
     if weights[0] is None:
         return x_chain
-    return ops.base_op(x_chain, weights[0], None, *_pointwise(weights[1].dim() - 2), groups)
+    return conv.base_op(x_chain, weights[0], None, *_pointwise(weights[1].dim() - 2), groups)
 
 
 def forward(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], adapter, scale: float,
@@ -131,11 +132,13 @@ def keeps_u(u: Tensor, x_chain: Tensor) -> bool:
 def backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tensor, adapter, u: Optional[Tensor],
              scale: float, geometry: tuple, input_grad_via_weight: bool, effective_weight, need_input: bool,
              need_chain_input: bool, need_weight: bool, need_bias: bool, need_adapter: bool,
-             math: str = "tucker:add") -> tuple:
+             math: str = "tucker:add", conv=ops) -> tuple:
     """``(grad_x, grad_x_chain, grad_weight, grad_bias, adapter_grads)``, None for what is not needed.
 
     ``effective_weight()`` returns ``W'`` in ``x``'s dtype; it is called only when the input
-    gradient goes through it (``input_grad_via_weight`` and no separate chain input)."""
+    gradient goes through it (``input_grad_via_weight`` and no separate chain input). ``conv``: the
+    module whose ``base_op`` and ``op_backward`` run the ops (:mod:`lrtensor_kernels.ops`, or the
+    fused kernels of strategy "fused")."""
     stride, padding, dilation, groups = geometry
     n = weight.dim() - 2
     pointwise = _pointwise(n)
@@ -143,23 +146,23 @@ def backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tenso
     via_weight = input_grad_via_weight and x_chain is None
     chain_input_grad = need_chain_input if x_chain is not None else need_input and not via_weight
     base_weight = effective_weight() if need_input and via_weight else weight.to(x.dtype)
-    grad_x, grad_w, grad_b = ops.op_backward(grad_y, x, base_weight, stride, padding, dilation, groups,
-                                             need_input, need_weight, need_bias)
+    grad_x, grad_w, grad_b = conv.op_backward(grad_y, x, base_weight, stride, padding, dilation, groups,
+                                              need_input, need_weight, need_bias)
     grad_chain_x, adapter_grads = None, None
     if need_adapter or chain_input_grad:
         weights, exponents = chain_weights(adapter, scale, groups, tuple(weight.shape), x.dtype, math)
         w_in, w_mid, w_out = weights
         if u is None:
-            u = chain_input_projection(chain_in, weights, groups)
-        z = ops.base_op(u, w_mid, None, stride, padding, dilation, groups)
-        grad_z, grad_w_out, _ = ops.op_backward(grad_y, z, w_out, *pointwise, groups, True, need_adapter)
-        grad_u, grad_w_mid, _ = ops.op_backward(grad_z, u, w_mid, stride, padding, dilation, groups,
-                                                w_in is not None or chain_input_grad, need_adapter)
+            u = chain_input_projection(chain_in, weights, groups, conv)
+        z = conv.base_op(u, w_mid, None, stride, padding, dilation, groups)
+        grad_z, grad_w_out, _ = conv.op_backward(grad_y, z, w_out, *pointwise, groups, True, need_adapter)
+        grad_u, grad_w_mid, _ = conv.op_backward(grad_z, u, w_mid, stride, padding, dilation, groups,
+                                                 w_in is not None or chain_input_grad, need_adapter)
         if w_in is None:
             grad_chain_x, grad_w_in = (grad_u if chain_input_grad else None), None
         else:
-            grad_chain_x, grad_w_in, _ = ops.op_backward(grad_u, chain_in, w_in, *pointwise, groups,
-                                                         chain_input_grad, need_adapter)
+            grad_chain_x, grad_w_in, _ = conv.op_backward(grad_u, chain_in, w_in, *pointwise, groups,
+                                                          chain_input_grad, need_adapter)
         if need_adapter:
             adapter_grads = _adapter_grads(adapter, scale, groups, (grad_w_in, grad_w_mid, grad_w_out), exponents)
     if x_chain is None:
