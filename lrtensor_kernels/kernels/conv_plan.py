@@ -133,25 +133,23 @@ class Tiles:
         return f"{self.block_m}x{self.block_n}x{self.block_k}_w{self.warps}_s{self.stages}"
 
 
-# GPU configurations per kind and operand width (bytes). 16-bit operands take 64-deep reductions
-# (128-byte rows), float32 32-deep, float64 16-deep; shared memory per stage is
-# (block_m + block_n) * block_k * width, at most 96 KiB over the stages (sm_80 has 164 KiB).
+# GPU configurations per kind and operand width (bytes). The activation tiles are gathers (an
+# im2col view of an NCHW tensor has no contiguous axis the compiler can prove), so every element
+# carries its own 64-bit address and a staged load: the tiles are kept where ptxas reports no
+# spills on sm_80 and sm_90 (bench/NOTES.md), 32-deep reductions for 16-bit operands (64-byte
+# rows), 16-deep for float32 and float64.
+_T = Tiles
 _GPU_TILES = {
-    ("forward", 2): [Tiles(128, 128, 64, 8, 3), Tiles(128, 64, 64, 4, 4), Tiles(64, 128, 64, 4, 4),
-                     Tiles(64, 64, 64, 4, 4), Tiles(256, 64, 64, 8, 3), Tiles(128, 128, 32, 4, 4)],
-    ("forward", 4): [Tiles(128, 128, 32, 8, 3), Tiles(128, 64, 32, 4, 3), Tiles(64, 128, 32, 4, 3),
-                     Tiles(64, 64, 32, 4, 4)],
-    ("forward", 8): [Tiles(64, 64, 16, 4, 2), Tiles(32, 32, 16, 4, 2)],
-    ("input_grad", 2): [Tiles(128, 128, 64, 8, 3), Tiles(128, 64, 64, 4, 4), Tiles(64, 128, 64, 4, 4),
-                        Tiles(64, 64, 64, 4, 4), Tiles(128, 128, 32, 4, 4)],
-    ("input_grad", 4): [Tiles(128, 128, 32, 8, 3), Tiles(128, 64, 32, 4, 3), Tiles(64, 128, 32, 4, 3),
-                        Tiles(64, 64, 32, 4, 4)],
-    ("input_grad", 8): [Tiles(64, 64, 16, 4, 2), Tiles(32, 32, 16, 4, 2)],
-    ("weight_grad", 2): [Tiles(128, 128, 64, 8, 3), Tiles(64, 128, 64, 4, 4), Tiles(128, 64, 64, 4, 4),
-                         Tiles(64, 64, 64, 4, 4)],
-    ("weight_grad", 4): [Tiles(128, 128, 32, 8, 3), Tiles(64, 128, 32, 4, 3), Tiles(128, 64, 32, 4, 3),
-                         Tiles(64, 64, 32, 4, 4)],
-    ("weight_grad", 8): [Tiles(64, 64, 16, 4, 2), Tiles(32, 32, 16, 4, 2)],
+    ("forward", 2): [_T(128, 64, 32, 8, 3), _T(64, 128, 32, 8, 3), _T(128, 128, 32, 8, 2), _T(64, 64, 32, 4, 3),
+                     _T(32, 64, 32, 4, 3)],
+    ("forward", 4): [_T(128, 64, 16, 8, 3), _T(64, 128, 16, 8, 3), _T(64, 64, 16, 4, 3), _T(32, 64, 16, 4, 3)],
+    ("forward", 8): [_T(64, 32, 16, 4, 2), _T(32, 32, 16, 4, 2)],
+    ("input_grad", 2): [_T(128, 64, 32, 8, 2), _T(64, 128, 32, 8, 2), _T(64, 64, 32, 4, 2), _T(32, 64, 32, 4, 2)],
+    ("input_grad", 4): [_T(128, 64, 16, 8, 2), _T(64, 128, 16, 8, 2), _T(64, 64, 16, 4, 2)],
+    ("input_grad", 8): [_T(64, 32, 16, 4, 2), _T(32, 32, 16, 4, 2)],
+    ("weight_grad", 2): [_T(128, 64, 32, 8, 2), _T(64, 128, 32, 8, 2), _T(64, 64, 32, 4, 2), _T(32, 64, 32, 4, 2)],
+    ("weight_grad", 4): [_T(128, 64, 16, 8, 2), _T(64, 128, 16, 8, 2), _T(64, 64, 16, 4, 2)],
+    ("weight_grad", 8): [_T(64, 32, 16, 4, 2), _T(32, 32, 16, 4, 2)],
 }
 MIN_BLOCK = 16  # tl.dot's smallest operand dim
 NOMINAL_MULTIPROCESSORS = 132  # an H100/H200, for GPU plans made without a GPU (forced, ahead of time)

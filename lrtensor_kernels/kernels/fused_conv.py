@@ -42,6 +42,7 @@ Offsets are 64-bit wherever they scale with the batch.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -110,9 +111,25 @@ def _update(left, right, RANK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.co
 
 
 @triton.jit
+def _update_transposed(left, right, RANK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """``E^T = R^T @ L^T`` on one tile (the input gradient's weight tiles are (channels, outputs))."""
+    if RANK == 1:
+        e = right[:, None] * left[None, :]
+    else:
+        e = tl.dot(tl.trans(right), tl.trans(left), input_precision=PRECISION, out_dtype=ACC)
+    return e
+
+
+@triton.jit
 def _kernel_tap(tap, KH, KW):
     """(kd, kh, kw) of a flattened tap ``(kd * KH + kh) * KW + kw``."""
     return tap // (KW * KH), (tap // KW) % KH, tap % KW
+
+
+@triton.jit
+def _pixel_offsets(n, d, h, w, sn, sd, sh, sw):
+    """``n * sn + d * sd + h * sh + w * sw`` in int64 (activations may hold 2^31 elements or more)."""
+    return n.to(tl.int64) * sn + d.to(tl.int64) * sd + h.to(tl.int64) * sh + w.to(tl.int64) * sw
 
 
 @triton.jit
@@ -139,6 +156,7 @@ def _forward_kernel(
     R1, RCOLS, RZ,
     ADAPTED: tl.constexpr, COMBINE: tl.constexpr, DELTA_ONLY: tl.constexpr, RANK: tl.constexpr,
     HAS_BIAS: tl.constexpr, UP_RANK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACC: tl.constexpr,
+    PIXELS64: tl.constexpr,
     PRECISION: tl.constexpr, UPDATE_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -146,13 +164,16 @@ def _forward_kernel(
     group = tl.program_id(1)
     M = N * OD * OH * OW
     pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(O_g, BLOCK_N), GROUP_M)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PIXELS64:
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     o_mask = offs_o < O_g
     n, od, oh, ow = _split_pixels(offs_m, OD, OH, OW)
     rows = group * O_g + offs_o
-    x_pixels = n * sxn + (group * C_g).to(tl.int64) * sxc
+    x_images = n.to(tl.int64) * sxn + (group * C_g).to(tl.int64) * sxc
     if ADAPTED:
         left = _left_tile(l_ptr, rows, o_mask, R1, RANK, ACC)
     offs_k = tl.arange(0, BLOCK_K)
@@ -166,7 +187,7 @@ def _forward_kernel(
         i_w = ow * SW - PW + kw * DW
         inside = m_mask & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
         c_mask = channels < C_g
-        x_tile = tl.load(x_ptr + (x_pixels + i_d * sxd + i_h * sxh + i_w * sxw)[None, :]
+        x_tile = tl.load(x_ptr + (x_images + _pixel_offsets(n, i_d, i_h, i_w, 0, sxd, sxh, sxw))[None, :]
                          + channels.to(tl.int64)[:, None] * sxc,
                          mask=c_mask[:, None] & inside[None, :], other=0.0)
         w_mask = o_mask[:, None] & c_mask[None, :]
@@ -182,11 +203,11 @@ def _forward_kernel(
         ranks = tl.arange(0, UP_RANK)
         r_mask = ranks < RZ
         up = tl.load(up_ptr + rows[:, None] * RZ + ranks[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
-        z = tl.load(z_ptr + (n * szn + od * szd + oh * szh + ow * szw)[None, :]
+        z = tl.load(z_ptr + _pixel_offsets(n, od, oh, ow, szn, szd, szh, szw)[None, :]
                     + (group * RZ + ranks).to(tl.int64)[:, None] * szc,
                     mask=r_mask[:, None] & m_mask[None, :], other=0.0)
         acc = tl.dot(up, z, acc, input_precision=PRECISION, out_dtype=ACC)
-    y_offsets = (n * syn + od * syd + oh * syh + ow * syw)[None, :] + rows.to(tl.int64)[:, None] * syc
+    y_offsets = _pixel_offsets(n, od, oh, ow, syn, syd, syh, syw)[None, :] + rows.to(tl.int64)[:, None] * syc
     y_mask = o_mask[:, None] & m_mask[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + y_offsets, mask=y_mask, other=0.0).to(ACC)
@@ -201,10 +222,10 @@ def _input_grad_kernel(
     sgn, sgc, sgd, sgh, sgw, swo, swc, swd, swh, sww, sxn, sxc, sxd, sxh, sxw,
     R1, RCOLS,
     ADAPTED: tl.constexpr, COMBINE: tl.constexpr, DELTA_ONLY: tl.constexpr, RANK: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, UPDATE_PRECISION: tl.constexpr,
+    ACC: tl.constexpr, PIXELS64: tl.constexpr, PRECISION: tl.constexpr, UPDATE_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """acc[q, c] = sum over (tap reaching q's residue class, output channel block) of dy[q, o] @ W'[o, c, tap];
+    """acc[c, q] = sum over (tap reaching q's residue class, output channel block) of W'^T[c, o, tap] @ dy[o, q];
     grid (tiles, groups x stride residue classes). taps: per class, the tap count then the taps."""
     classes = SD * SH * SW
     group = tl.program_id(1) // classes
@@ -217,7 +238,10 @@ def _input_grad_kernel(
     WC = tl.cdiv(W, SW)
     M = N * DC * HC * WC
     pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C_g, BLOCK_N), GROUP_M)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PIXELS64:
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     c_mask = offs_c < C_g
     n, jd, jh, jw = _split_pixels(offs_m, DC, HC, WC)
@@ -225,11 +249,11 @@ def _input_grad_kernel(
     i_h = rh + SH * jh
     i_w = rw + SW * jw
     m_mask = (offs_m < M) & (i_d < D) & (i_h < H) & (i_w < W)
-    g_pixels = n * sgn + (group * O_g).to(tl.int64) * sgc
+    g_images = n.to(tl.int64) * sgn + (group * O_g).to(tl.int64) * sgc
     taps = taps_ptr + cls * (KVOL + 1)
     o_blocks = tl.cdiv(O_g, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=ACC)
     for it in range(tl.load(taps) * o_blocks):
         tap = tl.load(taps + 1 + it // o_blocks)
         outs = (it % o_blocks) * BLOCK_K + offs_k
@@ -239,20 +263,20 @@ def _input_grad_kernel(
         o_w = jw + (rw + PW - kw * DW) // SW
         reached = m_mask & (o_d >= 0) & (o_d < OD) & (o_h >= 0) & (o_h < OH) & (o_w >= 0) & (o_w < OW)
         o_mask = outs < O_g
-        g_tile = tl.load(g_ptr + (g_pixels + o_d * sgd + o_h * sgh + o_w * sgw)[:, None]
-                         + outs.to(tl.int64)[None, :] * sgc,
-                         mask=reached[:, None] & o_mask[None, :], other=0.0)
+        g_tile = tl.load(g_ptr + (g_images + _pixel_offsets(n, o_d, o_h, o_w, 0, sgd, sgh, sgw))[None, :]
+                         + outs.to(tl.int64)[:, None] * sgc, mask=o_mask[:, None] & reached[None, :], other=0.0)
         rows = group * O_g + outs
-        w_tile = tl.load(w_ptr + rows[:, None] * swo + offs_c[None, :] * swc + (kd * swd + kh * swh + kw * sww),
-                         mask=o_mask[:, None] & c_mask[None, :], other=0.0)
+        w_tile = tl.load(w_ptr + offs_c[:, None] * swc + rows[None, :] * swo + (kd * swd + kh * swh + kw * sww),
+                         mask=c_mask[:, None] & o_mask[None, :], other=0.0)
         if ADAPTED:
             left = _left_tile(l_ptr, rows, o_mask, R1, RANK, ACC)
             right = _right_cols(r_ptr, offs_c * KVOL + tap, RCOLS, R1, RANK, ACC, BLOCK_N)
-            w_tile = _combine(w_tile.to(ACC), _update(left, right, RANK, ACC, UPDATE_PRECISION), COMBINE, DELTA_ONLY)
-        acc = tl.dot(g_tile, w_tile.to(g_tile.dtype), acc, input_precision=PRECISION, out_dtype=ACC)
-    dx_offsets = ((n * sxn + i_d * sxd + i_h * sxh + i_w * sxw)[:, None]
-                  + (group * C_g + offs_c).to(tl.int64)[None, :] * sxc)
-    tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & c_mask[None, :])
+            w_tile = _combine(w_tile.to(ACC), _update_transposed(left, right, RANK, ACC, UPDATE_PRECISION), COMBINE,
+                              DELTA_ONLY)
+        acc = tl.dot(w_tile.to(g_tile.dtype), g_tile, acc, input_precision=PRECISION, out_dtype=ACC)
+    dx_offsets = (_pixel_offsets(n, i_d, i_h, i_w, sxn, sxd, sxh, sxw)[None, :]
+                  + (group * C_g + offs_c).to(tl.int64)[:, None] * sxc)
+    tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None] & m_mask[None, :])
 
 
 @triton.jit
@@ -262,7 +286,7 @@ def _weight_grad_kernel(
     SD, SH, SW, PD, PH, PW, DD, DH, DW,
     sxn, sxc, sxd, sxh, sxw, sgn, sgc, sgd, sgh, sgw, swo, swc, swd, swh, sww,
     R1, RCOLS, O, SPLITS, PER_SPLIT,
-    PROJECT: tl.constexpr, COMBINE: tl.constexpr, RANK: tl.constexpr, ACC: tl.constexpr,
+    PROJECT: tl.constexpr, COMBINE: tl.constexpr, RANK: tl.constexpr, ACC: tl.constexpr, PIXELS64: tl.constexpr,
     PRECISION: tl.constexpr, UPDATE_PRECISION: tl.constexpr, PROJECT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -283,7 +307,10 @@ def _weight_grad_kernel(
     total = N * OD * OH * OW
     g_rows = (group * O_g + offs_o).to(tl.int64) * sgc
     x_cols = (group * C_g + offs_c).to(tl.int64) * sxc
-    start = split.to(tl.int64) * PER_SPLIT
+    if PIXELS64:
+        start = split.to(tl.int64) * PER_SPLIT
+    else:
+        start = split * PER_SPLIT
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for r0 in range(0, PER_SPLIT, BLOCK_K):
@@ -294,9 +321,9 @@ def _weight_grad_kernel(
         i_h = oh * SH - PH + kh * DH
         i_w = ow * SW - PW + kw * DW
         inside = r_mask & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
-        g_tile = tl.load(g_ptr + g_rows[:, None] + (n * sgn + od * sgd + oh * sgh + ow * sgw)[None, :],
+        g_tile = tl.load(g_ptr + g_rows[:, None] + _pixel_offsets(n, od, oh, ow, sgn, sgd, sgh, sgw)[None, :],
                          mask=o_mask[:, None] & r_mask[None, :], other=0.0)
-        x_tile = tl.load(x_ptr + (n * sxn + i_d * sxd + i_h * sxh + i_w * sxw)[:, None] + x_cols[None, :],
+        x_tile = tl.load(x_ptr + _pixel_offsets(n, i_d, i_h, i_w, sxn, sxd, sxh, sxw)[:, None] + x_cols[None, :],
                          mask=inside[:, None] & c_mask[None, :], other=0.0)
         acc = tl.dot(g_tile, x_tile, acc, input_precision=PRECISION, out_dtype=ACC)
     rows = group * O_g + offs_o
@@ -366,6 +393,11 @@ def _new_buffer(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``: every launch of this module goes through here."""
+    kernel[grid](*args, **kwargs)
+
+
 def _target() -> str:
     return "interpreter" if triton_interpreted() else "cuda"
 
@@ -389,7 +421,8 @@ def _geometry_args(p: ConvProblem) -> tuple:
             *p.stride, *p.padding, *p.dilation)
 
 
-def _adapter_args(adapted: Optional[AdaptedWeight], dummy: torch.Tensor, acc: torch.dtype, problem: ConvProblem) -> tuple:
+def _adapter_args(adapted: Optional[AdaptedWeight], dummy: torch.Tensor, acc: torch.dtype,
+                  problem: ConvProblem) -> tuple:
     """(l, r, R1, RCOLS) pointers and sizes (dummy pointers without an adapter)."""
     if adapted is None:
         return dummy, dummy, 1, problem.columns
@@ -410,6 +443,11 @@ def _tiles(kind: str, problem: ConvProblem, dtype: torch.dtype, key, launch) -> 
         return forced
     options = conv_plan.candidates(kind, problem, dtype.itemsize, _target())
     return AUTOTUNER.pick(key, options, launch)
+
+
+def _wide(pixels: int) -> bool:
+    """Whether pixel indices need 64 bits (offsets are 64-bit always)."""
+    return pixels + 4096 >= 2 ** 31
 
 
 def _spatial_out(problem: ConvProblem, spatial: int) -> tuple:
@@ -438,17 +476,18 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     l_arg, r_arg, r1, rcols = _adapter_args(adapted, w5, acc, problem)
     up_rank = 0 if up is None else max(16, triton.next_power_of_2(up[0].shape[1]))
     constexprs = dict(**_adapter_constexprs(adapted), HAS_BIAS=bias is not None, UP_RANK=up_rank,
-                      HAS_RESIDUAL=residual is not None, ACC=_TL_ACC[acc],
+                      HAS_RESIDUAL=residual is not None, ACC=_TL_ACC[acc], PIXELS64=_wide(problem.out_pixels),
                       PRECISION=dot_precision(x.dtype, x.device, spatial == 0),
                       UPDATE_PRECISION=_FORWARD_PRECISION.get(x.dtype, "ieee"))
 
     def launch(t: Tiles):
         grid = (triton.cdiv(problem.out_pixels, t.block_m) * triton.cdiv(problem.out_channels, t.block_n),
                 problem.groups)
-        _forward_kernel[grid](
-            x5, w5, l_arg, r_arg, bias if bias is not None else w5, up[0] if up is not None else w5, z5, res5, y5,
-            *_geometry_args(problem), *x5.stride(), *w5.stride(), *y5.stride(), *z5.stride(), r1, rcols,
-            up[0].shape[1] if up is not None else 1, **constexprs, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        _launch(
+            _forward_kernel, grid, x5, w5, l_arg, r_arg, bias if bias is not None else w5,
+            up[0] if up is not None else w5, z5, res5, y5, *_geometry_args(problem), *x5.stride(), *w5.stride(),
+            *y5.stride(), *z5.stride(), r1, rcols, up[0].shape[1] if up is not None else 1, **constexprs,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n,
             BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.warps, num_stages=t.stages)
 
     key = ("forward", problem, x.dtype, weight.dtype, x5.stride(), w5.stride(), tuple(sorted(constexprs.items())))
@@ -478,19 +517,19 @@ def conv_input_grad(grad_y: torch.Tensor, x_shape, weight: torch.Tensor, stride,
     g5, w5, dx5 = as_5d(grad_y), as_5d(weight), as_5d(dx)
     taps = _input_taps(problem, str(grad_y.device))
     l_arg, r_arg, r1, rcols = _adapter_args(adapted, w5, acc, problem)
-    constexprs = dict(**_adapter_constexprs(adapted), ACC=_TL_ACC[acc],
+    class_pixels = problem.batch * math.prod(problem.class_size())
+    constexprs = dict(**_adapter_constexprs(adapted), ACC=_TL_ACC[acc], PIXELS64=_wide(class_pixels),
                       PRECISION=dot_precision(grad_y.dtype, grad_y.device, spatial == 0),
                       UPDATE_PRECISION=_FORWARD_PRECISION.get(grad_y.dtype, "ieee"))
     classes = taps.shape[0]
-    class_pixels = problem.batch * problem.class_size()[0] * problem.class_size()[1] * problem.class_size()[2]
 
     def launch(t: Tiles):
         grid = (triton.cdiv(class_pixels, t.block_m) * triton.cdiv(problem.in_channels, t.block_n),
                 problem.groups * classes)
-        _input_grad_kernel[grid](
-            g5, w5, l_arg, r_arg, taps, dx5, *_geometry_args(problem), *g5.stride(), *w5.stride(), *dx5.stride(),
-            r1, rcols, **constexprs, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
-            num_warps=t.warps, num_stages=t.stages)
+        _launch(
+            _input_grad_kernel, grid, g5, w5, l_arg, r_arg, taps, dx5, *_geometry_args(problem), *g5.stride(),
+            *w5.stride(), *dx5.stride(), r1, rcols, **constexprs, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+            BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.warps, num_stages=t.stages)
 
     key = ("input_grad", problem, grad_y.dtype, weight.dtype, g5.stride(), w5.stride(),
            tuple(sorted(constexprs.items())))
@@ -509,6 +548,7 @@ def _weight_grad(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor, st
     rows = weight.shape[0]
     constexprs = dict(PROJECT=adapted is not None, COMBINE=0 if adapted is None else _COMBINE_CODE[adapted.combine],
                       RANK=1 if adapted is None else adapted.padded_rank(), ACC=_TL_ACC[acc],
+                      PIXELS64=_wide(problem.out_pixels),
                       PRECISION=dot_precision(x.dtype, x.device, spatial == 0),
                       UPDATE_PRECISION=_FORWARD_PRECISION.get(x.dtype, "ieee"),
                       PROJECT_PRECISION=_BACKWARD_PRECISION.get(x.dtype, "ieee"))
@@ -525,10 +565,11 @@ def _weight_grad(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor, st
         else:
             grad_left = grad_right = w5
             dw = _new_buffer((splits, rows, problem.columns), acc, x.device)
-        _weight_grad_kernel[(o_tiles * c_tiles, problem.kernel_volume, problem.groups * splits)](
-            x5, g5, w5, l_arg, r_arg, grad_left, grad_right, dw, *_geometry_args(problem), *x5.stride(),
-            *g5.stride(), *w5.stride(), r1, rcols, rows, splits, per_split, **constexprs, BLOCK_M=t.block_m,
-            BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.warps, num_stages=t.stages)
+        _launch(
+            _weight_grad_kernel, (o_tiles * c_tiles, problem.kernel_volume, problem.groups * splits), x5, g5, w5,
+            l_arg, r_arg, grad_left, grad_right, dw, *_geometry_args(problem), *x5.stride(), *g5.stride(),
+            *w5.stride(), r1, rcols, rows, splits, per_split, **constexprs, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+            BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.warps, num_stages=t.stages)
         return (grad_left, grad_right) if adapted is not None else dw
 
     key = ("weight_grad", problem, x.dtype, weight.dtype, x5.stride(), g5.stride(), tuple(sorted(constexprs.items())))
@@ -571,3 +612,73 @@ def op_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s
 def bias_grad(grad_y: torch.Tensor) -> torch.Tensor:
     """``grad_y`` summed over every dim but the channels (dim 1; the features of a 2-d linear output)."""
     return grad_y.sum([d for d in range(grad_y.dim()) if d != 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time compile cases
+# ---------------------------------------------------------------------------------------------
+
+_POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+# (name, combine, delta_only, padded rank) of the adapter forms the launchers make: plain ops (the
+# Tucker chain, dropout's frozen branch), every combine rule at rank 1 (SSL/SSB, rank-1 LoRA) and at
+# the padded ranks 16 and 32, exp's W' - W (dropout)
+_AOT_FORMS = [("plain", None, False, 1), ("add_r16", "add", False, 16), ("exp_r16", "exp", False, 16),
+              ("first_order_r16", "first_order", False, 16), ("mul_r1", "mul", False, 1),
+              ("exp_r1", "exp", False, 1), ("add_r32", "add", False, 32), ("exp_r32", "exp", False, 32),
+              ("exp_delta_r16", "exp", True, 16), ("first_order_delta_r1", "first_order", True, 1)]
+_AOT_DTYPES = [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+               (torch.float64, torch.float64), (torch.bfloat16, torch.float32)]  # (operands, weight): autocast last
+
+
+def _aot_case(kernel, name: str, pointers: dict, constexprs: dict, tiles: Tiles) -> AotCase:
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in constexprs or arg in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+            signature[arg] = "constexpr"
+        else:
+            signature[arg] = pointers.get(arg, "i32")
+    values = dict(constexprs, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+                  GROUP_M=tiles.group_m)
+    return AotCase(f"{kernel.__name__}-{name}-{tiles.label()}", kernel, signature, values, tiles.warps,
+                   tiles.stages)
+
+
+def aot_cases() -> list:
+    """Every specialisation the launchers make on a GPU: each kind's GPU tiles (every autotune
+    candidate) x operand and weight dtypes x adapter form; the forward also with the chain's
+    up-projection and with a residual (dropout)."""
+    cases = []
+    for dtype, weight_dtype in _AOT_DTYPES:
+        op, weight = _POINTER[dtype], _POINTER[weight_dtype]
+        acc = _POINTER[_acc(dtype)]
+        tag = str(dtype).replace("torch.", "") + ("" if dtype == weight_dtype else "_w" + str(weight_dtype)[6:])
+        precision = dict(PRECISION="ieee", UPDATE_PRECISION=_FORWARD_PRECISION.get(dtype, "ieee"),
+                         ACC=_TL_ACC[_acc(dtype)], PIXELS64=False)
+        forms = _AOT_FORMS if dtype == weight_dtype else [f for f in _AOT_FORMS if f[0] in ("plain", "exp_r16")]
+        for form, combine, delta_only, rank in forms:
+            adapter = dict(ADAPTED=combine is not None, COMBINE=_COMBINE_CODE.get(combine, 0), DELTA_ONLY=delta_only,
+                           RANK=rank)
+            variants = [("", dict(UP_RANK=0, HAS_RESIDUAL=False))]
+            if combine is None:
+                variants.append(("_up16", dict(UP_RANK=16, HAS_RESIDUAL=False)))
+            if delta_only:
+                variants = [("_residual", dict(UP_RANK=0, HAS_RESIDUAL=True))]
+            for tiles in conv_plan.gpu_tiles("forward", dtype.itemsize):
+                for suffix, extra in variants:
+                    pointers = dict(x_ptr=op, w_ptr=weight, l_ptr=acc, r_ptr=acc, bias_ptr=op, up_ptr=op, z_ptr=op,
+                                    res_ptr=op, y_ptr=op)
+                    cases.append(_aot_case(_forward_kernel, f"{tag}-{form}{suffix}", pointers,
+                                           dict(**adapter, HAS_BIAS=True, **extra, **precision), tiles))
+            for tiles in conv_plan.gpu_tiles("input_grad", dtype.itemsize):
+                pointers = dict(g_ptr=op, w_ptr=weight, l_ptr=acc, r_ptr=acc, taps_ptr="*i32", dx_ptr=op)
+                cases.append(_aot_case(_input_grad_kernel, f"{tag}-{form}", pointers, dict(**adapter, **precision),
+                                       tiles))
+            if delta_only:
+                continue  # the weight gradient of W' - W is W''s
+            for tiles in conv_plan.gpu_tiles("weight_grad", dtype.itemsize):
+                pointers = dict(x_ptr=op, g_ptr=op, w_ptr=weight, l_ptr=acc, r_ptr=acc, gl_ptr=acc, gr_ptr=acc,
+                                dw_ptr=acc)
+                constexprs = dict(PROJECT=combine is not None, COMBINE=adapter["COMBINE"], RANK=rank,
+                                  PROJECT_PRECISION=_BACKWARD_PRECISION.get(dtype, "ieee"), **precision)
+                cases.append(_aot_case(_weight_grad_kernel, f"{tag}-{form}", pointers, constexprs, tiles))
+    return cases

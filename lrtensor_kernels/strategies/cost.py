@@ -42,8 +42,10 @@ class DeviceModel:
     per op launched from Python (dispatch, launch, small-op latency); ``grouped``: FLOP/s of a
     grouped convolution's forward and input gradient, ``grouped_weight_grad``: of its weight
     gradient (None: the dense rate); ``conv_overhead``: seconds a convolution call costs beyond
-    ``op_overhead``; ``calibrated``: the constants were fitted to a measurement run of this
-    package's strategies on the device, fused kernels included (auto considers "fused" only then)."""
+    ``op_overhead``; ``exp_rate``: exponentials per second of the units kernels compute them on
+    (None: counted as FLOPs); ``calibrated``: the constants were fitted to a measurement run of
+    this package's strategies on the device, fused kernels included (auto considers "fused" only
+    then)."""
 
     flops: dict
     bandwidth: float
@@ -51,6 +53,7 @@ class DeviceModel:
     grouped: Optional[float] = None
     grouped_weight_grad: Optional[float] = None
     conv_overhead: float = 0.0
+    exp_rate: Optional[float] = None
     calibrated: bool = False
 
     def flop_rate(self, dtype: torch.dtype) -> float:
@@ -72,10 +75,11 @@ DEVICES = {
                        bandwidth=15e9, op_overhead=6e-6, grouped=7e9, grouped_weight_grad=2.5e9,
                        conv_overhead=40e-6),
     # H100 SXM by its specification sheet, derated to what cuDNN/cuBLAS reach on mid-size layers;
-    # not yet calibrated by measurement on this package's ops.
+    # not yet calibrated by measurement on this package's ops. Exponentials: 16 per clock and
+    # multiprocessor on the special-function units, 132 multiprocessors at 1.75 GHz.
     "cuda": DeviceModel(flops={torch.float32: 50e12, torch.float64: 50e12, torch.bfloat16: 450e12,
                                torch.float16: 450e12},
-                        bandwidth=2.6e12, op_overhead=6e-6),
+                        bandwidth=2.6e12, op_overhead=6e-6, exp_rate=3.7e12),
 }
 
 
@@ -135,6 +139,7 @@ class Cost:
     grouped_flops: float = 0.0  # part of ``flops``: grouped convolutions' forward and input gradients
     grouped_weight_grad_flops: float = 0.0  # part of ``flops``: grouped convolutions' weight gradients
     conv_calls: int = 0  # of ``ops``: convolutions (fixed costs beyond a small op's on some devices)
+    exps: float = 0.0  # exponentials computed inside the fused kernels' tiles
 
     def add(self, flops: float = 0.0, nbytes: float = 0.0, ops: int = 1) -> "Cost":
         self.flops += flops
@@ -147,6 +152,7 @@ class Cost:
         self.grouped_flops += other.grouped_flops
         self.conv_calls += other.conv_calls
         self.grouped_weight_grad_flops += other.grouped_weight_grad_flops
+        self.exps += other.exps
         return self
 
     def seconds(self, device: DeviceModel, dtype: torch.dtype) -> float:
@@ -158,7 +164,8 @@ class Cost:
         dense_flops = self.flops - self.grouped_flops - self.grouped_weight_grad_flops
         compute = (dense_flops / dense + self.grouped_flops / rate(device.grouped)
                    + self.grouped_weight_grad_flops / rate(device.grouped_weight_grad))
-        return (compute + self.bytes / device.bandwidth + self.ops * device.op_overhead
+        exps = self.exps / device.exp_rate if device.exp_rate else 0.0
+        return (compute + exps + self.bytes / device.bandwidth + self.ops * device.op_overhead
                 + self.conv_calls * device.conv_overhead)
 
 
@@ -372,8 +379,11 @@ def _fused_rank(w: Workload) -> int:
 
 
 def _prologue(s: _Sizes, cost: Cost, pixels: float) -> Cost:
-    """``W'`` formed in the weight tiles of a pass over ``pixels`` pixels: FLOPs only, no bytes."""
+    """``W'`` formed in the weight tiles of a pass over ``pixels`` pixels: ``E = L @ R`` and, for
+    exp, one exponential per weight element and pixel tile; no bytes."""
     tiles = pymath.ceil(pixels / FUSED_PIXEL_TILE)
+    if s.w.math.combine == "exp":
+        cost.exps += s.weight * tiles
     return cost.add(2.0 * _fused_rank(s.w) * s.weight * tiles, 0, ops=0)
 
 
@@ -394,6 +404,7 @@ def fused_prologue_cost(w: Workload) -> Cost:
     if w.need_adapter:
         epilogue = (4.0 + (2.0 if w.math.combine == "exp" else 0.0)) * _fused_rank(w) * s.weight
         s.weight_grad_pass(cost).add(epilogue, 0 if w.math.combine == "add" else s.weight * s.e, ops=0)
+        cost.exps += s.weight if w.math.combine == "exp" else 0
         cost.notes.append("weight gradient projected in its tiles")
     if w.need_weight:
         s.weight_grad_pass(cost)
