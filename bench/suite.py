@@ -437,6 +437,11 @@ def method_strategies(method: str) -> tuple:
     return ("auto",) + lk.strategies.cost.applicable(probe.adapter_math)
 
 
+def route_strategies(method: str, route: str) -> tuple:
+    """``method_strategies`` plus "fused" on the triton route (its kernels run there only)."""
+    return method_strategies(method) + (("fused",) if route == "triton" else ())
+
+
 def provider_name(method: str, route: str, strategy: str) -> str:
     """``<method>_<route>`` under "auto", ``<method>_<route>:<strategy>`` for a forced strategy."""
     return f"{method}_{route}" if strategy == "auto" else f"{method}_{route}:{strategy}"
@@ -462,7 +467,7 @@ def providers_for(device: torch.device, strategies: tuple = lk.STRATEGIES, extra
     providers = {**BASELINE_PROVIDERS, **(extra_baselines or {})}
     for method in METHODS:
         for route, setup in routes.items():
-            for strategy in method_strategies(method):
+            for strategy in route_strategies(method, route):
                 if strategy in strategies:
                     providers[provider_name(method, route, strategy)] = functools.partial(
                         setup, method=method, strategy=strategy)
@@ -472,7 +477,7 @@ def providers_for(device: torch.device, strategies: tuple = lk.STRATEGIES, extra
 def triton_providers() -> dict:
     """The "<method>_triton" providers alone (verified on the CPU under TRITON_INTERPRET=1), every strategy."""
     return {provider_name(m, "triton", st): functools.partial(setup_triton, method=m, strategy=st)
-            for m in METHODS for st in method_strategies(m)}
+            for m in METHODS for st in route_strategies(m, "triton")}
 
 
 def select_providers(providers: dict, patterns: Optional[list]) -> dict:

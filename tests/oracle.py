@@ -52,7 +52,7 @@ def effective_weight64(layer, base=None) -> torch.Tensor:
 def plain_twin(layer, weight, dtype=F64) -> nn.Module:
     """A plain nn layer with ``layer``'s geometry holding ``weight`` and the layer's bias."""
     base = layer._nn_base()
-    twin = base(**layer._base_kwargs(layer), dtype=dtype)
+    twin = base(**layer._base_kwargs(layer), dtype=dtype, device=weight.device)
     with torch.no_grad():
         twin.weight.copy_(weight)
         if layer.bias is not None:

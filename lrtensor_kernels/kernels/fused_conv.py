@@ -36,7 +36,8 @@ Precision: the dots take 16-bit operands as they are (fp32 accumulation); float3
 allow_tf32`` for convolutions, ``torch.backends.cuda.matmul.allow_tf32`` for linear layers, CUDA
 only): the kernels round as the library op would in the same setting. ``E`` is a product of
 float32 factors: TF32 only beside bfloat16 operands, where its rounding (2^-11) stays below the
-rounding of ``W'`` to bfloat16 (2^-9); the epilogue's projections as the Triton transform's.
+rounding of ``W'`` to bfloat16 (2^-9); the epilogue's projections of ``H`` in TF32 beside 16-bit
+operands (``dW'`` is a sum of 16-bit products).
 Offsets are 64-bit wherever they scale with the batch.
 """
 from __future__ import annotations
@@ -55,10 +56,15 @@ from . import conv_plan
 from .aot import AotCase
 from .conv_plan import AUTOTUNER, ConvProblem, Tiles, as_5d, problem_of
 from .lowrank_form import LowRankForm
-from .triton_transform import _BACKWARD_PRECISION, _FORWARD_PRECISION, _combine, _right_tile
+from .triton_transform import _combine, _right_tile
 
 _COMBINE_CODE = {"add": 0, "exp": 1, "first_order": 2, "mul": 3}
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+# TF32 products for E only beside bfloat16 operands (its 2^-11 below the 2^-9 of W' rounded to
+# bfloat16); the epilogue's projections of H, whose dW' comes from 16-bit operands, in both 16-bit
+# dtypes; exact float32 products everywhere else
+_UPDATE_PRECISION = {torch.bfloat16: "tf32"}
+_PROJECT_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,7 +484,7 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     constexprs = dict(**_adapter_constexprs(adapted), HAS_BIAS=bias is not None, UP_RANK=up_rank,
                       HAS_RESIDUAL=residual is not None, ACC=_TL_ACC[acc], PIXELS64=_wide(problem.out_pixels),
                       PRECISION=dot_precision(x.dtype, x.device, spatial == 0),
-                      UPDATE_PRECISION=_FORWARD_PRECISION.get(x.dtype, "ieee"))
+                      UPDATE_PRECISION=_UPDATE_PRECISION.get(x.dtype, "ieee"))
 
     def launch(t: Tiles):
         grid = (triton.cdiv(problem.out_pixels, t.block_m) * triton.cdiv(problem.out_channels, t.block_n),
@@ -520,7 +526,7 @@ def conv_input_grad(grad_y: torch.Tensor, x_shape, weight: torch.Tensor, stride,
     class_pixels = problem.batch * math.prod(problem.class_size())
     constexprs = dict(**_adapter_constexprs(adapted), ACC=_TL_ACC[acc], PIXELS64=_wide(class_pixels),
                       PRECISION=dot_precision(grad_y.dtype, grad_y.device, spatial == 0),
-                      UPDATE_PRECISION=_FORWARD_PRECISION.get(grad_y.dtype, "ieee"))
+                      UPDATE_PRECISION=_UPDATE_PRECISION.get(grad_y.dtype, "ieee"))
     classes = taps.shape[0]
 
     def launch(t: Tiles):
@@ -550,8 +556,8 @@ def _weight_grad(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor, st
                       RANK=1 if adapted is None else adapted.padded_rank(), ACC=_TL_ACC[acc],
                       PIXELS64=_wide(problem.out_pixels),
                       PRECISION=dot_precision(x.dtype, x.device, spatial == 0),
-                      UPDATE_PRECISION=_FORWARD_PRECISION.get(x.dtype, "ieee"),
-                      PROJECT_PRECISION=_BACKWARD_PRECISION.get(x.dtype, "ieee"))
+                      UPDATE_PRECISION=_UPDATE_PRECISION.get(x.dtype, "ieee"),
+                      PROJECT_PRECISION=_PROJECT_PRECISION.get(x.dtype, "ieee"))
     programs = conv_plan.target_programs(x.device, "cuda" if conv_plan.forced_tiles("weight_grad") else _target())
 
     def launch(t: Tiles):
@@ -652,7 +658,7 @@ def aot_cases() -> list:
         op, weight = _POINTER[dtype], _POINTER[weight_dtype]
         acc = _POINTER[_acc(dtype)]
         tag = str(dtype).replace("torch.", "") + ("" if dtype == weight_dtype else "_w" + str(weight_dtype)[6:])
-        precision = dict(PRECISION="ieee", UPDATE_PRECISION=_FORWARD_PRECISION.get(dtype, "ieee"),
+        precision = dict(PRECISION="ieee", UPDATE_PRECISION=_UPDATE_PRECISION.get(dtype, "ieee"),
                          ACC=_TL_ACC[_acc(dtype)], PIXELS64=False)
         forms = _AOT_FORMS if dtype == weight_dtype else [f for f in _AOT_FORMS if f[0] in ("plain", "exp_r16")]
         for form, combine, delta_only, rank in forms:
@@ -679,6 +685,6 @@ def aot_cases() -> list:
                 pointers = dict(x_ptr=op, g_ptr=op, w_ptr=weight, l_ptr=acc, r_ptr=acc, gl_ptr=acc, gr_ptr=acc,
                                 dw_ptr=acc)
                 constexprs = dict(PROJECT=combine is not None, COMBINE=adapter["COMBINE"], RANK=rank,
-                                  PROJECT_PRECISION=_BACKWARD_PRECISION.get(dtype, "ieee"), **precision)
+                                  PROJECT_PRECISION=_PROJECT_PRECISION.get(dtype, "ieee"), **precision)
                 cases.append(_aot_case(_weight_grad_kernel, f"{tag}-{form}", pointers, constexprs, tiles))
     return cases
