@@ -11,6 +11,10 @@ Two tables, each a median over interleaved rounds on the same inputs:
   and fused (its form as the cost model picks it, and each form forced), as ratios to the frozen
   layer and to full fine-tuning.
 
+``--model`` runs nothing: the cost model's bytes, FLOPs and exponentials of today's strategy on the
+triton backend and of "fused" per bench row (full GPU sizes, H100 constants), and the gain it
+predicts (the table of bench/NOTES.md, to be checked against the timings).
+
 On a machine without CUDA it runs under ``TRITON_INTERPRET=1`` on the CPU shapes of the suite
 (``--cpu``): a dry run of the script, not a timing. The first call of each kernel on a GPU
 compiles it and, without ``--first-config``, times every launch configuration once (autotuning);
@@ -45,7 +49,69 @@ def parse_args(argv=None):
     parser.add_argument("--no-steps", action="store_true", help="the frozen forward table only")
     parser.add_argument("--cpu", action="store_true", help="a dry run under TRITON_INTERPRET=1 on the CPU shapes")
     parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument("--model", action="store_true", help="print the cost model's prediction per row, run nothing")
     return parser.parse_args(argv)
+
+
+def _adapter_shapes(method: str, shape) -> tuple:
+    """The adapter tensors' shapes of the bench's configuration of ``method`` on ``shape``."""
+    from bench import suite
+
+    weight = (shape.out_features, shape.in_features // shape.groups) + (
+        (shape.kernel, shape.kernel) if shape.kind == "conv2d" else ())
+    if method == "flora":
+        ranks = (16, 16, 2, 2) if shape.kind == "conv2d" else (8, 8)
+        ranks = tuple(min(r, d) for r, d in zip(ranks, weight))
+        return (ranks, *((d, r) for d, r in zip(weight, ranks)))
+    if method == "liera":
+        rank = suite.METHOD_OPTIONS["liera"]["rank"]
+        columns = weight[1] * (shape.kernel ** 2 if shape.kind == "conv2d" else 1)
+        return ((weight[0], rank), (rank, columns))
+    return ((weight[1],), (weight[0],)) if method == "ssb" else ((weight[1],),)
+
+
+def model_rows(dtype=torch.bfloat16) -> list:
+    """Per bench shape and method: today's strategy on the triton backend (auto's choice) and
+    "fused" (the form the cost model picks), their bytes, FLOPs, exponentials and predicted times
+    with the CUDA constants, and full fine-tuning's time."""
+    import lrtensor_kernels as lk
+    from bench import suite
+    from lrtensor_kernels.layers import LAYERS
+    from lrtensor_kernels.strategies import cost
+    from torch import nn
+
+    device = cost.DEVICES["cuda"]
+    rows = []
+    for shape in suite.SUITE:
+        weight = (shape.out_features, shape.in_features // shape.groups) + (
+            (shape.kernel, shape.kernel) if shape.kind == "conv2d" else ())
+        for method in suite.METHODS:
+            probe = LAYERS[method][nn.Linear](2, 2, device="meta", **suite.METHOD_OPTIONS[method])
+            w = cost.Workload(weight, shape.input_shape(), shape.output_shape(), shape.groups, dtype, dtype, "cuda",
+                              probe.adapter_math, _adapter_shapes(method, shape), True, False, False, True, False,
+                              True, triton=True)
+            decision = cost._decide(w, "auto")
+            today, fused = decision.costs[decision.strategy], decision.costs["fused"]
+            s = cost._Sizes(w)
+            full = s.weight_grad_pass(cost.frozen_cost(w))
+            seconds = {k: c.seconds(device, dtype) * 1e6 for k, c in
+                       (("today", today), ("fused", fused), ("full_ft", full), ("frozen", cost.frozen_cost(w)))}
+            rows.append(dict(shape=shape.name, method=method, today=decision.strategy,
+                             fused_form=cost.fused_form(w)[0], today_mb=today.bytes / 1e6, fused_mb=fused.bytes / 1e6,
+                             today_gflop=today.flops / 1e9, fused_gflop=fused.flops / 1e9,
+                             fused_mexp=fused.exps / 1e6, **{f"{k}_us": v for k, v in seconds.items()},
+                             gain=seconds["today"] / seconds["fused"]))
+    return rows
+
+
+def print_model(rows: list) -> None:
+    print("| shape | method | today | MB today / fused | GFLOP today / fused | M exp fused | us today / fused "
+          "(full FT) | predicted gain |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['method']} | {r['today']} | {r['today_mb']:.0f} / {r['fused_mb']:.0f} | "
+              f"{r['today_gflop']:.1f} / {r['fused_gflop']:.1f} | {r['fused_mexp']:.0f} | {r['today_us']:.0f} / "
+              f"{r['fused_us']:.0f} ({r['full_ft_us']:.0f}) | {r['gain']:.2f} ({r['fused_form']}) |")
 
 
 def _forced_form(form: str):
@@ -140,6 +206,9 @@ def training_steps(shape, ctx, args, suite, clock) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.model:
+        print_model(model_rows(getattr(torch, args.dtype)))
+        return 0
     if args.cpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from bench import suite

@@ -145,16 +145,20 @@ def test_fused_matches_the_oracle(name, fused_form, dtype, kernels, form):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_every_gpu_launch_plan_under_the_interpreter(dtype, kernels):
-    """Each kind's GPU tiles (every autotune candidate: blocks, warps, stages) and the GPU's split of
-    the weight gradient, run under the interpreter against the oracle."""
+@pytest.mark.parametrize("rank", [3, 20], ids=["narrow_rank", "wide_rank"])
+def test_every_gpu_launch_plan_under_the_interpreter(dtype, rank, kernels):
+    """Each kind's GPU tiles for the rank's class (every autotune candidate: blocks, warps, stages)
+    and the GPU's split of the weight gradient, run under the interpreter against the oracle."""
     from lrtensor_kernels.kernels import conv_plan
 
-    tiles = {kind: conv_plan.gpu_tiles(kind, dtype.itemsize) for kind in conv_plan.KINDS}
-    layers = [_build("liera_exp_conv2d_reflect", dtype, 3)]
-    linear = lk.LieRALinear(19, 13, rank=3)
-    randomize_adapter(linear, 4).strategy = "fused"
-    layers.append((linear.to(DEVICE).to(dtype), torch.randn(700, 19, dtype=F64).to(dtype).to(DEVICE)))
+    tiles = {kind: conv_plan.gpu_tiles(kind, dtype.itemsize, 16 if rank <= 16 else 32) for kind in conv_plan.KINDS}
+    torch.manual_seed(3)
+    conv = randomize_adapter(lk.LieRAConv2d(5, 7, (3, 2), padding="same", padding_mode="reflect", rank=rank), 3)
+    linear = randomize_adapter(lk.LieRALinear(19, 13, rank=rank), 4)
+    layers = []
+    for layer, shape in ((conv, (1, 5, 6, 5)), (linear, (700, 19))):
+        layer.strategy = "fused"
+        layers.append((layer.to(DEVICE).to(dtype), torch.randn(shape, dtype=F64).to(dtype).to(DEVICE)))
     for i in range(max(len(t) for t in tiles.values())):
         plan = {kind: t[i % len(t)] for kind, t in tiles.items()}
         with conv_plan.forced(**plan):

@@ -133,31 +133,45 @@ class Tiles:
         return f"{self.block_m}x{self.block_n}x{self.block_k}_w{self.warps}_s{self.stages}"
 
 
-# GPU configurations per kind and operand width (bytes). The activation tiles are gathers (an
-# im2col view of an NCHW tensor has no contiguous axis the compiler can prove), so every element
-# carries its own 64-bit address and a staged load: the tiles are kept where ptxas reports no
-# spills on sm_80 and sm_90 (bench/NOTES.md), 32-deep reductions for 16-bit operands (64-byte
-# rows), 16-deep for float32 and float64.
+# GPU configurations per kind, operand width (bytes) and adapter rank (padded to 16 at least, or
+# 1). The activation tiles are gathers (an im2col view of an NCHW tensor has no axis the compiler
+# can prove contiguous), so every element carries its own 64-bit address and a staged load, and a
+# wider rank adds the tiles of L, R and E: the lists keep the tiles for which ptxas reports no
+# spills on sm_80 and sm_90 (bench/NOTES.md has the table), 32-deep reductions for 16-bit
+# operands where they fit, 16-deep for float32 and float64.
 _T = Tiles
+_NARROW, _WIDE = 16, 32  # padded ranks up to 16 (and no adapter), and above
 _GPU_TILES = {
-    ("forward", 2): [_T(128, 64, 32, 8, 3), _T(64, 128, 32, 8, 3), _T(128, 128, 32, 8, 2), _T(64, 64, 32, 4, 3),
-                     _T(32, 64, 32, 4, 3)],
-    ("forward", 4): [_T(128, 64, 16, 8, 3), _T(64, 128, 16, 8, 3), _T(64, 64, 16, 4, 3), _T(32, 64, 16, 4, 3)],
-    ("forward", 8): [_T(64, 32, 16, 4, 2), _T(32, 32, 16, 4, 2)],
-    ("input_grad", 2): [_T(128, 64, 32, 8, 2), _T(64, 128, 32, 8, 2), _T(64, 64, 32, 4, 2), _T(32, 64, 32, 4, 2)],
-    ("input_grad", 4): [_T(128, 64, 16, 8, 2), _T(64, 128, 16, 8, 2), _T(64, 64, 16, 4, 2)],
-    ("input_grad", 8): [_T(64, 32, 16, 4, 2), _T(32, 32, 16, 4, 2)],
-    ("weight_grad", 2): [_T(128, 64, 32, 8, 2), _T(64, 128, 32, 8, 2), _T(64, 64, 32, 4, 2), _T(32, 64, 32, 4, 2)],
-    ("weight_grad", 4): [_T(128, 64, 16, 8, 2), _T(64, 128, 16, 8, 2), _T(64, 64, 16, 4, 2)],
-    ("weight_grad", 8): [_T(64, 32, 16, 4, 2), _T(32, 32, 16, 4, 2)],
+    ("forward", 2, _NARROW): [_T(128, 64, 32, 8, 3), _T(64, 128, 32, 8, 3), _T(64, 64, 32, 4, 3), _T(32, 64, 32, 4, 3)],
+    ("forward", 2, _WIDE): [_T(128, 64, 32, 8, 3), _T(64, 128, 32, 8, 3), _T(64, 64, 16, 4, 3), _T(32, 64, 16, 4, 3)],
+    ("forward", 4, _NARROW): [_T(128, 64, 16, 8, 3), _T(64, 128, 16, 8, 3), _T(64, 64, 16, 4, 3), _T(32, 64, 16, 4, 3)],
+    ("forward", 4, _WIDE): [_T(128, 64, 16, 8, 3), _T(64, 64, 16, 4, 3), _T(32, 64, 16, 4, 3)],
+    ("input_grad", 2, _NARROW): [_T(128, 64, 16, 8, 2), _T(64, 128, 16, 8, 2), _T(64, 64, 16, 4, 2),
+                                 _T(32, 64, 16, 4, 2)],
+    ("input_grad", 2, _WIDE): [_T(128, 64, 16, 8, 2)],
+    ("input_grad", 4, _NARROW): [_T(128, 64, 16, 8, 2), _T(64, 64, 16, 4, 2), _T(32, 64, 16, 4, 2)],
+    ("input_grad", 4, _WIDE): [_T(128, 64, 16, 8, 2)],
+    ("weight_grad", 2, _NARROW): [_T(64, 128, 32, 8, 2), _T(64, 64, 32, 4, 2), _T(32, 64, 32, 4, 2)],
+    ("weight_grad", 2, _WIDE): [_T(32, 64, 16, 4, 2), _T(32, 32, 32, 4, 2)],
+    ("weight_grad", 4, _NARROW): [_T(64, 128, 16, 8, 2), _T(64, 64, 16, 4, 2), _T(32, 64, 16, 4, 2)],
+    ("weight_grad", 4, _WIDE): [_T(32, 64, 16, 4, 2), _T(32, 32, 16, 4, 2)],
 }
+for _kind in ("forward", "input_grad", "weight_grad"):
+    for _rank in (_NARROW, _WIDE):
+        _GPU_TILES[(_kind, 8, _rank)] = [_T(64, 32, 16, 4, 2), _T(32, 32, 16, 4, 2)]
 MIN_BLOCK = 16  # tl.dot's smallest operand dim
 NOMINAL_MULTIPROCESSORS = 132  # an H100/H200, for GPU plans made without a GPU (forced, ahead of time)
 
 
-def gpu_tiles(kind: str, width: int) -> list:
-    """Every GPU configuration of a kernel kind for operands of ``width`` bytes (the AOT cases)."""
-    return list(_GPU_TILES[(kind, width)])
+def rank_class(padded_rank: int) -> int:
+    """The GPU lists' rank class of a padded rank (1 for outer products, 16 or more for dots)."""
+    return _NARROW if padded_rank <= _NARROW else _WIDE
+
+
+def gpu_tiles(kind: str, width: int, padded_rank: int = 1) -> list:
+    """Every GPU configuration of a kind for operands of ``width`` bytes and an adapter of
+    ``padded_rank`` (1: none or rank one), as the autotuner may launch them (the AOT cases)."""
+    return list(_GPU_TILES[(kind, width, rank_class(padded_rank))])
 
 
 def _pow2(n: int, least: int = MIN_BLOCK) -> int:
@@ -174,7 +188,7 @@ def _sizes(kind: str, problem: ConvProblem) -> tuple:
     return problem.out_channels, problem.in_channels, problem.out_pixels
 
 
-def candidates(kind: str, problem: ConvProblem, width: int, target: str) -> list:
+def candidates(kind: str, problem: ConvProblem, width: int, target: str, padded_rank: int = 1) -> list:
     """The configurations a kind may launch with on ``target`` (``"cuda"`` or ``"interpreter"``).
 
     cuda: the kind's GPU list without the tiles more than twice as wide as the problem in a dim
@@ -187,7 +201,7 @@ def candidates(kind: str, problem: ConvProblem, width: int, target: str) -> list
         k = problem.out_channels
     if target == "interpreter":
         return [Tiles(min(64, _pow2(m)), min(64, _pow2(n)), min(32, _pow2(k)), 1, 1)]
-    tiles = _GPU_TILES[(kind, width)]
+    tiles = gpu_tiles(kind, width, padded_rank)
     kept = [t for t in tiles if t.block_m <= 2 * _pow2(m) and t.block_n <= 2 * _pow2(n) and t.block_k <= _pow2(k)]
     return kept or [min(tiles, key=lambda t: (t.block_m * t.block_n, t.block_k))]
 

@@ -442,12 +442,12 @@ def _adapter_constexprs(adapted: Optional[AdaptedWeight]) -> dict:
                 RANK=adapted.padded_rank())
 
 
-def _tiles(kind: str, problem: ConvProblem, dtype: torch.dtype, key, launch) -> Tiles:
+def _tiles(kind: str, problem: ConvProblem, dtype: torch.dtype, padded_rank: int, key, launch) -> Tiles:
     """The forced tiles, the one candidate, or the autotuner's choice for this key."""
     forced = conv_plan.forced_tiles(kind)
     if forced is not None:
         return forced
-    options = conv_plan.candidates(kind, problem, dtype.itemsize, _target())
+    options = conv_plan.candidates(kind, problem, dtype.itemsize, _target(), padded_rank)
     return AUTOTUNER.pick(key, options, launch)
 
 
@@ -497,7 +497,7 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
             BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.warps, num_stages=t.stages)
 
     key = ("forward", problem, x.dtype, weight.dtype, x5.stride(), w5.stride(), tuple(sorted(constexprs.items())))
-    launch(_tiles("forward", problem, x.dtype, key, launch))
+    launch(_tiles("forward", problem, x.dtype, max(constexprs["RANK"], up_rank), key, launch))
     return y
 
 
@@ -539,7 +539,7 @@ def conv_input_grad(grad_y: torch.Tensor, x_shape, weight: torch.Tensor, stride,
 
     key = ("input_grad", problem, grad_y.dtype, weight.dtype, g5.stride(), w5.stride(),
            tuple(sorted(constexprs.items())))
-    launch(_tiles("input_grad", problem, grad_y.dtype, key, launch))
+    launch(_tiles("input_grad", problem, grad_y.dtype, constexprs["RANK"], key, launch))
     return dx
 
 
@@ -579,7 +579,7 @@ def _weight_grad(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor, st
         return (grad_left, grad_right) if adapted is not None else dw
 
     key = ("weight_grad", problem, x.dtype, weight.dtype, x5.stride(), g5.stride(), tuple(sorted(constexprs.items())))
-    out = launch(_tiles("weight_grad", problem, x.dtype, key, launch))
+    out = launch(_tiles("weight_grad", problem, x.dtype, constexprs["RANK"], key, launch))
     if adapted is not None:
         return out[0].sum(0), out[1].sum(0)
     return out.sum(0).reshape(weight.shape).to(grad_y.dtype)
@@ -669,19 +669,19 @@ def aot_cases() -> list:
                 variants.append(("_up16", dict(UP_RANK=16, HAS_RESIDUAL=False)))
             if delta_only:
                 variants = [("_residual", dict(UP_RANK=0, HAS_RESIDUAL=True))]
-            for tiles in conv_plan.gpu_tiles("forward", dtype.itemsize):
-                for suffix, extra in variants:
+            for suffix, extra in variants:
+                for tiles in conv_plan.gpu_tiles("forward", dtype.itemsize, max(rank, extra["UP_RANK"])):
                     pointers = dict(x_ptr=op, w_ptr=weight, l_ptr=acc, r_ptr=acc, bias_ptr=op, up_ptr=op, z_ptr=op,
                                     res_ptr=op, y_ptr=op)
                     cases.append(_aot_case(_forward_kernel, f"{tag}-{form}{suffix}", pointers,
                                            dict(**adapter, HAS_BIAS=True, **extra, **precision), tiles))
-            for tiles in conv_plan.gpu_tiles("input_grad", dtype.itemsize):
+            for tiles in conv_plan.gpu_tiles("input_grad", dtype.itemsize, rank):
                 pointers = dict(g_ptr=op, w_ptr=weight, l_ptr=acc, r_ptr=acc, taps_ptr="*i32", dx_ptr=op)
                 cases.append(_aot_case(_input_grad_kernel, f"{tag}-{form}", pointers, dict(**adapter, **precision),
                                        tiles))
             if delta_only:
                 continue  # the weight gradient of W' - W is W''s
-            for tiles in conv_plan.gpu_tiles("weight_grad", dtype.itemsize):
+            for tiles in conv_plan.gpu_tiles("weight_grad", dtype.itemsize, rank):
                 pointers = dict(x_ptr=op, g_ptr=op, w_ptr=weight, l_ptr=acc, r_ptr=acc, gl_ptr=acc, gr_ptr=acc,
                                 dw_ptr=acc)
                 constexprs = dict(PROJECT=combine is not None, COMBINE=adapter["COMBINE"], RANK=rank,
