@@ -388,8 +388,25 @@ def setup_triton(shape: Shape, ctx: Context, method: str, strategy: str = "auto"
     """The adapter layer on backend "triton" (fused weight transform and backward projection)."""
     require_triton(ctx.device)
     layer = adapter_layer(shape, ctx, method, strategy)
-    return Prepared(on_backend(layer, "triton"), layer.adapter_parameters(), on_backend(layer, "reference"),
+    return Prepared(on_backend(layer, "triton"), layer.adapter_parameters(), reference_oracle(layer),
                     f"{method}_reference", strategy_of=strategy_of(layer, "triton"))
+
+
+def reference_oracle(layer: lk.AdapterLayer) -> Callable[[Tensor], Tensor]:
+    """``x -> layer(x)`` on the reference backend; a layer set to "fused" (which runs on the triton
+    backend only) runs merged there, the same function."""
+    run = on_backend(layer, "reference")
+    if layer.strategy != "fused":
+        return run
+
+    def forward(x: Tensor) -> Tensor:
+        layer.strategy = "merged"
+        try:
+            return run(x)
+        finally:
+            layer.strategy = "fused"
+
+    return forward
 
 
 def setup_compiled(shape: Shape, ctx: Context, method: str, strategy: str = "auto") -> Prepared:
