@@ -520,9 +520,10 @@ def test_dropout_is_the_two_branch_form(kernels):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(48))
 def test_random_geometries_against_the_oracle(seed, kernels, form):
-    """Random layer types, channels, groups, kernels, strides, paddings, dilations and methods."""
+    """Random layer types, channels, groups, kernels, strides, paddings, dilations, padding modes,
+    methods (LieRA in both modes and deltas), batch sizes and dtypes (float32, float16)."""
     g = torch.Generator().manual_seed(seed)
 
     def pick(*options):
@@ -532,7 +533,8 @@ def test_random_geometries_against_the_oracle(seed, kernels, form):
     spatial = pick(0, 1, 2, 3)
     groups = pick(1, 1, 2, 3)
     c_in, c_out = groups * pick(1, 2, 5), groups * pick(1, 3, 4)
-    options = dict(rank=pick(1, 3, 17)) if method == "liera" else {}
+    options = dict(rank=pick(1, 3, 17), mode=pick("exp", "first_order"), delta=pick("lora", "tucker")) \
+        if method == "liera" else {}
     if spatial == 0:
         layer = lk.layers.LAYERS[method][nn.Linear](c_in, c_out, **options)
         shape = (pick(1, 7, 40), c_in)
@@ -543,13 +545,16 @@ def test_random_geometries_against_the_oracle(seed, kernels, form):
         dilation = tuple(pick(1, 2) for _ in range(spatial))
         padding = tuple(pick(0, 1, 2) for _ in range(spatial))
         layer = cls(c_in, c_out, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                    padding_mode=pick("zeros", "zeros", "circular"), **options)
-        size = [max(k * d + 1, int(torch.randint(3, 9, (1,), generator=g))) for k, d in zip(kernel, dilation)]
+                    padding_mode=pick("zeros", "zeros", "circular", "reflect"), **options)
+        size = [max(k * d + 2 * p + 1, int(torch.randint(3, 9, (1,), generator=g)))
+                for k, d, p in zip(kernel, dilation, padding)]
         shape = (pick(1, 2), c_in, *size)
+    dtype = pick(torch.float32, torch.float16)
     torch.manual_seed(seed)
     randomize_adapter(layer, seed).strategy = "fused"
-    x = torch.randn(shape, generator=g, dtype=F64).float()
+    layer = layer.to(dtype)
+    x = torch.randn(shape, generator=g, dtype=F64).to(dtype)
     for fused_form in (["prologue", "chain"] if method == "flora" else ["prologue"]):
         form(fused_form)
         _check_against_oracle(layer, x, "bypass" if fused_form == "chain" else "merged",
-                              f"seed {seed} {layer} {fused_form}", torch.float32)
+                              f"seed {seed} {layer} {fused_form} {dtype}", dtype)
