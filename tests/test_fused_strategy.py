@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lrtensor_kernels as lk
-from fused import fused_kernels
+from fused import compiled_matches_eager, fused_kernels
 from lrtensor_kernels.strategies import cost
 from oracle import F64, assert_accuracy, effective_weight64, layer_oracle, plain_twin, randomize_adapter, rel_err
 
@@ -489,19 +489,7 @@ def test_compile_fullgraph_matches_eager(form):
     x = torch.randn(2, 3, 5, 5, device=DEVICE)
     for fused_form in ("prologue", "chain"):
         form(fused_form)
-        with lk.use_backend("triton"):
-            model.zero_grad()
-            eager = model(x)
-            eager.sum().backward()
-            eager_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-            model.zero_grad()
-            torch._dynamo.reset()
-            compiled = torch.compile(model, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
-            out = compiled(x)
-            out.sum().backward()
-        assert rel_err(out, eager) < 1e-6
-        for g, e in zip([p.grad for p in model.parameters() if p.requires_grad], eager_grads):
-            assert rel_err(g, e) < 1e-5
+        compiled_matches_eager(model, x, DEVICE, "triton")
 
 
 def test_dropout_is_the_two_branch_form(kernels):

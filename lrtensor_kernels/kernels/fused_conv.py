@@ -85,6 +85,18 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, WIDE_M: tl.constexpr):
+    """The row and column indices of this program's (BLOCK_M, BLOCK_N) tile of an (M, N) grid of
+    tiles (axis 0 of the launch grid; rows 64-bit with ``WIDE_M``)."""
+    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    if WIDE_M:
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return offs_m, pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def _left_tile(l_ptr, rows, row_mask, R1, RANK: tl.constexpr, ACC: tl.constexpr):
     """``L[rows, :R1]`` as (len(rows), RANK), zero beyond R1; for RANK == 1 the vector ``L[rows, 0]``."""
     if RANK == 1:
@@ -107,22 +119,20 @@ def _right_cols(r_ptr, cols, RCOLS, R1, RANK: tl.constexpr, ACC: tl.constexpr, B
 
 
 @triton.jit
-def _update(left, right, RANK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """``E = L @ R`` on one tile."""
-    if RANK == 1:
-        e = left[:, None] * right[None, :]
+def _update(left, right, RANK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+            TRANSPOSED: tl.constexpr = False):
+    """``E = L @ R`` on one tile, or ``E^T = R^T @ L^T`` (the input gradient's weight tiles are
+    (channels, outputs))."""
+    if TRANSPOSED:
+        if RANK == 1:
+            e = right[:, None] * left[None, :]
+        else:
+            e = tl.dot(tl.trans(right), tl.trans(left), input_precision=PRECISION, out_dtype=ACC)
     else:
-        e = tl.dot(left, right, input_precision=PRECISION, out_dtype=ACC)
-    return e
-
-
-@triton.jit
-def _update_transposed(left, right, RANK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    """``E^T = R^T @ L^T`` on one tile (the input gradient's weight tiles are (channels, outputs))."""
-    if RANK == 1:
-        e = right[:, None] * left[None, :]
-    else:
-        e = tl.dot(tl.trans(right), tl.trans(left), input_precision=PRECISION, out_dtype=ACC)
+        if RANK == 1:
+            e = left[:, None] * right[None, :]
+        else:
+            e = tl.dot(left, right, input_precision=PRECISION, out_dtype=ACC)
     return e
 
 
@@ -169,12 +179,7 @@ def _forward_kernel(
     """acc[o, m] = sum over (channel block, tap) of W'[o, c, tap] @ x[c, m]; grid (tiles, groups)."""
     group = tl.program_id(1)
     M = N * OD * OH * OW
-    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(O_g, BLOCK_N), GROUP_M)
-    if PIXELS64:
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    else:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_o = _tile_offsets(M, O_g, BLOCK_M, BLOCK_N, GROUP_M, PIXELS64)
     m_mask = offs_m < M
     o_mask = offs_o < O_g
     n, od, oh, ow = _split_pixels(offs_m, OD, OH, OW)
@@ -243,12 +248,7 @@ def _input_grad_kernel(
     HC = tl.cdiv(H, SH)
     WC = tl.cdiv(W, SW)
     M = N * DC * HC * WC
-    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C_g, BLOCK_N), GROUP_M)
-    if PIXELS64:
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    else:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_c = _tile_offsets(M, C_g, BLOCK_M, BLOCK_N, GROUP_M, PIXELS64)
     c_mask = offs_c < C_g
     n, jd, jh, jw = _split_pixels(offs_m, DC, HC, WC)
     i_d = rd + SD * jd
@@ -277,7 +277,7 @@ def _input_grad_kernel(
         if ADAPTED:
             left = _left_tile(l_ptr, rows, o_mask, R1, RANK, ACC)
             right = _right_cols(r_ptr, offs_c * KVOL + tap, RCOLS, R1, RANK, ACC, BLOCK_N)
-            w_tile = _combine(w_tile.to(ACC), _update_transposed(left, right, RANK, ACC, UPDATE_PRECISION), COMBINE,
+            w_tile = _combine(w_tile.to(ACC), _update(left, right, RANK, ACC, UPDATE_PRECISION, True), COMBINE,
                               DELTA_ONLY)
         acc = tl.dot(w_tile.to(g_tile.dtype), g_tile, acc, input_precision=PRECISION, out_dtype=ACC)
     dx_offsets = (_pixel_offsets(n, i_d, i_h, i_w, sxn, sxd, sxh, sxw)[None, :]

@@ -286,6 +286,24 @@ def _chain_parts(s: _Sizes, w: Workload) -> tuple:
     return flops_in, flops_mid, flops_out, u, z
 
 
+def _chain_adapter_backward(s: _Sizes, cost: Cost, keeps_u: bool) -> Cost:
+    """The chain's ops for the adapter gradients: u again (unless kept; Tucker only), z again, then
+    grad z, grad U_1 (B), grad u and grad U_2 (Tucker only), grad K (A)."""
+    projects_input = s.w.math.delta == "tucker"
+    f_in, f_mid, f_out, u, z = _chain_parts(s, s.w)
+    if projects_input and not keeps_u:
+        s.op(cost, f_in, s.x, u)
+    s.grouped_op(cost, f_mid, u, z)
+    s.op(cost, f_out, s.y, z)  # grad z
+    s.op(cost, f_out, s.y, z)  # grad U_1 (B)
+    if projects_input:
+        s.grouped_op(cost, f_mid, z, u)  # grad u
+    s.grouped_op(cost, f_mid, z, u, weight_grad=True)  # grad K (A)
+    if projects_input:
+        s.op(cost, f_in, u, s.x)  # grad U_2
+    return cost
+
+
 def tucker_bypass_cost(w: Workload) -> Cost:
     """FLoRA's Tucker chain or LoRA's chain (A on x, then B) beside the frozen op."""
     from .tucker_bypass import SAVE_U_FRACTION
@@ -300,16 +318,7 @@ def tucker_bypass_cost(w: Workload) -> Cost:
     s.op(cost, f_out, z, s.y, s.y)
     keeps_u = u <= SAVE_U_FRACTION * s.x
     if w.need_adapter:
-        if projects_input and not keeps_u:
-            s.op(cost, f_in, s.x, u)
-        s.grouped_op(cost, f_mid, u, z)
-        s.op(cost, f_out, s.y, z)  # grad z
-        s.op(cost, f_out, s.y, z)  # grad U_1 (B)
-        if projects_input:
-            s.grouped_op(cost, f_mid, z, u)  # grad u
-        s.grouped_op(cost, f_mid, z, u, weight_grad=True)  # grad K (A)
-        if projects_input:
-            s.op(cost, f_in, u, s.x)  # grad U_2
+        _chain_adapter_backward(s, cost, keeps_u)
     if w.need_input or w.dropout:
         s.conv_pass(cost)
         through_chain = Cost()
@@ -425,14 +434,7 @@ def fused_chain_cost(w: Workload) -> Cost:
     cost.add(f_out, s.e * z, ops=0)
     keeps_u = u <= SAVE_U_FRACTION * s.x
     if w.need_adapter:
-        if not keeps_u:
-            s.op(cost, f_in, s.x, u)
-        s.grouped_op(cost, f_mid, u, z)
-        s.op(cost, f_out, s.y, z)  # grad z
-        s.op(cost, f_out, s.y, z)  # grad U_1
-        s.grouped_op(cost, f_mid, z, u)  # grad u
-        s.grouped_op(cost, f_mid, z, u, weight_grad=True)  # grad K
-        s.op(cost, f_in, u, s.x)  # grad U_2
+        _chain_adapter_backward(s, cost, keeps_u)
     if w.dropout:
         s.conv_pass(cost)
         s.op(cost, f_in, u, s.x, s.x, s.x)
