@@ -546,3 +546,41 @@ def test_random_geometries_against_the_oracle(seed, kernels, form):
         form(fused_form)
         _check_against_oracle(layer, x, "bypass" if fused_form == "chain" else "merged",
                               f"seed {seed} {layer} {fused_form} {dtype}", dtype)
+
+
+_COMPILE_SAMPLE = r"""
+import re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from lrtensor_kernels.kernels import fused_conv
+names = sys.argv[1:]
+cases = [c for c in fused_conv.aot_cases() if any(re.fullmatch(n, c.name) for n in names)]
+assert len(cases) >= len(names), [c.name for c in cases]
+for case in cases:
+    for arch, shared_limit in ((90, 232448), (80, 166912)):
+        kernel = triton.compile(triton.compiler.ASTSource(case.kernel, case.signature, case.constexprs),
+                                target=GPUTarget("cuda", arch, 32),
+                                options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
+        assert kernel.metadata.shared <= shared_limit, (case.name, arch, kernel.metadata.shared)
+        print(case.name, arch, kernel.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+def test_a_sample_of_the_aot_cases_compiles_for_sm80_and_sm90():
+    """One case per kernel, dtype family and adapter form compiles ahead of time (outside the
+    interpreter, in a subprocess) within the targets' shared memory; the full list and its resources
+    are bench/NOTES.md's table (``fused_conv.aot_cases()``)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    names = [r"_forward_kernel-bfloat16-exp_r16-128x64x32_w8_s3", r"_forward_kernel-float32-plain_up16-64x64x16_w4_s3",
+             r"_input_grad_kernel-float16-add_r32-128x64x16_w8_s2",
+             r"_weight_grad_kernel-bfloat16-mul_r1-64x64x32_w4_s2",
+             r"_weight_grad_kernel-float64-exp_r16-32x32x16_w4_s2", r"_forward_kernel-bfloat16_wfloat32-exp_r16-.*"]
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SAMPLE, *names], env=env, capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
