@@ -44,14 +44,22 @@ LAYERS = {
     "ssb_conv3d_dilated": (lambda: lk.SSBConv3d(3, 4, 2, dilation=(1, 1, 2)), (1, 3, 3, 4, 5)),
     "ssb_linear": (lambda: lk.SSBLinear(17, 9), (4, 17)),
     "ssb_conv2d_unbatched": (lambda: lk.SSBConv2d(3, 5, 3, padding=1), (3, 6, 5)),
+    "lora_conv2d_groups_dilated": (lambda: lk.LoRAConv2d(6, 8, 3, padding=2, dilation=2, groups=2, rank=3),
+                                   (1, 6, 7, 6)),
+    "lora_linear": (lambda: lk.LoRALinear(19, 13, rank=4), (5, 19)),
 }
 HALF = ["flora_conv2d_groups_stride", "flora_linear", "liera_exp_conv2d_reflect", "liera_linear_3d_input",
-        "ssl_conv2d_circular"]
+        "ssl_conv2d_circular", "lora_conv2d_groups_dilated"]
 DOUBLE = ["flora_conv1d_dilated", "liera_tucker_conv1d_stride", "ssb_linear"]
 
 
+def _has_chain(name: str) -> bool:
+    """Whether the layer's method has the chain form (FLoRA, LoRA)."""
+    return name.split("_")[0] in ("flora", "lora")
+
+
 def _forms(name: str) -> list:
-    return ["prologue", "chain"] if name.startswith("flora") else ["prologue"]
+    return ["prologue", "chain"] if _has_chain(name) else ["prologue"]
 
 
 def _cases(names, dtype):
@@ -181,8 +189,8 @@ def test_gpu_plans_split_the_weight_gradient():
 def test_trainable_bias_and_base_weight_and_dropout(name, fused_form, kernels, form):
     """A re-enabled bias and base weight get the reference backend's gradients; adapter dropout
     computes ``op(x, W) + op(dropout(x), W' - W)`` with every gradient."""
-    if fused_form == "chain" and not name.startswith("flora"):
-        pytest.skip("the chain form is FLoRA's")
+    if fused_form == "chain" and not _has_chain(name):
+        pytest.skip("the chain form is FLoRA's and LoRA's")
     form(fused_form)
     layer, x = _build(name, torch.float32, 5)
     layer.weight.requires_grad_(True)
@@ -218,26 +226,31 @@ def _saved_bytes(module, x, backend="triton") -> int:
 
 
 @pytest.mark.parametrize("name", ["flora_conv2d_groups_stride", "liera_exp_conv2d_reflect", "liera_linear_3d_input",
-                                  "ssb_linear", "ssl_conv2d_circular"])
+                                  "ssb_linear", "ssl_conv2d_circular", "lora_linear"])
 @pytest.mark.parametrize("fused_form", ["prologue", "chain"])
 def test_saved_for_backward_is_the_frozen_layers_plus_the_adapter(name, fused_form, form):
     """Exactly what the frozen layer's op keeps to produce a weight gradient (its input, padded as
     its padding mode asks, and its weight, referenced) plus the adapter tensors; the chain form also
     its small ``u`` (at most a quarter of x). Nothing else weight- or activation-sized."""
     fused_kernels("triton")
-    if fused_form == "chain" and not name.startswith("flora"):
-        pytest.skip("the chain form is FLoRA's")
+    if fused_form == "chain" and not _has_chain(name):
+        pytest.skip("the chain form is FLoRA's and LoRA's")
     form(fused_form)
     layer, x = _build(name, torch.float32, 6)
     x.requires_grad_()
     frozen = plain_twin(layer, layer.weight.detach(), torch.float32)  # weight and bias trainable: keeps x and W
-    adapter_bytes = sum(p.numel() * p.element_size() for p in layer.adapter_parameters())
+    # the adapter tensors and the bias, referenced (every fused op keeps its tensor inputs for a
+    # differentiable backward; a parameter kept costs no memory)
+    referenced = [*layer.adapter_parameters(), *([layer.bias] if layer.bias is not None else [])]
+    adapter_bytes = sum(p.numel() * p.element_size() for p in referenced)
     fused = _saved_bytes(layer, x)
     extra = fused - _saved_bytes(frozen, x, "reference") - adapter_bytes
     if fused_form == "chain":
         assert 0 <= extra <= 0.25 * x.numel() * x.element_size(), extra
     else:
         assert extra == 0, extra
+    if name.startswith("lora"):
+        return  # LoRA's merged keeps W' instead of W (W' = W + s B A needs no W for its gradients)
     # the check can fail: the reference backend's merged strategy keeps W' besides
     layer.strategy = "merged"
     assert _saved_bytes(layer, x, "reference") - fused >= 0.9 * layer.weight.numel() * layer.weight.element_size()
@@ -303,6 +316,7 @@ LEAN_LAYERS = {
     "liera_tucker_conv1d": (lambda: lk.LieRAConv1d(8, 12, 3, delta="tucker", rank=3, stride=2), (2, 8, 15)),
     "ssb_conv3d": (lambda: lk.SSBConv3d(4, 6, 2, dilation=(1, 1, 2)), (1, 4, 4, 5, 6)),
     "liera_linear": (lambda: lk.LieRALinear(24, 16, rank=3), (2, 5, 24)),
+    "lora_conv2d": (lambda: lk.LoRAConv2d(10, 14, 3, padding=1, rank=3), (1, 10, 8, 8)),
 }
 
 
@@ -313,8 +327,8 @@ def test_no_library_convolution_or_matmul_and_no_weight_shaped_tensor(name, fuse
     activation or the weight (the adapter's own small contractions, r x C_g k at most, may use
     them), and no op produces a tensor of the weight's shape: W' and dW' exist in the tiles only."""
     fused_kernels("triton")
-    if fused_form == "chain" and not name.startswith("flora"):
-        pytest.skip("the chain form is FLoRA's")
+    if fused_form == "chain" and not _has_chain(name):
+        pytest.skip("the chain form is FLoRA's and LoRA's")
     form(fused_form)
     make, shape = LEAN_LAYERS[name]
     torch.manual_seed(8)
@@ -492,6 +506,19 @@ def test_compile_fullgraph_matches_eager(form):
         compiled_matches_eager(model, x, DEVICE, "triton")
 
 
+@pytest.mark.parametrize("name", ["flora_conv2d_groups", "lora_conv2d_groups", "flora_linear", "lora_linear"])
+@pytest.mark.parametrize("fused_form", ["prologue", "chain"])
+def test_torch_func_forward_ad_and_double_backward_in_both_forms(name, fused_form, form):
+    """Both forms of FLoRA and LoRA (tests/test_higher_order.py runs the cost model's choice): the
+    torch.func transforms, forward-mode AD and a gradient penalty against the float64 oracle."""
+    import test_higher_order as higher
+
+    form(fused_form)
+    higher.test_forward_mode_ad_with_dual_tensors(name, "fused", "triton")
+    higher.test_gradients_of_gradients_match_the_oracle(name, "fused", "triton")
+    higher.test_torch_func_transforms_match_the_oracle(name, "fused", "triton")
+
+
 def test_dropout_is_the_two_branch_form(kernels):
     layer, x = _build("liera_exp_conv2d_reflect", seed=13)
     layer.dropout = 0.3
@@ -517,12 +544,12 @@ def test_random_geometries_against_the_oracle(seed, kernels, form):
     def pick(*options):
         return options[int(torch.randint(len(options), (1,), generator=g))]
 
-    method = pick("flora", "liera", "ssl", "ssb")
+    method = pick("flora", "liera", "ssl", "ssb", "lora")
     spatial = pick(0, 1, 2, 3)
     groups = pick(1, 1, 2, 3)
     c_in, c_out = groups * pick(1, 2, 5), groups * pick(1, 3, 4)
     options = dict(rank=pick(1, 3, 17), mode=pick("exp", "first_order"), delta=pick("lora", "tucker")) \
-        if method == "liera" else {}
+        if method == "liera" else dict(rank=pick(1, 3, 17)) if method == "lora" else {}
     if spatial == 0:
         layer = lk.layers.LAYERS[method][nn.Linear](c_in, c_out, **options)
         shape = (pick(1, 7, 40), c_in)
@@ -542,7 +569,7 @@ def test_random_geometries_against_the_oracle(seed, kernels, form):
     randomize_adapter(layer, seed).strategy = "fused"
     layer = layer.to(dtype)
     x = torch.randn(shape, generator=g, dtype=F64).to(dtype)
-    for fused_form in (["prologue", "chain"] if method == "flora" else ["prologue"]):
+    for fused_form in (["prologue", "chain"] if method in ("flora", "lora") else ["prologue"]):
         form(fused_form)
         _check_against_oracle(layer, x, "bypass" if fused_form == "chain" else "merged",
                               f"seed {seed} {layer} {fused_form} {dtype}", dtype)

@@ -421,15 +421,19 @@ def fused_prologue_cost(w: Workload) -> Cost:
 
 
 def fused_chain_cost(w: Workload) -> Cost:
-    """Strategy "fused" for FLoRA, chain form: the frozen op plus the Tucker chain, all on the
-    fused kernels, the chain's up-projection added in the frozen op's epilogue (no output-sized
-    pass), the input gradient through ``W'`` formed in the tiles (exactly the frozen layer's op)."""
+    """Strategy "fused", chain form (FLoRA's Tucker chain, LoRA's A-then-B chain): the frozen op
+    plus the chain, all on the fused kernels, the chain's up-projection added in the frozen op's
+    epilogue (no output-sized pass), the input gradient through ``W'`` formed in the tiles (exactly
+    the frozen layer's op)."""
     from .tucker_bypass import SAVE_U_FRACTION
 
     s = _Sizes(w)
     f_in, f_mid, f_out, u, z = _chain_parts(s, w)
-    cost = s.conv_pass(Cost(notes=["op(x, W) + Tucker chain, U_1 z in the op's epilogue"]))
-    s.op(cost, f_in, s.x, u)
+    projects_input = w.math.delta == "tucker"
+    chain = "Tucker chain" if projects_input else "LoRA chain"
+    cost = s.conv_pass(Cost(notes=[f"op(x, W) + {chain}, U_1 z in the op's epilogue"]))
+    if projects_input:
+        s.op(cost, f_in, s.x, u)
     s.grouped_op(cost, f_mid, u, z)
     cost.add(f_out, s.e * z, ops=0)
     keeps_u = u <= SAVE_U_FRACTION * s.x
@@ -437,23 +441,27 @@ def fused_chain_cost(w: Workload) -> Cost:
         _chain_adapter_backward(s, cost, keeps_u)
     if w.dropout:
         s.conv_pass(cost)
-        s.op(cost, f_in, u, s.x, s.x, s.x)
+        s.op(cost, f_in if projects_input else 0, u, s.x, s.x, s.x)
         cost.notes.append("input gradient through W and the chain")
     elif w.need_input:
         _prologue(s, s.conv_pass(cost), s.batch * s.pixels_in)
         cost.notes.append("input gradient through W' formed in the tiles")
     if w.need_weight:
         s.weight_grad_pass(cost)
-    cost.notes.append("u kept" if keeps_u else "u recomputed")
+    if projects_input:
+        cost.notes.append("u kept" if keeps_u else "u recomputed")
     return cost
 
 
+CHAIN_FORMS = ("tucker:add", "lora:add")  # the updates whose fused form may be the chain
+
+
 def fused_form(w: Workload) -> tuple:
-    """``(form, cost)`` of strategy "fused": "chain" or "prologue" for FLoRA, whichever costs less
-    (the chain alone in bfloat16/float16, where the prologue form would round the update into
-    ``W'``), "prologue" for every other method."""
+    """``(form, cost)`` of strategy "fused": "chain" or "prologue" for FLoRA and LoRA, whichever
+    costs less (the chain alone in bfloat16/float16, where the prologue form would round the update
+    into ``W'``), "prologue" for every other method."""
     prologue = fused_prologue_cost(w)
-    if w.math.key != "tucker:add":
+    if w.math.key not in CHAIN_FORMS:
         return "prologue", prologue
     chain = fused_chain_cost(w)
     if w.dtype in REDUCED_PRECISION:
@@ -472,7 +480,7 @@ class Decision:
     reason: str
     costs: dict
     input_grad_via_weight: bool = False
-    fused_form: str = ""  # strategy "fused": "prologue" (W' in the tiles) or "chain" (FLoRA's Tucker chain)
+    fused_form: str = ""  # strategy "fused": "prologue" (W' in the tiles) or "chain" (FLoRA's or LoRA's chain)
 
 
 APPLICABLE = {

@@ -10,16 +10,17 @@ touches an activation or the weight, and nothing weight-sized is written. Two fo
   turned into ``H = dL/dE`` and projected onto ``L`` and ``R`` in its epilogue. Saved for
   backward: ``x``, the frozen ``W`` (referenced) and the adapter tensors. In bfloat16/float16 a
   ``W'`` tile is formed in float32 and rounded to the op's dtype for the dot, as merged rounds.
-- ``"chain"`` (FLoRA): bypass's ``op(x, W) + P_out(op_K(P_in(x)))`` (:mod:`.tucker_bypass`) on the
-  same kernels, with ``P_out``'s product added in the frozen op's epilogue (one output write) and
-  the input gradient through ``W'`` formed in the tiles (the frozen layer's op, no chain
-  transposed). Saved: as bypass.
+- ``"chain"`` (FLoRA, LoRA): bypass's ``op(x, W) + P_out(op_K(P_in(x)))`` (:mod:`.tucker_bypass`;
+  LoRA's chain has no ``P_in``) on the same kernels, with ``P_out``'s product added in the frozen
+  op's epilogue (one output write) and the input gradient through ``W'`` formed in the tiles (the
+  frozen layer's op, no chain transposed). Saved: as bypass.
 
 The cost model picks the form (``Decision.fused_form``). With adapter dropout the prologue form
 computes ``op(x, W, bias) + op(xd, W' - W)``, the second launch adding the first in its
 epilogue. Custom ops ``lrtensor::fused_conv`` and ``lrtensor::fused_tucker_chain`` and their
-backward ops (:class:`ops.FusedOp`); the kernel module is imported on first use, so Triton is
-not imported with the package.
+backward ops (:class:`ops.FusedOp`), with the reference math as their composite (torch.func,
+forward-mode AD, the meta device, differentiable backward); the kernel module is imported on
+first use, so Triton is not imported with the package.
 """
 from __future__ import annotations
 
@@ -67,7 +68,18 @@ def _fused_conv(x: Tensor, dropped_x: Optional[Tensor], weight: Tensor, bias: Op
         return k.conv_forward(dropped_x, weight, None, *geometry, adapted=update, residual=frozen)
 
 
-fused_conv_op = ops.FusedOp("fused_conv", _fused_conv, list_index=4)
+def _fused_conv_composite(x: Tensor, dropped_x: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+                          adapter: list[Tensor], math: str, scale: float, stride: list[int], padding: list[int],
+                          dilation: list[int], groups: int) -> Tensor:
+    """:func:`_fused_conv` in differentiable PyTorch ops (the reference math)."""
+    geometry = (stride, padding, dilation, groups)
+    if dropped_x is None:
+        return ops.reference_adapted_op(x, weight, bias, adapter, math, scale, *geometry, False)
+    frozen = ops.base_op(x, weight.to(x.dtype), bias, *geometry)
+    return frozen + ops.reference_adapted_op(dropped_x, weight, None, adapter, math, scale, *geometry, True)
+
+
+fused_conv_op = ops.FusedOp("fused_conv", _fused_conv, list_index=4, composite=_fused_conv_composite)
 
 
 @fused_conv_op.register_fake
@@ -160,20 +172,33 @@ def _fused_tucker_chain(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bi
     ``P_out``'s product added in the frozen op's epilogue; ``u = P_in(x_chain)`` for the backward."""
     with ops.autocast_off(x):
         k = kernels()
-        weights, _ = tucker_bypass.chain_weights(adapter, scale, groups, weight.dim() - 2, x.dtype)
+        weights, _ = tucker_bypass.chain_weights(adapter, scale, groups, tuple(weight.shape), x.dtype, math)
         u = tucker_bypass.chain_input_projection(x if x_chain is None else x_chain, weights, groups, k)
         z = k.base_op(u, weights[1], None, stride, padding, dilation, groups)
         up = weights[2].reshape(weights[2].shape[0], -1)
         y = k.conv_forward(x, weight, bias, stride, padding, dilation, groups, up=(up, z))
+    if not tucker_bypass.has_input_projection(math):
+        return y, x.new_empty(0)  # u is the chain's input itself, which the backward has
     return y, u.contiguous()
 
 
-fused_tucker_chain_op = ops.FusedOp("fused_tucker_chain", _fused_tucker_chain, list_index=4)
+def _fused_tucker_chain_composite(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+                                  adapter: list[Tensor], math: str, scale: float, stride: list[int],
+                                  padding: list[int], dilation: list[int], groups: int) -> tuple:
+    """:func:`_fused_tucker_chain` in differentiable PyTorch ops (bypass's own composite)."""
+    return tucker_bypass._tucker_bypass_composite(x, x_chain, weight, bias, adapter, math, scale, stride, padding,
+                                                  dilation, groups, False, "reference")
+
+
+fused_tucker_chain_op = ops.FusedOp("fused_tucker_chain", _fused_tucker_chain, list_index=4,
+                                    composite=_fused_tucker_chain_composite)
 
 
 @fused_tucker_chain_op.register_fake
 def _(x, x_chain, weight, bias, adapter, math, scale, stride, padding, dilation, groups):
     y = ops.base_op(x, weight.to(x.dtype), bias, stride, padding, dilation, groups)
+    if not tucker_bypass.has_input_projection(math):
+        return y.new_empty(y.shape), x.new_empty(0)
     u = x.new_empty((x.shape[0], groups * adapter[2].shape[1], *x.shape[2:]))
     return y.new_empty(y.shape), u
 
@@ -196,7 +221,7 @@ def _fused_tucker_chain_backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Te
         frozen_input = need_input and x_chain is not None
         grad_frozen, grad_chain, grad_w, grad_b, grads = tucker_bypass.backward(
             grad_y, x, x_chain, weight, adapter, u, scale, geometry, False, None, frozen_input, need_chain_input,
-            need_weight, need_bias, need_adapter, conv=k)
+            need_weight, need_bias, need_adapter, math, conv=k)
         grad_x = grad_frozen if frozen_input else grad_x
     return ops.gradients_as_promised([(grad_x, x), (grad_chain, x_chain), (grad_w, weight), (grad_b, grad_b),
                                       *zip(grads or [], adapter)])
@@ -215,7 +240,7 @@ def _(grad_y, x, x_chain, weight, adapter, u, math, scale, stride, padding, dila
 def _chain_setup_context(ctx, inputs, output):
     x, x_chain, weight, bias, adapter, *config = inputs
     u = output[1]
-    kept_u = u if tucker_bypass.keeps_u(u, x if x_chain is None else x_chain) else None
+    kept_u = u if u.numel() and tucker_bypass.keeps_u(u, x if x_chain is None else x_chain) else None
     ctx.save_for_backward(x, x_chain, weight, kept_u, *adapter)
     ctx.config = config  # math, scale, stride, padding, dilation, groups
 
