@@ -35,7 +35,7 @@ DEFAULT_SHAPES = ("resnet50/3x3_256-256_14", "resnet50/3x3_512-512_7", "resnet50
                   "sd15_unet/3x3_1280-1280_16", "sd15_unet/3x3_320-320_64", "linear/4096-4096_t4096")
 STEP_PROVIDERS = ("frozen", "full_ft", "torch_lora", "liera_triton:merged", "liera_triton:fused",
                   "flora_triton:bypass", "flora_triton:fused", "flora_triton:fused_chain",
-                  "flora_triton:fused_prologue")
+                  "flora_triton:fused_prologue", "lora_triton:bypass", "lora_triton:fused")
 
 
 def parse_args(argv=None):
@@ -63,8 +63,8 @@ def _adapter_shapes(method: str, shape) -> tuple:
         ranks = (16, 16, 2, 2) if shape.kind == "conv2d" else (8, 8)
         ranks = tuple(min(r, d) for r, d in zip(ranks, weight))
         return (ranks, *((d, r) for d, r in zip(weight, ranks)))
-    if method == "liera":
-        rank = suite.METHOD_OPTIONS["liera"]["rank"]
+    if method in ("liera", "lora"):  # B (out, r), A (r, in / groups x kernel)
+        rank = suite.METHOD_OPTIONS[method]["rank"]
         columns = weight[1] * (shape.kernel ** 2 if shape.kind == "conv2d" else 1)
         return ((weight[0], rank), (rank, columns))
     return ((weight[1],), (weight[0],)) if method == "ssb" else ((weight[1],),)
