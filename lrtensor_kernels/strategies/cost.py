@@ -335,9 +335,15 @@ def tucker_bypass_cost(w: Workload) -> Cost:
         else:
             cost.merge(through_weight)
             cost.notes.append("input gradient through W'")
-    if w.need_weight:
+    return _chain_end(s, cost, keeps_u)
+
+
+def _chain_end(s: _Sizes, cost: Cost, keeps_u: bool) -> Cost:
+    """A chain strategy's cost completed: the frozen weight's gradient when it is trained, and
+    whether the Tucker chain keeps ``u``."""
+    if s.w.need_weight:
         s.weight_grad_pass(cost)
-    if projects_input:
+    if s.w.math.delta == "tucker":
         cost.notes.append("u kept" if keeps_u else "u recomputed")
     return cost
 
@@ -446,11 +452,7 @@ def fused_chain_cost(w: Workload) -> Cost:
     elif w.need_input:
         _prologue(s, s.conv_pass(cost), s.batch * s.pixels_in)
         cost.notes.append("input gradient through W' formed in the tiles")
-    if w.need_weight:
-        s.weight_grad_pass(cost)
-    if projects_input:
-        cost.notes.append("u kept" if keeps_u else "u recomputed")
-    return cost
+    return _chain_end(s, cost, keeps_u)
 
 
 CHAIN_FORMS = ("tucker:add", "lora:add")  # the updates whose fused form may be the chain
