@@ -85,8 +85,7 @@ def kernel_bytes(shape, dtype, key, backend, adapter, device) -> tuple:
         from lrtensor_kernels.kernels import triton_transform as tt
 
         form = LowRankForm(torch.empty(shape, device="meta", dtype=dtype), adapter, key.split(":")[0], 1.0)
-        cfg = tt._launch_config(form, device, dtype)
-        col_blocks, splits = cfg["grid"]
+        col_blocks, splits = tt._plan(form, device).grid
         backward += 2 * 4 * form.rank1 * (col_blocks * form.out_rows + splits * form.cols)
     return forward, backward
 
@@ -137,6 +136,14 @@ def _cpu_name() -> str:
     return "cpu"
 
 
+def save(path, device, backend, copy_bw, rows) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+                       backend=backend, threads=torch.get_num_threads(), copy_bandwidth=copy_bw,
+                       torch=torch.__version__, rows=rows), f, indent=1)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["triton", "native"], help="default: triton on CUDA, native on the CPU")
@@ -181,6 +188,7 @@ def main(argv=None) -> int:
             r = measure(name, shape, method, key, dtype, device, clock, copy_bw, repeats if not args.small else 3,
                         backend)
             rows.append(r)
+            save(args.out, device, backend, copy_bw, rows)  # after every row: a run cut off keeps what it measured
             if device.type == "cuda":
                 print(f"{name:24} {method:18} {1e3 * r['fwd_out_ms']:8.1f} {100 * r['fwd_of_copy']:6.1f}% "
                       f"{1e3 * r['bwd_ms']:8.1f} {100 * r['bwd_of_copy']:6.1f}% {1e3 * r['ref_fwd_bwd_ms']:15.1f} "
@@ -189,11 +197,7 @@ def main(argv=None) -> int:
                 print(f"{name:24} {method:18} {r['fwd_ms']:8.2f} {r['fwd_of_clone']:7.2f} {r['fwd_of_copy']:6.2f} "
                       f"{r['bwd_ms']:8.2f} {r['bwd_of_clone']:7.2f} {r['bwd_of_copy']:6.2f} {r['ref_fwd_bwd_ms']:15.2f} "
                       f"{r['fused_vs_ref']:9.2f}", flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(device=str(device) if device.type == "cuda" else _cpu_name(), backend=backend,
-                       threads=torch.get_num_threads(), copy_bandwidth=copy_bw, torch=torch.__version__, rows=rows),
-                  f, indent=1)
+    save(args.out, device, backend, copy_bw, rows)
     return 0
 
 

@@ -42,3 +42,24 @@ def _one_thread():
     torch.set_num_threads(int(os.environ.get("LRTENSOR_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_rounds_as_a_gpu():
+    """Under TRITON_INTERPRET=1, tf32 dots and float32 -> bfloat16 casts round as on a GPU
+    (tests/gpu_rounding.py), so that the accuracy tests see the GPU's error."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    try:
+        from triton.runtime.interpreter import InterpreterBuilder
+    except ImportError:
+        yield
+        return
+    from gpu_rounding import rounding_cast, tf32_dot
+
+    originals = InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl
+    InterpreterBuilder.create_dot = tf32_dot(originals[0])
+    InterpreterBuilder.cast_impl = rounding_cast(originals[1])
+    yield
+    InterpreterBuilder.create_dot, InterpreterBuilder.cast_impl = originals

@@ -1,8 +1,8 @@
 """The fused backends' kernels (transform, projection, channel_dot) against the float64 oracle.
 
 Every test runs on each fused backend: "triton" (on a machine without CUDA under
-TRITON_INTERPRET=1, set in conftest, in float32 and float16; bfloat16 and the full opcheck on a
-GPU only) and "native" (the C++ kernels on the CPU in every dtype, the CUDA kernels on a GPU).
+TRITON_INTERPRET=1, set in conftest, with tf32 dots and bfloat16 casts rounded as on a GPU; the
+full opcheck on a GPU only) and "native" (the C++ kernels on the CPU in every dtype, the CUDA kernels on a GPU).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from lrtensor_kernels import methods
 from oracle import F64, assert_accuracy, rel_err, tucker64
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# the Triton interpreter computes bfloat16 wrongly: bfloat16 runs on a GPU only
-DTYPES = {"triton": [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []),
+# under the interpreter, tf32 dots and bfloat16 casts round as on a GPU (conftest, gpu_rounding.py)
+DTYPES = {"triton": [torch.float32, torch.float16, torch.bfloat16],
           "native": [torch.float32, torch.float16, torch.bfloat16]}
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
@@ -306,7 +306,8 @@ CHANNEL_CASES = {
     "one_dim": ((23,), 0),
     "many_blocks": ((150, 9, 40), 1),  # native: 3 blocks of 64 outer rows, several channel chunks
 }
-CHANNEL_DTYPES = {"triton": [torch.float32, torch.float16], "native": [torch.float32, torch.float16, torch.bfloat16]}
+CHANNEL_DTYPES = {"triton": [torch.float32, torch.float16, torch.bfloat16],
+                  "native": [torch.float32, torch.float16, torch.bfloat16]}
 
 
 def channel_oracle(a, b, dim):

@@ -15,8 +15,8 @@ from fused import FUSED_BACKENDS, compiled_matches_eager, fused_kernels
 from oracle import F64, assert_accuracy, effective_weight64, layer_oracle, plain_twin, randomize_adapter, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# the Triton interpreter computes bfloat16 wrongly: bfloat16 runs on a GPU only
-DTYPES = {"triton": [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []),
+# under the interpreter, tf32 dots and bfloat16 casts round as on a GPU (conftest, gpu_rounding.py)
+DTYPES = {"triton": [torch.float32, torch.float16, torch.bfloat16],
           "native": [torch.float32, torch.float64, torch.float16, torch.bfloat16]}
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 

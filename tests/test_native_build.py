@@ -185,3 +185,126 @@ def test_every_cuda_source_compiles_with_nvcc(tmp_path):
     assert not failures, "nvcc failed:\n" + "\n\n".join(failures)
     passed.parent.mkdir(parents=True, exist_ok=True)
     passed.write_text("\n".join(" ".join(c) for c in commands.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# first use in several processes at once; CUDA builds of torch on machines without a GPU
+# ---------------------------------------------------------------------------------------------
+
+_FIRST_USE = """
+    import json, os, sys, time
+    from pathlib import Path
+    import torch
+    from lrtensor_kernels.kernels import native_build
+    if os.environ.get("PROBE_CSRC"):
+        native_build.CSRC = Path(os.environ["PROBE_CSRC"])
+    while time.time() < float(os.environ["START_AT"]):  # both processes reach the build together
+        time.sleep(0.01)
+    print(json.dumps({"available": native_build.available(), "reason": native_build.unavailable_reason(),
+                      "path": native_build._state.get("path")}))
+"""
+
+
+def _probe_sources(root: Path) -> Path:
+    """A csrc/ with one trivial C++ source: a build of a second, not a minute."""
+    (root / "lrtensor").mkdir(parents=True)
+    (root / "lrtensor" / "probe.cpp").write_text('extern "C" int lrtensor_probe() { return 1; }\n')
+    return root
+
+
+def _first_use(extensions: Path, csrc=None, processes: int = 2, delay: float = 3.0) -> list:
+    """Starts fresh interpreters that use the native backend at the same moment; their results and stderr."""
+    import json
+    import time
+
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "START_AT": str(time.time() + delay),
+           "PROBE_CSRC": str(csrc or "")}
+    runs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(_FIRST_USE)], cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(processes)]
+    results = []
+    for run in runs:
+        out, err = run.communicate(timeout=1800)
+        assert run.returncode == 0, err
+        results.append((json.loads(out.strip().splitlines()[-1]), err))
+    return results
+
+
+def test_first_use_in_two_processes_builds_once(tmp_path):
+    """One process builds under the lock; the other waits and loads the same library; neither fails."""
+    if native_build.compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    csrc = _probe_sources(tmp_path / "csrc")
+    results = _first_use(tmp_path / "ext", csrc)
+    assert all(r["available"] for r, _ in results), results
+    assert results[0][0]["path"] == results[1][0]["path"]
+    assert sum(err.count("compiling the native backend") for _, err in results) == 1, [e for _, e in results]
+
+
+@pytest.mark.slow
+def test_a_build_killed_halfway_is_built_again(tmp_path):
+    """A library without the 'built' marker (its build was killed) and torch's lock file left behind
+    neither load a broken library nor block the next build."""
+    if native_build.compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    csrc = _probe_sources(tmp_path / "csrc")
+    [(first, err)] = _first_use(tmp_path / "ext", csrc, processes=1, delay=0)
+    library = Path(first["path"])
+    (library.parent / "built").unlink()
+    library.write_bytes(b"not a library")  # what a killed link leaves
+    (library.parent / "lock").write_text("")  # torch's lock file, never released
+    [(again, err)] = _first_use(tmp_path / "ext", csrc, processes=1, delay=0)
+    assert again["available"], again
+    assert "compiling the native backend" in err
+
+
+@pytest.mark.slow
+def test_first_use_in_two_spawned_processes_uses_native_in_both(tmp_path):
+    """Two ranks spawned as DDP spawns them, a fresh cache, the real sources: one compiles, both run
+    the native backend under 'auto' (no fallback warning)."""
+    if native_build.compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    results = _first_use(tmp_path / "ext")
+    assert all(r["available"] for r, _ in results), results
+    assert sum(err.count("compiling the native backend") for _, err in results) == 1
+
+
+def test_cuda_plan_without_a_gpu(monkeypatch):
+    """A CUDA build of torch and a CUDA toolkit but no GPU: without TORCH_CUDA_ARCH_LIST torch has no
+    architecture to compile for (IndexError in its arch flags), so the CPU kernels alone are built,
+    with a line that says how to get the CUDA ones; with it, they are built for those architectures."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    cuda, reason = native_build.cuda_plan()
+    assert not cuda and "no CUDA device is visible and TORCH_CUDA_ARCH_LIST is not set" in reason
+    assert "built for the CPU only" in reason and native_build.cuda_architectures(cuda) == ""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    assert native_build.cuda_plan() == (True, None)
+    assert native_build.cuda_architectures(True) == "8.0;9.0"
+    key_80_90 = native_build.build_key(True)
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert native_build.build_key(True) != key_80_90, "the architectures are part of the cache key"
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    assert native_build.cuda_plan() == (False, None)
+
+
+@pytest.mark.slow
+def test_cuda_torch_without_a_gpu_builds_the_cpu_kernels(tmp_path):
+    """Where the installed torch is a CUDA build and no GPU is visible (a build node; CI's CUDA torch),
+    the native backend builds in a fresh cache with one line saying it is CPU-only."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None or CUDA_HOME is None or torch.cuda.device_count() > 0:
+        pytest.skip("needs a CUDA build of torch, a CUDA toolkit and no visible GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_CUDA_ARCH_LIST"}
+    run = subprocess.run([sys.executable, "-c", "import torch, lrtensor_kernels as lk; from lrtensor_kernels.kernels "
+                          "import native_build as nb; lk.SSBLinear(5, 3)(torch.randn(2, 5)).sum().backward(); "
+                          "print(nb.available(), nb.has_cuda_kernels(), torch.version.cuda)"],
+                         cwd=REPO, capture_output=True, text=True, timeout=1800,
+                         env={**env, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[:2] == ["True", "False"], run.stdout + run.stderr
+    assert run.stderr.count("built for the CPU only") == 1 and "unavailable" not in run.stderr

@@ -6,7 +6,19 @@ build at install time. The build is cached under
 ``$TORCH_EXTENSIONS_DIR/lrtensor_kernels/lrtensor_native_<key>/`` (``TORCH_EXTENSIONS_DIR``
 defaults to ``~/.cache/torch_extensions``), where ``<key>`` hashes the sources, the compiler
 flags, the torch and Python versions and the CPU capability: a cached build is loaded as it is,
-a changed source builds a new one. The CUDA sources are compiled only where torch has CUDA.
+a changed source builds a new one.
+
+The CUDA sources are compiled where torch has CUDA, a CUDA toolkit is found and there is an
+architecture to compile for: the visible GPUs', or ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0"``).
+On a machine without a GPU and without that variable (a CPU box with the standard CUDA build of
+torch from PyPI) the CPU kernels alone are built, and one line says so. The architectures are part
+of the cache key.
+
+Several processes may use the backend for the first time at once (the ranks of a DDP job): one
+builds, under an exclusive lock on ``<name>.lock`` beside the build directory (``fcntl.flock``,
+released by the operating system if the process dies), the others wait for it and load what it
+built. A build counts as done once its library has loaded (a ``built`` marker): a library left by a
+build that was killed halfway is built again.
 
 Loading the library registers ``torch.ops.lrtensor.lowrank_transform``, ``lowrank_project`` and
 ``channel_dot``. Without a compiler (or ninja, or when the build fails) :func:`available` is
@@ -14,6 +26,7 @@ False and :func:`unavailable_reason` says why; nothing fails at import.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -50,11 +63,34 @@ CXX_FLAGS = ["-O3", "-Wall", "-Wno-unused-function"] + OPENMP_FLAGS
 CUDA_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 
-def with_cuda() -> bool:
-    """Whether the CUDA sources are built: torch has CUDA and a CUDA toolkit is found."""
+def cuda_plan() -> tuple:
+    """``(build the CUDA sources?, the line saying why not or None)``: torch has CUDA, a CUDA toolkit
+    is found, and ``TORCH_CUDA_ARCH_LIST`` is set or a GPU is visible (torch's default architecture
+    list is the visible GPUs'; without one it has none to compile for)."""
     from torch.utils.cpp_extension import CUDA_HOME
 
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return False, None
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.device_count() > 0:
+        return True, None
+    return False, ("no CUDA device is visible and TORCH_CUDA_ARCH_LIST is not set: the native backend is built "
+                   "for the CPU only (set TORCH_CUDA_ARCH_LIST, e.g. \"8.0;9.0\", to build its CUDA kernels too)")
+
+
+def with_cuda() -> bool:
+    """Whether the CUDA sources are built (:func:`cuda_plan`)."""
+    return cuda_plan()[0]
+
+
+def cuda_architectures(cuda: bool) -> str:
+    """What the CUDA code is compiled for (part of the cache key): ``TORCH_CUDA_ARCH_LIST``, else the
+    visible GPUs' compute capabilities."""
+    if not cuda:
+        return ""
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if listed and listed != "native":
+        return listed
+    return ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
 
 
 def sources(cuda: bool) -> list:
@@ -71,8 +107,8 @@ def build_key(cuda: bool) -> str:
     for path in sorted(p for p in CSRC.glob("lrtensor/**/*") if p.is_file()):
         digest.update(str(path.relative_to(CSRC)).encode())
         digest.update(path.read_bytes())
-    for part in (torch.__version__, str(torch.version.cuda), str(cuda), sys.implementation.cache_tag,
-                 " ".join(CXX_FLAGS + _cpu_flags()), " ".join(CUDA_FLAGS)):
+    for part in (torch.__version__, str(torch.version.cuda), str(cuda), cuda_architectures(cuda),
+                 sys.implementation.cache_tag, " ".join(CXX_FLAGS + _cpu_flags()), " ".join(CUDA_FLAGS)):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
@@ -105,27 +141,52 @@ class _MissingTool(RuntimeError):
     pass
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Holds an exclusive ``flock`` on ``lock_path`` (waits for it); the OS releases it if the process dies."""
+    import fcntl
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _build_and_load() -> str:
-    cuda = with_cuda()
+    cuda, cpu_only_reason = cuda_plan()
     name = f"{LIBRARY_PREFIX}_{build_key(cuda)}"
     directory = build_directory(name)
-    library = directory / f"{name}.so"
-    if library.is_file():
+    library, built = directory / f"{name}.so", directory / "built"
+    if built.is_file() and library.is_file():
         torch.ops.load_library(str(library))
         return str(library)
     reason = missing_tool()
     if reason is not None:
         raise _MissingTool(reason)
-    from torch.utils import cpp_extension
+    with _exclusive(directory.parent / f"{name}.lock"):
+        if built.is_file() and library.is_file():  # another process built it while this one waited
+            torch.ops.load_library(str(library))
+            return str(library)
+        from torch.utils import cpp_extension
 
-    directory.mkdir(parents=True, exist_ok=True)
-    print(f"lrtensor_kernels: compiling the native backend ({'C++ and CUDA' if cuda else 'C++'}, first use with "
-          f"this torch; about a minute), cached in {directory}", file=sys.stderr, flush=True)
-    return cpp_extension.load(
-        name, [str(p) for p in sources(cuda)], extra_cflags=CXX_FLAGS + _cpu_flags(), extra_cuda_cflags=CUDA_FLAGS,
-        extra_ldflags=OPENMP_FLAGS, extra_include_paths=[str(CSRC)], build_directory=str(directory), with_cuda=cuda,
-        is_python_module=False,
-        verbose=False)
+        directory.mkdir(parents=True, exist_ok=True)
+        # what a build killed halfway leaves: torch's own lock file, and a library that may be cut short
+        # (ninja would take it as up to date)
+        (directory / "lock").unlink(missing_ok=True)
+        library.unlink(missing_ok=True)
+        if cpu_only_reason:
+            print(f"lrtensor_kernels: {cpu_only_reason}", file=sys.stderr, flush=True)
+        print(f"lrtensor_kernels: compiling the native backend ({'C++ and CUDA' if cuda else 'C++'}, first use "
+              f"with this torch; about a minute), cached in {directory}", file=sys.stderr, flush=True)
+        path = cpp_extension.load(
+            name, [str(p) for p in sources(cuda)], extra_cflags=CXX_FLAGS + _cpu_flags(),
+            extra_cuda_cflags=CUDA_FLAGS, extra_ldflags=OPENMP_FLAGS, extra_include_paths=[str(CSRC)],
+            build_directory=str(directory), with_cuda=cuda, is_python_module=False, verbose=False)
+        built.write_text(f"{path}\n")
+        return path
 
 
 def load() -> str:
