@@ -66,8 +66,10 @@ def _cases(names, dtype):
     return [pytest.param(n, form, dtype, id=f"{n}-{form}-{str(dtype)[6:]}") for n in names for form in _forms(n)]
 
 
+# bfloat16 on a GPU only: the interpreter's dot on bfloat16 operands is wrong (errors of 1e10 measured;
+# numpy has no bfloat16), though conftest makes its casts round as a GPU's
 CASES = _cases(LAYERS, torch.float32) + _cases(HALF, torch.float16) + _cases(DOUBLE, F64) + (
-    _cases(HALF, torch.bfloat16) if DEVICE == "cuda" else [])  # the interpreter computes bfloat16 wrongly
+    _cases(HALF, torch.bfloat16) if DEVICE == "cuda" else [])
 
 
 @pytest.fixture
@@ -156,8 +158,10 @@ def test_fused_matches_the_oracle(name, fused_form, dtype, kernels, form):
 @pytest.mark.parametrize("rank", [3, 20], ids=["narrow_rank", "wide_rank"])
 def test_every_gpu_launch_plan_under_the_interpreter(dtype, rank, kernels):
     """Each kind's GPU tiles for the rank's class (every autotune candidate: blocks, warps, stages)
-    and the GPU's split of the weight gradient, run under the interpreter against the oracle."""
+    and the GPU's split of the weight gradient (planned as on an H100), run under the interpreter
+    against the oracle."""
     from lrtensor_kernels.kernels import conv_plan
+    from lrtensor_kernels.kernels.launch import as_on_gpu
 
     tiles = {kind: conv_plan.gpu_tiles(kind, dtype.itemsize, 16 if rank <= 16 else 32) for kind in conv_plan.KINDS}
     torch.manual_seed(3)
@@ -169,7 +173,7 @@ def test_every_gpu_launch_plan_under_the_interpreter(dtype, rank, kernels):
         layers.append((layer.to(DEVICE).to(dtype), torch.randn(shape, dtype=F64).to(dtype).to(DEVICE)))
     for i in range(max(len(t) for t in tiles.values())):
         plan = {kind: t[i % len(t)] for kind, t in tiles.items()}
-        with conv_plan.forced(**plan):
+        with as_on_gpu(132), conv_plan.forced(**plan):
             for layer, x in layers:
                 _check_against_oracle(layer, x, "merged", f"GPU plan {plan}", dtype)
 
@@ -180,7 +184,7 @@ def test_gpu_plans_split_the_weight_gradient():
 
     problem = conv_plan.problem_of((700, 19), (13, 19), [], [], [], 1)
     for t in conv_plan.gpu_tiles("weight_grad", 2):
-        splits, per_split = conv_plan.weight_grad_splits(problem, t, 2 * conv_plan.NOMINAL_MULTIPROCESSORS)
+        splits, per_split = conv_plan.weight_grad_splits(problem, t, conv_plan.target_programs(132))
         assert splits > 1 and per_split % t.block_k == 0 and (splits - 1) * per_split < 700 <= splits * per_split
 
 
@@ -573,41 +577,3 @@ def test_random_geometries_against_the_oracle(seed, kernels, form):
         form(fused_form)
         _check_against_oracle(layer, x, "bypass" if fused_form == "chain" else "merged",
                               f"seed {seed} {layer} {fused_form} {dtype}", dtype)
-
-
-_COMPILE_SAMPLE = r"""
-import re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from lrtensor_kernels.kernels import fused_conv
-names = sys.argv[1:]
-cases = [c for c in fused_conv.aot_cases() if any(re.fullmatch(n, c.name) for n in names)]
-assert len(cases) >= len(names), [c.name for c in cases]
-for case in cases:
-    for arch, shared_limit in ((90, 232448), (80, 166912)):
-        kernel = triton.compile(triton.compiler.ASTSource(case.kernel, case.signature, case.constexprs),
-                                target=GPUTarget("cuda", arch, 32),
-                                options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
-        assert kernel.metadata.shared <= shared_limit, (case.name, arch, kernel.metadata.shared)
-        print(case.name, arch, kernel.metadata.shared)
-"""
-
-
-@pytest.mark.slow
-def test_a_sample_of_the_aot_cases_compiles_for_sm80_and_sm90():
-    """One case per kernel, dtype family and adapter form compiles ahead of time (outside the
-    interpreter, in a subprocess) within the targets' shared memory; the full list and its resources
-    are bench/NOTES.md's table (``fused_conv.aot_cases()``)."""
-    pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    names = [r"_forward_kernel-bfloat16-exp_r16-128x64x32_w8_s3", r"_forward_kernel-float32-plain_up16-64x64x16_w4_s3",
-             r"_input_grad_kernel-float16-add_r32-128x64x16_w8_s2",
-             r"_weight_grad_kernel-bfloat16-mul_r1-64x64x32_w4_s2",
-             r"_weight_grad_kernel-float64-exp_r16-32x32x16_w4_s2", r"_forward_kernel-bfloat16_wfloat32-exp_r16-.*"]
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SAMPLE, *names], env=env, capture_output=True, text=True,
-                            timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]

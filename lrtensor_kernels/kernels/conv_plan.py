@@ -8,12 +8,14 @@ input (D, H, W) as the convolution sees it (padded by the layer when its padding
 zeros), output (OD, OH, OW), kernel (KD, KH, KW), stride, padding (zeros, applied by the
 kernels), dilation and groups.
 
-Launch plans: :func:`candidates` lists the tile configurations a kernel may run with on a
-target, ``"cuda"`` (a few configurations, pruned by the problem's sizes, timed once per problem
-key by :class:`Autotuner`) or ``"interpreter"`` (one configuration sized to the problem, so that
-``TRITON_INTERPRET=1`` runs few programs). :func:`forced` makes every launch of a kernel kind use
-one given configuration, on any target: the tests run the GPU configurations under the
-interpreter with it, and the ahead-of-time compile cases are the same lists.
+Launch plans: :func:`candidates` lists the tile configurations a kernel may run with when it
+plans for a GPU (a few configurations, pruned by the problem's sizes, timed once per problem key
+by :class:`Autotuner`) or for the interpreter (one configuration sized to the problem, so that
+``TRITON_INTERPRET=1`` runs few programs); :func:`.launch.planned_multiprocessors` says which, and
+``launch.as_on_gpu`` makes the launchers plan for a GPU under the interpreter (its first
+candidate then runs, untimed) and ``launch.recording`` records every candidate (the
+ahead-of-time cases). :func:`forced` makes every launch of a kernel kind use one given
+configuration on any target: the tests run every GPU configuration under the interpreter with it.
 """
 from __future__ import annotations
 
@@ -160,7 +162,6 @@ for _kind in ("forward", "input_grad", "weight_grad"):
     for _rank in (_NARROW, _WIDE):
         _GPU_TILES[(_kind, 8, _rank)] = [_T(64, 32, 16, 4, 2), _T(32, 32, 16, 4, 2)]
 MIN_BLOCK = 16  # tl.dot's smallest operand dim
-NOMINAL_MULTIPROCESSORS = 132  # an H100/H200, for GPU plans made without a GPU (forced, ahead of time)
 
 
 def rank_class(padded_rank: int) -> int:
@@ -188,10 +189,12 @@ def _sizes(kind: str, problem: ConvProblem) -> tuple:
     return problem.out_channels, problem.in_channels, problem.out_pixels
 
 
-def candidates(kind: str, problem: ConvProblem, width: int, target: str, padded_rank: int = 1) -> list:
-    """The configurations a kind may launch with on ``target`` (``"cuda"`` or ``"interpreter"``).
+def candidates(kind: str, problem: ConvProblem, width: int, multiprocessors: Optional[int],
+               padded_rank: int = 1) -> list:
+    """The configurations a kind may launch with when planning for a GPU of ``multiprocessors``
+    multiprocessors, or for the interpreter (None; :func:`.launch.planned_multiprocessors`).
 
-    cuda: the kind's GPU list without the tiles more than twice as wide as the problem in a dim
+    GPU: the kind's GPU list without the tiles more than twice as wide as the problem in a dim
     (each dim padded to 16), the smallest kept if none is left. interpreter: one tile per dim
     sized to the problem (16 to 64)."""
     m, n, k = _sizes(kind, problem)
@@ -199,7 +202,7 @@ def candidates(kind: str, problem: ConvProblem, width: int, target: str, padded_
         k = problem.in_channels  # the reduction runs channel blocks per tap
     elif kind == "input_grad":
         k = problem.out_channels
-    if target == "interpreter":
+    if multiprocessors is None:
         return [Tiles(min(64, _pow2(m)), min(64, _pow2(n)), min(32, _pow2(k)), 1, 1)]
     tiles = gpu_tiles(kind, width, padded_rank)
     kept = [t for t in tiles if t.block_m <= 2 * _pow2(m) and t.block_n <= 2 * _pow2(n) and t.block_k <= _pow2(k)]
@@ -218,23 +221,10 @@ def weight_grad_splits(problem: ConvProblem, tiles: Tiles, programs: int) -> tup
     return -(-total // per_split), per_split
 
 
-def target_programs(device: torch.device, target: str) -> int:
-    """Programs that fill the device: two per multiprocessor on CUDA (the nominal count without a
-    GPU), four under the interpreter (so that tests cut the reduction too)."""
-    if target == "interpreter":
-        return 4
-    if device.type == "cuda":
-        return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    return 2 * NOMINAL_MULTIPROCESSORS
-
-
-_multiprocessor_counts: dict = {}
-
-
-def _multiprocessors(index: int) -> int:
-    if index not in _multiprocessor_counts:
-        _multiprocessor_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _multiprocessor_counts[index]
+def target_programs(multiprocessors: Optional[int]) -> int:
+    """Programs that fill the device: two per multiprocessor on a GPU, four under the interpreter
+    (None: so that tests cut the reduction too)."""
+    return 4 if multiprocessors is None else 2 * multiprocessors
 
 
 _forced: contextvars.ContextVar = contextvars.ContextVar("lrtensor_forced_tiles", default={})

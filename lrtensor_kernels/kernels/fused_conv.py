@@ -37,7 +37,7 @@ allow_tf32`` for convolutions, ``torch.backends.cuda.matmul.allow_tf32`` for lin
 only): the kernels round as the library op would in the same setting. ``E`` is a product of
 float32 factors: TF32 only beside bfloat16 operands, where its rounding (2^-11) stays below the
 rounding of ``W'`` to bfloat16 (2^-9); the epilogue's projections of ``H`` in TF32 beside bfloat16
-operands (``dW'`` is a sum of bfloat16 products), in tf32x3 beside float16.
+operands (``dW'`` is a sum of bfloat16 products), exact beside float16.
 Offsets are 64-bit wherever they scale with the batch.
 """
 from __future__ import annotations
@@ -53,8 +53,8 @@ import triton.language as tl
 
 from ..backend import triton_interpreted
 from . import conv_plan
-from .aot import AotCase
 from .conv_plan import AUTOTUNER, ConvProblem, Tiles, as_5d, problem_of
+from .launch import launch, planned_multiprocessors
 from .lowrank_form import LowRankForm
 from .triton_transform import _combine, _right_tile
 
@@ -62,11 +62,12 @@ _COMBINE_CODE = {"add": 0, "exp": 1, "first_order": 2, "mul": 3}
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 # TF32 products for E only beside bfloat16 operands (its 2^-11 below the 2^-9 of W' rounded to
 # bfloat16); the epilogue's projections of H in TF32 beside bfloat16 operands (their dW' is a sum of
-# bfloat16 products), in tf32x3 beside float16 (float16's own rounding, 2^-11, is finer than
-# TF32's truncation: a TF32 projection measured 8.7e-4 relative error on B's gradient against plain
-# float16's 1.7e-4, with the operands cut as the tensor cores cut them); exact products elsewhere
+# bfloat16 products); exact products everywhere else. Not TF32 beside float16: float16's own
+# rounding (2^-11) is finer than TF32's truncation, and a TF32 projection measured 8.7e-4 relative
+# error on B's gradient against plain float16's 1.7e-4 (operands cut as the tensor cores cut them);
+# not tf32x3 either: its split operands spilled 992 B per thread on sm_80 at the 64x128 tile
 _UPDATE_PRECISION = {torch.bfloat16: "tf32"}
-_PROJECT_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32x3"}
+_PROJECT_PRECISION = {torch.bfloat16: "tf32"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,10 +88,11 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, WIDE_M: tl.constexpr):
-    """The row and column indices of this program's (BLOCK_M, BLOCK_N) tile of an (M, N) grid of
-    tiles (axis 0 of the launch grid; rows 64-bit with ``WIDE_M``)."""
-    pid_m, pid_n = _tile_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+def _tile_offsets(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                  WIDE_M: tl.constexpr):
+    """The row and column indices of program ``pid``'s (BLOCK_M, BLOCK_N) tile of an (M, N) grid of
+    tiles (rows 64-bit with ``WIDE_M``)."""
+    pid_m, pid_n = _tile_ids(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     if WIDE_M:
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     else:
@@ -140,8 +142,19 @@ def _update(left, right, RANK: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.co
 
 @triton.jit
 def _kernel_tap(tap, KH, KW):
-    """(kd, kh, kw) of a flattened tap ``(kd * KH + kh) * KW + kw``."""
-    return tap // (KW * KH), (tap // KW) % KH, tap % KW
+    """(kd, kh, kw) of a flattened tap ``(kd * KH + kh) * KW + kw``, in int64 (they scale strides)."""
+    tap = tl.cast(tap, tl.int64)
+    return tap // (KW * tl.cast(KH, tl.int64)), (tap // KW) % KH, tap % KW
+
+
+@triton.jit
+def _pixel_count(N, D, H, W, WIDE: tl.constexpr):
+    """``N * D * H * W``, multiplied in int64; 32-bit unless ``WIDE`` (the launcher makes pixel
+    indices 64-bit when the count can reach 2^31)."""
+    count = tl.cast(N, tl.int64) * D * H * W
+    if not WIDE:
+        count = count.to(tl.int32)
+    return count
 
 
 @triton.jit
@@ -179,14 +192,17 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """acc[o, m] = sum over (channel block, tap) of W'[o, c, tap] @ x[c, m]; grid (tiles, groups)."""
-    group = tl.program_id(1)
-    M = N * OD * OH * OW
-    offs_m, offs_o = _tile_offsets(M, O_g, BLOCK_M, BLOCK_N, GROUP_M, PIXELS64)
+    group = tl.program_id(1).to(tl.int64)
+    M = _pixel_count(N, OD, OH, OW, PIXELS64)
+    offs_m, offs_o = _tile_offsets(tl.program_id(0), M, O_g, BLOCK_M, BLOCK_N, GROUP_M, PIXELS64)
     m_mask = offs_m < M
     o_mask = offs_o < O_g
     n, od, oh, ow = _split_pixels(offs_m, OD, OH, OW)
     rows = group * O_g + offs_o
-    x_images = n.to(tl.int64) * sxn + (group * C_g).to(tl.int64) * sxc
+    x_images = n.to(tl.int64) * sxn + group * C_g * sxc
+    base_d = od.to(tl.int64) * SD - PD  # the input position of tap 0
+    base_h = oh.to(tl.int64) * SH - PH
+    base_w = ow.to(tl.int64) * SW - PW
     if ADAPTED:
         left = _left_tile(l_ptr, rows, o_mask, R1, RANK, ACC)
     offs_k = tl.arange(0, BLOCK_K)
@@ -195,19 +211,19 @@ def _forward_kernel(
         channels = (it // KVOL) * BLOCK_K + offs_k
         tap = it % KVOL
         kd, kh, kw = _kernel_tap(tap, KH, KW)
-        i_d = od * SD - PD + kd * DD
-        i_h = oh * SH - PH + kh * DH
-        i_w = ow * SW - PW + kw * DW
+        i_d = base_d + kd * DD
+        i_h = base_h + kh * DH
+        i_w = base_w + kw * DW
         inside = m_mask & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
         c_mask = channels < C_g
         x_tile = tl.load(x_ptr + (x_images + _pixel_offsets(n, i_d, i_h, i_w, 0, sxd, sxh, sxw))[None, :]
                          + channels.to(tl.int64)[:, None] * sxc,
                          mask=c_mask[:, None] & inside[None, :], other=0.0)
         w_mask = o_mask[:, None] & c_mask[None, :]
-        w_tile = tl.load(w_ptr + rows[:, None] * swo + channels[None, :] * swc + (kd * swd + kh * swh + kw * sww),
-                         mask=w_mask, other=0.0)
+        w_tile = tl.load(w_ptr + rows[:, None] * swo + channels.to(tl.int64)[None, :] * swc
+                         + (kd * swd + kh * swh + kw * sww), mask=w_mask, other=0.0)
         if ADAPTED:
-            right = _right_cols(r_ptr, channels * KVOL + tap, RCOLS, R1, RANK, ACC, BLOCK_K)
+            right = _right_cols(r_ptr, channels.to(tl.int64) * KVOL + tap, RCOLS, R1, RANK, ACC, BLOCK_K)
             w_tile = _combine(w_tile.to(ACC), _update(left, right, RANK, ACC, UPDATE_PRECISION), COMBINE, DELTA_ONLY)
         acc = tl.dot(w_tile.to(x_tile.dtype), x_tile, acc, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
@@ -217,10 +233,10 @@ def _forward_kernel(
         r_mask = ranks < RZ
         up = tl.load(up_ptr + rows[:, None] * RZ + ranks[None, :], mask=o_mask[:, None] & r_mask[None, :], other=0.0)
         z = tl.load(z_ptr + _pixel_offsets(n, od, oh, ow, szn, szd, szh, szw)[None, :]
-                    + (group * RZ + ranks).to(tl.int64)[:, None] * szc,
+                    + (group * RZ + ranks)[:, None] * szc,
                     mask=r_mask[:, None] & m_mask[None, :], other=0.0)
         acc = tl.dot(up, z, acc, input_precision=PRECISION, out_dtype=ACC)
-    y_offsets = _pixel_offsets(n, od, oh, ow, syn, syd, syh, syw)[None, :] + rows.to(tl.int64)[:, None] * syc
+    y_offsets = _pixel_offsets(n, od, oh, ow, syn, syd, syh, syw)[None, :] + rows[:, None] * syc
     y_mask = o_mask[:, None] & m_mask[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + y_offsets, mask=y_mask, other=0.0).to(ACC)
@@ -240,24 +256,24 @@ def _input_grad_kernel(
 ):
     """acc[c, q] = sum over (tap reaching q's residue class, output channel block) of W'^T[c, o, tap] @ dy[o, q];
     grid (tiles, groups x stride residue classes). taps: per class, the tap count then the taps."""
-    classes = SD * SH * SW
+    classes = tl.cast(SD, tl.int64) * SH * SW
     group = tl.program_id(1) // classes
     cls = tl.program_id(1) % classes
-    rd = cls // (SW * SH)
+    rd = cls // (SW * tl.cast(SH, tl.int64))
     rh = (cls // SW) % SH
     rw = cls % SW
     DC = tl.cdiv(D, SD)
     HC = tl.cdiv(H, SH)
     WC = tl.cdiv(W, SW)
-    M = N * DC * HC * WC
-    offs_m, offs_c = _tile_offsets(M, C_g, BLOCK_M, BLOCK_N, GROUP_M, PIXELS64)
+    M = _pixel_count(N, DC, HC, WC, PIXELS64)
+    offs_m, offs_c = _tile_offsets(tl.program_id(0), M, C_g, BLOCK_M, BLOCK_N, GROUP_M, PIXELS64)
     c_mask = offs_c < C_g
     n, jd, jh, jw = _split_pixels(offs_m, DC, HC, WC)
-    i_d = rd + SD * jd
-    i_h = rh + SH * jh
-    i_w = rw + SW * jw
+    i_d = rd + jd.to(tl.int64) * SD
+    i_h = rh + jh.to(tl.int64) * SH
+    i_w = rw + jw.to(tl.int64) * SW
     m_mask = (offs_m < M) & (i_d < D) & (i_h < H) & (i_w < W)
-    g_images = n.to(tl.int64) * sgn + (group * O_g).to(tl.int64) * sgc
+    g_images = n.to(tl.int64) * sgn + group * O_g * sgc
     taps = taps_ptr + cls * (KVOL + 1)
     o_blocks = tl.cdiv(O_g, BLOCK_K)
     offs_k = tl.arange(0, BLOCK_K)
@@ -274,16 +290,16 @@ def _input_grad_kernel(
         g_tile = tl.load(g_ptr + (g_images + _pixel_offsets(n, o_d, o_h, o_w, 0, sgd, sgh, sgw))[None, :]
                          + outs.to(tl.int64)[:, None] * sgc, mask=o_mask[:, None] & reached[None, :], other=0.0)
         rows = group * O_g + outs
-        w_tile = tl.load(w_ptr + offs_c[:, None] * swc + rows[None, :] * swo + (kd * swd + kh * swh + kw * sww),
-                         mask=c_mask[:, None] & o_mask[None, :], other=0.0)
+        w_tile = tl.load(w_ptr + offs_c.to(tl.int64)[:, None] * swc + rows[None, :] * swo
+                         + (kd * swd + kh * swh + kw * sww), mask=c_mask[:, None] & o_mask[None, :], other=0.0)
         if ADAPTED:
             left = _left_tile(l_ptr, rows, o_mask, R1, RANK, ACC)
-            right = _right_cols(r_ptr, offs_c * KVOL + tap, RCOLS, R1, RANK, ACC, BLOCK_N)
+            right = _right_cols(r_ptr, offs_c.to(tl.int64) * KVOL + tap, RCOLS, R1, RANK, ACC, BLOCK_N)
             w_tile = _combine(w_tile.to(ACC), _update(left, right, RANK, ACC, UPDATE_PRECISION, True), COMBINE,
                               DELTA_ONLY)
         acc = tl.dot(w_tile.to(g_tile.dtype), g_tile, acc, input_precision=PRECISION, out_dtype=ACC)
     dx_offsets = (_pixel_offsets(n, i_d, i_h, i_w, sxn, sxd, sxh, sxw)[None, :]
-                  + (group * C_g + offs_c).to(tl.int64)[:, None] * sxc)
+                  + (group * C_g + offs_c)[:, None] * sxc)
     tl.store(dx_ptr + dx_offsets, acc.to(dx_ptr.dtype.element_ty), mask=c_mask[:, None] & m_mask[None, :])
 
 
@@ -301,8 +317,8 @@ def _weight_grad_kernel(
     """acc[o, c] = sum over the split's pixels of dy[o, r] @ x[r, c] at one tap; grid (tiles, taps,
     groups x splits). PROJECT: the epilogue writes the tile's partial adapter gradients; else the
     tile itself into its split's slice of dw (O, C_g * KVOL)."""
-    tap = tl.program_id(1)
-    group = tl.program_id(2) // SPLITS
+    tap = tl.program_id(1).to(tl.int64)
+    group = (tl.program_id(2) // SPLITS).to(tl.int64)
     split = tl.program_id(2) % SPLITS
     o_tiles = tl.cdiv(O_g, BLOCK_M)
     c_tiles = tl.cdiv(C_g, BLOCK_N)
@@ -312,22 +328,21 @@ def _weight_grad_kernel(
     o_mask = offs_o < O_g
     c_mask = offs_c < C_g
     kd, kh, kw = _kernel_tap(tap, KH, KW)
-    total = N * OD * OH * OW
-    g_rows = (group * O_g + offs_o).to(tl.int64) * sgc
-    x_cols = (group * C_g + offs_c).to(tl.int64) * sxc
-    if PIXELS64:
-        start = split.to(tl.int64) * PER_SPLIT
-    else:
-        start = split * PER_SPLIT
+    total = _pixel_count(N, OD, OH, OW, PIXELS64)
+    g_rows = (group * O_g + offs_o) * sgc
+    x_cols = (group * C_g + offs_c) * sxc
+    start = split.to(tl.int64) * PER_SPLIT
+    if not PIXELS64:
+        start = start.to(tl.int32)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for r0 in range(0, PER_SPLIT, BLOCK_K):
         offs_r = start + r0 + offs_k
         r_mask = offs_r < total
         n, od, oh, ow = _split_pixels(offs_r, OD, OH, OW)
-        i_d = od * SD - PD + kd * DD
-        i_h = oh * SH - PH + kh * DH
-        i_w = ow * SW - PW + kw * DW
+        i_d = od.to(tl.int64) * SD - PD + kd * DD
+        i_h = oh.to(tl.int64) * SH - PH + kh * DH
+        i_w = ow.to(tl.int64) * SW - PW + kw * DW
         inside = r_mask & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
         g_tile = tl.load(g_ptr + g_rows[:, None] + _pixel_offsets(n, od, oh, ow, sgn, sgd, sgh, sgw)[None, :],
                          mask=o_mask[:, None] & r_mask[None, :], other=0.0)
@@ -335,19 +350,20 @@ def _weight_grad_kernel(
                          mask=inside[:, None] & c_mask[None, :], other=0.0)
         acc = tl.dot(g_tile, x_tile, acc, input_precision=PRECISION, out_dtype=ACC)
     rows = group * O_g + offs_o
-    cols = offs_c * KVOL + tap
+    cols = offs_c.to(tl.int64) * KVOL + tap
     if PROJECT:
         left = _left_tile(l_ptr, rows, o_mask, R1, RANK, ACC)
         right = _right_cols(r_ptr, cols, RCOLS, R1, RANK, ACC, BLOCK_N)
         h = acc
         if COMBINE != 0:
-            w = tl.load(w_ptr + rows[:, None] * swo + offs_c[None, :] * swc + (kd * swd + kh * swh + kw * sww),
+            w = tl.load(w_ptr + rows[:, None] * swo + offs_c.to(tl.int64)[None, :] * swc
+                        + (kd * swd + kh * swh + kw * sww),
                         mask=o_mask[:, None] & c_mask[None, :], other=0.0).to(ACC)
             if COMBINE == 1:
                 w = w * tl.exp(_update(left, right, RANK, ACC, UPDATE_PRECISION))
             h = h * w
-        slot_c = ((tap * c_tiles + pid_c) * SPLITS + split).to(tl.int64)
-        slot_o = (((group * o_tiles) + pid_o) * SPLITS + split).to(tl.int64)
+        slot_c = (tap * c_tiles + pid_c) * SPLITS + split
+        slot_o = (group * o_tiles + pid_o) * SPLITS + split
         if RANK == 1:
             tl.store(gl_ptr + slot_c * O + rows, tl.sum(h * right[None, :], axis=1), mask=o_mask)
             tl.store(gr_ptr + slot_o * RCOLS + cols, tl.sum(h * left[:, None], axis=0), mask=c_mask)
@@ -358,10 +374,10 @@ def _weight_grad_kernel(
             tl.store(gl_ptr + slot_c * O * R1 + rows[:, None] * R1 + ranks[None, :], grad_left,
                      mask=o_mask[:, None] & r_mask[None, :])
             grad_right = tl.dot(tl.trans(left), h, input_precision=PROJECT_PRECISION, out_dtype=ACC)
-            tl.store(gr_ptr + slot_o * R1 * RCOLS + ranks[:, None] * RCOLS + cols[None, :], grad_right,
+            tl.store(gr_ptr + slot_o * R1 * RCOLS + ranks.to(tl.int64)[:, None] * RCOLS + cols[None, :], grad_right,
                      mask=r_mask[:, None] & c_mask[None, :])
     else:
-        dw_offsets = (split.to(tl.int64) * O + rows.to(tl.int64))[:, None] * RCOLS + cols[None, :]
+        dw_offsets = (split.to(tl.int64) * O + rows)[:, None] * RCOLS + cols[None, :]
         tl.store(dw_ptr + dw_offsets, acc, mask=o_mask[:, None] & c_mask[None, :])
 
 
@@ -402,12 +418,10 @@ def _new_buffer(shape, dtype, device) -> torch.Tensor:
 
 
 def _launch(kernel, grid, *args, **kwargs):
-    """``kernel[grid](*args, **kwargs)``: every launch of this module goes through here."""
-    kernel[grid](*args, **kwargs)
-
-
-def _target() -> str:
-    return "interpreter" if triton_interpreted() else "cuda"
+    """``kernel[grid](*args, **kwargs)`` through :func:`.launch.launch` (recorded inside
+    :func:`.launch.recording`): every launch of this module goes through here. No pointer is
+    declared small: every address product is 64-bit."""
+    launch(kernel, grid, *args, **kwargs)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -416,8 +430,9 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 def dot_precision(dtype: torch.dtype, device: torch.device, linear: bool) -> str:
     """The main dots' input precision: TF32 for float32 operands where torch allows it for the
-    same op on CUDA (cuDNN's flag for convolutions, cuBLAS's for matmuls), else exact."""
-    if dtype != torch.float32 or device.type != "cuda":
+    same op on CUDA (cuDNN's flag for convolutions, cuBLAS's for matmuls; on meta tensors too, which
+    the ahead-of-time cases plan as on CUDA), else exact."""
+    if dtype != torch.float32 or device.type not in ("cuda", "meta"):
         return "ieee"
     allowed = torch.backends.cuda.matmul.allow_tf32 if linear else torch.backends.cudnn.allow_tf32
     return "tf32" if allowed else "ieee"
@@ -444,13 +459,24 @@ def _adapter_constexprs(adapted: Optional[AdaptedWeight]) -> dict:
                 RANK=adapted.padded_rank())
 
 
-def _tiles(kind: str, problem: ConvProblem, dtype: torch.dtype, padded_rank: int, key, launch) -> Tiles:
-    """The forced tiles, the one candidate, or the autotuner's choice for this key."""
+def _tiles(kind: str, problem: ConvProblem, device: torch.device, dtype: torch.dtype, padded_rank: int, key,
+           launch_with) -> Tiles:
+    """The tiles to launch with: the forced ones (``conv_plan.forced``); else the candidates of the
+    plan :func:`.launch.planned_multiprocessors` asks for, of which the autotuner's choice on a GPU,
+    every one on meta tensors (``launch.recording``: the ahead-of-time cases, all the autotuner may
+    pick; the first is returned), the first where nothing can be timed (a GPU plan forced under the
+    interpreter)."""
     forced = conv_plan.forced_tiles(kind)
     if forced is not None:
         return forced
-    options = conv_plan.candidates(kind, problem, dtype.itemsize, _target(), padded_rank)
-    return AUTOTUNER.pick(key, options, launch)
+    options = conv_plan.candidates(kind, problem, dtype.itemsize, planned_multiprocessors(device), padded_rank)
+    if device.type == "meta":
+        for tiles in options[1:]:
+            launch_with(tiles)
+        return options[0]
+    if device.type != "cuda" or triton_interpreted():
+        return options[0]
+    return AUTOTUNER.pick(key, options, launch_with)
 
 
 def _wide(pixels: int) -> bool:
@@ -488,7 +514,7 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                       PRECISION=dot_precision(x.dtype, x.device, spatial == 0),
                       UPDATE_PRECISION=_UPDATE_PRECISION.get(x.dtype, "ieee"))
 
-    def launch(t: Tiles):
+    def launch_with(t: Tiles):
         grid = (triton.cdiv(problem.out_pixels, t.block_m) * triton.cdiv(problem.out_channels, t.block_n),
                 problem.groups)
         _launch(
@@ -499,7 +525,7 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
             BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.warps, num_stages=t.stages)
 
     key = ("forward", problem, x.dtype, weight.dtype, x5.stride(), w5.stride(), tuple(sorted(constexprs.items())))
-    launch(_tiles("forward", problem, x.dtype, max(constexprs["RANK"], up_rank), key, launch))
+    launch_with(_tiles("forward", problem, x.device, x.dtype, max(constexprs["RANK"], up_rank), key, launch_with))
     return y
 
 
@@ -531,7 +557,7 @@ def conv_input_grad(grad_y: torch.Tensor, x_shape, weight: torch.Tensor, stride,
                       UPDATE_PRECISION=_UPDATE_PRECISION.get(grad_y.dtype, "ieee"))
     classes = taps.shape[0]
 
-    def launch(t: Tiles):
+    def launch_with(t: Tiles):
         grid = (triton.cdiv(class_pixels, t.block_m) * triton.cdiv(problem.in_channels, t.block_n),
                 problem.groups * classes)
         _launch(
@@ -541,7 +567,7 @@ def conv_input_grad(grad_y: torch.Tensor, x_shape, weight: torch.Tensor, stride,
 
     key = ("input_grad", problem, grad_y.dtype, weight.dtype, g5.stride(), w5.stride(),
            tuple(sorted(constexprs.items())))
-    launch(_tiles("input_grad", problem, grad_y.dtype, constexprs["RANK"], key, launch))
+    launch_with(_tiles("input_grad", problem, grad_y.device, grad_y.dtype, constexprs["RANK"], key, launch_with))
     return dx
 
 
@@ -560,9 +586,9 @@ def _weight_grad(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor, st
                       PRECISION=dot_precision(x.dtype, x.device, spatial == 0),
                       UPDATE_PRECISION=_UPDATE_PRECISION.get(x.dtype, "ieee"),
                       PROJECT_PRECISION=_PROJECT_PRECISION.get(x.dtype, "ieee"))
-    programs = conv_plan.target_programs(x.device, "cuda" if conv_plan.forced_tiles("weight_grad") else _target())
+    programs = conv_plan.target_programs(planned_multiprocessors(x.device))
 
-    def launch(t: Tiles):
+    def launch_with(t: Tiles):
         splits, per_split = conv_plan.weight_grad_splits(problem, t, programs)
         o_tiles = triton.cdiv(problem.out_channels, t.block_m)
         c_tiles = triton.cdiv(problem.in_channels, t.block_n)
@@ -581,7 +607,7 @@ def _weight_grad(x: torch.Tensor, grad_y: torch.Tensor, weight: torch.Tensor, st
         return (grad_left, grad_right) if adapted is not None else dw
 
     key = ("weight_grad", problem, x.dtype, weight.dtype, x5.stride(), g5.stride(), tuple(sorted(constexprs.items())))
-    out = launch(_tiles("weight_grad", problem, x.dtype, constexprs["RANK"], key, launch))
+    out = launch_with(_tiles("weight_grad", problem, x.device, x.dtype, constexprs["RANK"], key, launch_with))
     if adapted is not None:
         return out[0].sum(0), out[1].sum(0)
     return out.sum(0).reshape(weight.shape).to(grad_y.dtype)
@@ -626,67 +652,78 @@ def bias_grad(grad_y: torch.Tensor) -> torch.Tensor:
 # ahead-of-time compile cases
 # ---------------------------------------------------------------------------------------------
 
-_POINTER = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
-# (name, combine, delta_only, padded rank) of the adapter forms the launchers make: plain ops (the
-# Tucker chain, dropout's frozen branch), every combine rule at rank 1 (SSL/SSB, rank-1 LoRA) and at
-# the padded ranks 16 and 32, exp's W' - W (dropout)
-_AOT_FORMS = [("plain", None, False, 1), ("add_r16", "add", False, 16), ("exp_r16", "exp", False, 16),
-              ("first_order_r16", "first_order", False, 16), ("mul_r1", "mul", False, 1),
-              ("exp_r1", "exp", False, 1), ("add_r32", "add", False, 32), ("exp_r32", "exp", False, 32),
-              ("exp_delta_r16", "exp", True, 16), ("first_order_delta_r1", "first_order", True, 1)]
-_AOT_DTYPES = [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
-               (torch.float64, torch.float64), (torch.bfloat16, torch.float32)]  # (operands, weight): autocast last
+# What aot_cases() launches (on meta tensors, the launches recorded: kernels/aot.py). The registers
+# and shared memory depend on the tiles, the operand width and the adapter's rank class, so every
+# GPU candidate runs for each operand width (bfloat16, float32, float64) with no adapter, with the
+# chain's up-projection and with LieRA's exp at both rank classes (16, 32: the heaviest rule, E
+# recomputed in the weight gradient); every other rule, float16, autocast's float32 weights under
+# bfloat16 operands, float32's TF32 dots (torch's default for convolutions on a GPU) and the linear
+# layer's specialisation (unit kernel and strides) at each kind's first candidate. Forms:
+# (combine, delta_only, rank, up-projection rank); rank 1 is an outer product (SSL/SSB, rank one).
+_AOT_EVERY_TILE = {"plain": (None, False, 0, 0), "up16": (None, False, 0, 16), "exp_r16": ("exp", False, 8, 0),
+                   "exp_r32": ("exp", False, 24, 0)}
+_AOT_FIRST_TILE = {"add_r16": ("add", False, 8, 0), "first_order_r16": ("first_order", False, 8, 0),
+                   "mul_r1": ("mul", False, 1, 0), "exp_r1": ("exp", False, 1, 0),
+                   "exp_delta_r16": ("exp", True, 8, 0), "first_order_delta_r1": ("first_order", True, 1, 0)}
+# (x, weight, stride, padding, dilation, groups): 64 channels keep every GPU candidate
+_AOT_PROBLEMS = {"conv": ((2, 64, 16, 16), (64, 64, 3, 3), [1, 1], [1, 1], [1, 1], 1),
+                 "linear": ((256, 64), (64, 64), [], [], [], 1)}
 
 
-def _aot_case(kernel, name: str, pointers: dict, constexprs: dict, tiles: Tiles) -> AotCase:
-    signature = {}
-    for arg in kernel.arg_names:
-        if arg in constexprs or arg in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
-            signature[arg] = "constexpr"
-        else:
-            signature[arg] = pointers.get(arg, "i32")
-    values = dict(constexprs, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-                  GROUP_M=tiles.group_m)
-    return AotCase(f"{kernel.__name__}-{name}-{tiles.label()}", kernel, signature, values, tiles.warps,
-                   tiles.stages)
+def _aot_launches(dtype: torch.dtype, weight_dtype: torch.dtype, problem: str, form: tuple) -> None:
+    """Every op of one problem and adapter form as a layer makes them: the forward (with a bias; a
+    delta alone adds a residual, as dropout's second launch), the input gradient, and the weight
+    gradient (projected onto the adapter, or written whole without one)."""
+    combine, delta_only, rank, up_rank = form
+    x_shape, w_shape, *geometry = _AOT_PROBLEMS[problem]
+    meta = functools.partial(torch.empty, device="meta")
+    x, weight = meta(x_shape, dtype=dtype), meta(w_shape, dtype=weight_dtype)
+    y = conv_forward(x, weight, None, *geometry)  # the output's shape
+    adapted = None
+    if combine is not None:
+        acc = _acc(dtype)
+        adapted = AdaptedWeight(meta(w_shape[0], rank, dtype=acc), meta(rank, math.prod(w_shape[1:]), dtype=acc),
+                                combine, delta_only)
+    up = None
+    if up_rank:
+        up = (meta(w_shape[0], up_rank, dtype=dtype), meta((y.shape[0], up_rank, *y.shape[2:]), dtype=dtype))
+    residual = y if delta_only else None
+    bias = None if delta_only else meta(w_shape[0], dtype=dtype)
+    conv_forward(x, weight, bias, *geometry, adapted=adapted, up=up, residual=residual)
+    if up_rank:
+        return
+    conv_input_grad(y, x.shape, weight, *geometry, adapted=adapted)
+    if adapted is None:
+        conv_weight_grad(x, y, weight, *geometry)
+    elif not delta_only:  # W' - W's weight gradient is W''s
+        conv_weight_grad_projection(x, y, weight, *geometry, adapted)
+
+
+def _first_tiles(width: int, rank: int) -> dict:
+    return {kind: conv_plan.gpu_tiles(kind, width, max(16, rank))[0] for kind in conv_plan.KINDS}
 
 
 def aot_cases() -> list:
-    """Every specialisation the launchers make on a GPU: each kind's GPU tiles (every autotune
-    candidate) x operand and weight dtypes x adapter form; the forward also with the chain's
-    up-projection and with a residual (dropout)."""
-    cases = []
-    for dtype, weight_dtype in _AOT_DTYPES:
-        op, weight = _POINTER[dtype], _POINTER[weight_dtype]
-        acc = _POINTER[_acc(dtype)]
-        tag = str(dtype).replace("torch.", "") + ("" if dtype == weight_dtype else "_w" + str(weight_dtype)[6:])
-        precision = dict(PRECISION="ieee", UPDATE_PRECISION=_UPDATE_PRECISION.get(dtype, "ieee"),
-                         ACC=_TL_ACC[_acc(dtype)], PIXELS64=False)
-        forms = _AOT_FORMS if dtype == weight_dtype else [f for f in _AOT_FORMS if f[0] in ("plain", "exp_r16")]
-        for form, combine, delta_only, rank in forms:
-            adapter = dict(ADAPTED=combine is not None, COMBINE=_COMBINE_CODE.get(combine, 0), DELTA_ONLY=delta_only,
-                           RANK=rank)
-            variants = [("", dict(UP_RANK=0, HAS_RESIDUAL=False))]
-            if combine is None:
-                variants.append(("_up16", dict(UP_RANK=16, HAS_RESIDUAL=False)))
-            if delta_only:
-                variants = [("_residual", dict(UP_RANK=0, HAS_RESIDUAL=True))]
-            for suffix, extra in variants:
-                for tiles in conv_plan.gpu_tiles("forward", dtype.itemsize, max(rank, extra["UP_RANK"])):
-                    pointers = dict(x_ptr=op, w_ptr=weight, l_ptr=acc, r_ptr=acc, bias_ptr=op, up_ptr=op, z_ptr=op,
-                                    res_ptr=op, y_ptr=op)
-                    cases.append(_aot_case(_forward_kernel, f"{tag}-{form}{suffix}", pointers,
-                                           dict(**adapter, HAS_BIAS=True, **extra, **precision), tiles))
-            for tiles in conv_plan.gpu_tiles("input_grad", dtype.itemsize, rank):
-                pointers = dict(g_ptr=op, w_ptr=weight, l_ptr=acc, r_ptr=acc, taps_ptr="*i32", dx_ptr=op)
-                cases.append(_aot_case(_input_grad_kernel, f"{tag}-{form}", pointers, dict(**adapter, **precision),
-                                       tiles))
-            if delta_only:
-                continue  # the weight gradient of W' - W is W''s
-            for tiles in conv_plan.gpu_tiles("weight_grad", dtype.itemsize, rank):
-                pointers = dict(x_ptr=op, g_ptr=op, w_ptr=weight, l_ptr=acc, r_ptr=acc, gl_ptr=acc, gr_ptr=acc,
-                                dw_ptr=acc)
-                constexprs = dict(PROJECT=combine is not None, COMBINE=adapter["COMBINE"], RANK=rank,
-                                  PROJECT_PRECISION=_PROJECT_PRECISION.get(dtype, "ieee"), **precision)
-                cases.append(_aot_case(_weight_grad_kernel, f"{tag}-{form}", pointers, constexprs, tiles))
-    return cases
+    """The specialisations these launchers produce on a GPU, as the set above describes."""
+    from .aot import unique
+    from .launch import recording
+
+    with recording() as recorded:
+        for dtype in (torch.bfloat16, torch.float32, torch.float64):
+            for form in _AOT_EVERY_TILE.values():
+                _aot_launches(dtype, dtype, "conv", form)
+            for form in _AOT_FIRST_TILE.values():
+                with conv_plan.forced(**_first_tiles(dtype.itemsize, form[2])):
+                    _aot_launches(dtype, dtype, "conv", form)
+        first = [(torch.float16, torch.float16, "conv"), (torch.bfloat16, torch.float32, "conv"),
+                 (torch.bfloat16, torch.bfloat16, "linear"), (torch.float32, torch.float32, "linear")]
+        for dtype, weight_dtype, problem in first:
+            for form in (_AOT_EVERY_TILE["plain"], _AOT_EVERY_TILE["exp_r16"], _AOT_FIRST_TILE["add_r16"]):
+                with conv_plan.forced(**_first_tiles(dtype.itemsize, form[2])):
+                    _aot_launches(dtype, weight_dtype, problem, form)
+        # float32 convolutions with exact products (cuDNN's TF32 turned off; on by default)
+        with torch.backends.cudnn.flags(allow_tf32=False):
+            for form in (_AOT_EVERY_TILE["plain"], _AOT_EVERY_TILE["exp_r16"]):
+                with conv_plan.forced(**_first_tiles(4, form[2])):
+                    _aot_launches(torch.float32, torch.float32, "conv", form)
+    return unique(recorded)
