@@ -156,7 +156,7 @@ _GPU_TILES = {
     ("input_grad", 4, _WIDE): [_T(128, 64, 16, 8, 2)],
     ("weight_grad", 2, _NARROW): [_T(32, 64, 32, 4, 2)],
     ("weight_grad", 2, _WIDE): [_T(32, 64, 16, 4, 2), _T(32, 32, 32, 4, 2)],
-    ("weight_grad", 4, _NARROW): [_T(32, 64, 16, 4, 2)],
+    ("weight_grad", 4, _NARROW): [_T(32, 32, 16, 4, 2)],
     ("weight_grad", 4, _WIDE): [_T(32, 64, 16, 4, 2), _T(32, 32, 16, 4, 2)],
 }
 for _kind in ("forward", "input_grad", "weight_grad"):
