@@ -178,6 +178,19 @@ def headline(stage: str, work: Path, output: str = "") -> dict:
     return {}
 
 
+def stage_environment(dry_run: bool) -> tuple:
+    """``(env, pytest workers)`` of the commands: the checkout first on PYTHONPATH, Triton under the
+    interpreter in a dry run and compiled otherwise, 8 build jobs, 8 workers where pytest-xdist is
+    installed (1 in a dry run)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               PYTHONUNBUFFERED="1", MAX_JOBS=os.environ.get("MAX_JOBS", "8"))
+    if dry_run:
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    return env, 1 if dry_run or importlib.util.find_spec("xdist") is None else 8
+
+
 def missing_packages(names) -> list:
     return [n for n in names if importlib.util.find_spec(n) is None]
 
@@ -255,13 +268,7 @@ def main(argv=None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               PYTHONUNBUFFERED="1", MAX_JOBS=os.environ.get("MAX_JOBS", "8"))
-    if args.dry_run:
-        env["TRITON_INTERPRET"] = "1"
-    else:
-        env.pop("TRITON_INTERPRET", None)
-    workers = 1 if args.dry_run or importlib.util.find_spec("xdist") is None else 8
+    env, workers = stage_environment(args.dry_run)
     environment = dict(torch=torch.__version__, cuda=torch.version.cuda, python=sys.version.split()[0],
                        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                        missing=missing_packages(("triton", "pytest", "hypothesis", "ninja", "xdist", "peft",

@@ -12,4 +12,4 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:$site" || echo "gpu_check: installing the wheels of .whl/ failed; going on without"
 fi
-exec python3 -m bench.gpu_check "$@"
+exec python3 -m "${GPU_SCRIPT_MODULE:-bench.gpu_check}" "$@"  # bench/gpu_rerun.sh sets bench.gpu_rerun

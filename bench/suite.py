@@ -10,6 +10,7 @@ Nothing here touches CUDA at import time.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 from dataclasses import dataclass, replace
@@ -212,6 +213,9 @@ class Prepared:
     oracle_name: str = ""
     failure: tuple = ("error", "")
     strategy_of: Optional[Callable[[Tensor], str]] = None  # the strategy an adapter layer runs on an input
+    # ``(x, grad_out) -> (y, grad_x, trainable grads)`` of the same function in float64 (bench/verify.py
+    # arbitrates with it where provider and oracle disagree)
+    float64: Optional[Callable[[Tensor, Tensor], tuple]] = None
 
 
 @contextlib.contextmanager
@@ -359,6 +363,23 @@ def adapter_layer(shape: Shape, ctx: Context, method: str, strategy: str = "auto
     return layer
 
 
+def float64_route(layer: lk.AdapterLayer) -> Callable[[Tensor, Tensor], tuple]:
+    """``(x, grad_out) -> (y, grad_x, adapter grads)`` of a float64 copy of ``layer`` on backend
+    "reference": the same function of the same (rounded) tensors without rounding errors worth the name."""
+
+    def run(x: Tensor, grad_out: Tensor) -> tuple:
+        twin = copy.deepcopy(layer).double()
+        if twin.strategy == "fused":  # the triton backend's alone; merged is the same function
+            twin.strategy = "merged"
+        x64 = x.detach().double().requires_grad_(True)
+        with lk.use_backend("reference"):
+            y = twin(x64)
+        y.backward(grad_out.double())
+        return y.detach(), x64.grad, [p.grad for p in twin.adapter_parameters()]
+
+    return run
+
+
 def strategy_of(layer: lk.AdapterLayer, backend: str) -> Callable[[Tensor], str]:
     """``x -> the strategy layer runs on x`` (by lk.plan, one forward)."""
 
@@ -389,7 +410,7 @@ def setup_triton(shape: Shape, ctx: Context, method: str, strategy: str = "auto"
     require_triton(ctx.device)
     layer = adapter_layer(shape, ctx, method, strategy)
     return Prepared(on_backend(layer, "triton"), layer.adapter_parameters(), reference_oracle(layer),
-                    f"{method}_reference", strategy_of=strategy_of(layer, "triton"))
+                    f"{method}_reference", strategy_of=strategy_of(layer, "triton"), float64=float64_route(layer))
 
 
 def reference_oracle(layer: lk.AdapterLayer) -> Callable[[Tensor], Tensor]:
@@ -418,7 +439,7 @@ def setup_compiled(shape: Shape, ctx: Context, method: str, strategy: str = "aut
     compiled = torch.compile(layer, dynamic=False)
     return Prepared(on_backend(compiled, "reference"), layer.adapter_parameters(), on_backend(layer, "reference"),
                     f"{method}_reference", failure=("skipped", "torch.compile failed: "),
-                    strategy_of=strategy_of(layer, "reference"))
+                    strategy_of=strategy_of(layer, "reference"), float64=float64_route(layer))
 
 
 def setup_native(shape: Shape, ctx: Context, method: str, strategy: str = "auto") -> Prepared:
@@ -431,7 +452,7 @@ def setup_native(shape: Shape, ctx: Context, method: str, strategy: str = "auto"
         raise ProviderUnavailable("the native library was built without its CUDA kernels")
     layer = adapter_layer(shape, ctx, method, strategy)
     return Prepared(on_backend(layer, "native"), layer.adapter_parameters(), on_backend(layer, "reference"),
-                    f"{method}_reference", strategy_of=strategy_of(layer, "native"))
+                    f"{method}_reference", strategy_of=strategy_of(layer, "native"), float64=float64_route(layer))
 
 
 BASELINE_PROVIDERS = {"frozen": setup_frozen, "full_ft": setup_full_ft, "torch_lora": setup_torch_lora}

@@ -12,6 +12,14 @@ A provider's oracle computes the same function from the same tensors by another 
 Compared: the output, the input gradient and the gradient of every trainable tensor, as relative
 errors ``||got - want|| / ||want||`` in float64. On CUDA, TF32 is switched off while checking, so
 that float32 is compared as float32.
+
+Where the two disagree by more than the tolerance and the provider has a float64 route (the adapter
+layers: a float64 copy on backend "reference"), that route arbitrates with the tests' accuracy rule:
+a result is fine when its error against float64 is at most twice the oracle's plus the tolerance.
+Two low-precision routes can both be far from an ill-conditioned result: SSL's scale gradient on a
+depthwise convolution is one sum of every activation's product with its bfloat16-rounded gradient
+(19 million of them on convnext_t/dw7x7_96_56), a sum that cancels: there the Triton and the
+reference route differ by 16% while each is within 11% of float64 (bench/NOTES.md).
 """
 from __future__ import annotations
 
@@ -37,6 +45,8 @@ class Check:
     grad_params: Optional[float] = None
     tolerance: Optional[float] = None
     note: str = ""
+    # where float64 arbitrated: the worst quantity's errors against float64, the provider's and the oracle's
+    float64_errors: Optional[dict] = None
 
 
 def relative_error(got: Optional[torch.Tensor], want: Optional[torch.Tensor]) -> float:
@@ -80,8 +90,23 @@ def check_provider(shape_name: str, provider: str, prepared, x, grad_out, dtype)
                   relative_error(got[1], want[1]), max(param_errors) if param_errors else None,
                   TOLERANCE[dtype])
     worst = max(e for e in (check.output, check.grad_input, check.grad_params) if e is not None)
-    if not worst <= check.tolerance:
+    if worst <= check.tolerance:
+        return check
+    if prepared.float64 is None:
         check.status = "MISMATCH"
+        return check
+    exact = prepared.float64(x, grad_out)
+    pairs = [(got[0], want[0], exact[0]), (got[1], want[1], exact[1]), *zip(got[2], want[2], exact[2])]
+    arbitrated = [(relative_error(g, e), relative_error(w, e)) for g, w, e in pairs
+                  if not relative_error(g, w) <= check.tolerance]
+    provider_error, oracle_error = max(arbitrated, key=lambda pair: pair[0] - 2 * pair[1])
+    check.float64_errors = {"provider": provider_error, "oracle": oracle_error}
+    if all(e_got <= 2 * e_want + check.tolerance for e_got, e_want in arbitrated):
+        check.note = (f"against float64: {provider_error:.1e}, the oracle {oracle_error:.1e} (at most twice the "
+                      f"oracle's error plus the tolerance)")
+    else:
+        check.status = "MISMATCH"
+        check.note = f"against float64: {provider_error:.1e}, the oracle {oracle_error:.1e}"
     return check
 
 
@@ -95,4 +120,4 @@ def format_check(check: Check) -> str:
         return f"{head} {check.status}: {check.note}"
     return (f"{head} out {_fmt(check.output):>8}  grad_in {_fmt(check.grad_input):>8}  "
             f"grad_params {_fmt(check.grad_params):>8}  (tol {check.tolerance:.0e}, vs {check.oracle})  "
-            f"{check.status}")
+            f"{check.status}" + (f"; {check.note}" if check.note else ""))

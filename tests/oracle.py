@@ -78,7 +78,8 @@ def randomize_adapter(layer, seed: int, std: float = 0.3):
 
 
 def rel_err(got, ref, what: str = "result") -> float:
-    got, ref = got.detach().to(F64), ref.detach().to(F64)
+    """``||got - ref|| / ||ref||`` in float64, on ``got``'s device (a CUDA result against a CPU reference)."""
+    got, ref = got.detach().to(F64), ref.detach().to(device=got.device, dtype=F64)
     assert torch.isfinite(got).all(), f"non-finite values in the {what}"
     return ((got - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 

@@ -1,6 +1,7 @@
 """The cost model behind strategy "auto": the estimated time of each strategy for one layer call.
 
     time = flops / flop_rate(dtype) + bytes / bandwidth + ops * op_overhead
+           (+ ops * adapter_op_overhead for an adapter strategy's ops)
 
 counted from the call's shapes alone (nothing runs): the FLOPs of every convolution or matmul a
 strategy calls in the forward and in the backward autograd will run for this call (only the
@@ -42,10 +43,13 @@ class DeviceModel:
     per op launched from Python (dispatch, launch, small-op latency); ``grouped``: FLOP/s of a
     grouped convolution's forward and input gradient, ``grouped_weight_grad``: of its weight
     gradient (None: the dense rate); ``conv_overhead``: seconds a convolution call costs beyond
-    ``op_overhead``; ``exp_rate``: exponentials per second of the units kernels compute them on
-    (None: counted as FLOPs); ``calibrated``: the constants were fitted to a measurement run of
-    this package's strategies on the device, fused kernels included (auto considers "fused" only
-    then)."""
+    ``op_overhead``; ``matmul_flops``: FLOP/s of a linear layer's matmuls per dtype (None, or a dtype
+    not in it: ``flops``); ``adapter_op_overhead``: host seconds each op of an adapter strategy costs
+    beyond ``op_overhead`` (this package's Python around the op: autograd.Function, the launchers,
+    the strategy's bookkeeping; not charged to the frozen layer); ``exp_rate``: exponentials per
+    second of the units kernels compute them on (None: counted as FLOPs); ``calibrated``: the
+    constants were fitted to a measurement run of this package's strategies on the device, fused
+    kernels included (auto considers "fused" only then)."""
 
     flops: dict
     bandwidth: float
@@ -53,11 +57,16 @@ class DeviceModel:
     grouped: Optional[float] = None
     grouped_weight_grad: Optional[float] = None
     conv_overhead: float = 0.0
+    matmul_flops: Optional[dict] = None
+    adapter_op_overhead: float = 0.0
     exp_rate: Optional[float] = None
     calibrated: bool = False
 
     def flop_rate(self, dtype: torch.dtype) -> float:
         return self.flops.get(dtype, self.flops[torch.float32])
+
+    def matmul_rate(self, dtype: torch.dtype) -> float:
+        return (self.matmul_flops or {}).get(dtype, self.flop_rate(dtype))
 
 
 DEVICES = {
@@ -74,12 +83,21 @@ DEVICES = {
                               torch.float16: 2.5e9},
                        bandwidth=15e9, op_overhead=6e-6, grouped=7e9, grouped_weight_grad=2.5e9,
                        conv_overhead=40e-6),
-    # H100 SXM by its specification sheet, derated to what cuDNN/cuBLAS reach on mid-size layers;
-    # not yet calibrated by measurement on this package's ops. Exponentials: 16 per clock and
-    # multiprocessor on the special-function units, 132 multiprocessors at 1.75 GHz.
-    "cuda": DeviceModel(flops={torch.float32: 50e12, torch.float64: 50e12, torch.bfloat16: 450e12,
-                               torch.float16: 450e12},
-                        bandwidth=2.6e12, op_overhead=6e-6, exp_rate=3.7e12),
+    # NVIDIA H200 (sm_90, 132 multiprocessors), torch 2.11.0+cu130, cuDNN 9.19, triton 3.6.0,
+    # measured at commit 28b8496 (bench/results/h200_28b8496): the rates, bandwidth and per-call
+    # costs by bench/calibrate.py (calibrate.json; convolutions: the median over its five shapes,
+    # float32 convolutions in TF32 as cuDNN runs them by default, float32 matmuls in full float32
+    # as torch does by default; float64 not measured: the H100 sheet's figure kept). The adapter
+    # ops' host cost fitted by bench/cuda_fit.py to the layer rows (layers.json): the median of
+    # (measured step - the model's device time) / ops over this package's rows. Exponentials: 16 per
+    # clock and multiprocessor on the special-function units at 1.75 GHz (the data sheet's; not
+    # measured). Not calibrated for strategy "fused": that run had no fused kernels.
+    "cuda": DeviceModel(flops={torch.float32: 146e12, torch.float64: 50e12, torch.bfloat16: 374e12,
+                               torch.float16: 361e12},
+                        bandwidth=4.10e12, op_overhead=8.1e-6, grouped=2.02e12, grouped_weight_grad=1.24e12,
+                        conv_overhead=6.18e-6,
+                        matmul_flops={torch.float32: 50.6e12, torch.bfloat16: 785e12, torch.float16: 755e12},
+                        adapter_op_overhead=200e-6, exp_rate=3.7e12),
 }
 
 
@@ -139,6 +157,8 @@ class Cost:
     grouped_flops: float = 0.0  # part of ``flops``: grouped convolutions' forward and input gradients
     grouped_weight_grad_flops: float = 0.0  # part of ``flops``: grouped convolutions' weight gradients
     conv_calls: int = 0  # of ``ops``: convolutions (fixed costs beyond a small op's on some devices)
+    matmul_flops: float = 0.0  # part of ``flops``: a linear layer's matmuls
+    kind: str = ""  # "frozen" for the plain layer's ops (no adapter host cost)
     exps: float = 0.0  # exponentials computed inside the fused kernels' tiles
 
     def add(self, flops: float = 0.0, nbytes: float = 0.0, ops: int = 1) -> "Cost":
@@ -151,6 +171,7 @@ class Cost:
         self.add(other.flops, other.bytes, other.ops)
         self.grouped_flops += other.grouped_flops
         self.conv_calls += other.conv_calls
+        self.matmul_flops += other.matmul_flops
         self.grouped_weight_grad_flops += other.grouped_weight_grad_flops
         self.exps += other.exps
         return self
@@ -161,11 +182,13 @@ class Cost:
         def rate(grouped_rate: Optional[float]) -> float:
             return dense if grouped_rate is None else min(grouped_rate, dense)
 
-        dense_flops = self.flops - self.grouped_flops - self.grouped_weight_grad_flops
+        dense_flops = self.flops - self.grouped_flops - self.grouped_weight_grad_flops - self.matmul_flops
         compute = (dense_flops / dense + self.grouped_flops / rate(device.grouped)
-                   + self.grouped_weight_grad_flops / rate(device.grouped_weight_grad))
+                   + self.grouped_weight_grad_flops / rate(device.grouped_weight_grad)
+                   + self.matmul_flops / device.matmul_rate(dtype))
         exps = self.exps / device.exp_rate if device.exp_rate else 0.0
-        return (compute + exps + self.bytes / device.bandwidth + self.ops * device.op_overhead
+        host = device.op_overhead + (device.adapter_op_overhead if self.kind != "frozen" else 0.0)
+        return (compute + exps + self.bytes / device.bandwidth + self.ops * host
                 + self.conv_calls * device.conv_overhead)
 
 
@@ -193,6 +216,8 @@ class _Sizes:
         a convolution layer, an op with FLOPs is a convolution."""
         if flops and self.is_conv:
             cost.conv_calls += 1
+        elif flops:
+            cost.matmul_flops += flops
         return cost.add(flops, self.e * sum(elements))
 
     def grouped_op(self, cost: Cost, flops: float, *elements: float, weight_grad: bool = False) -> Cost:
@@ -232,7 +257,7 @@ class _Sizes:
 def frozen_cost(w: Workload) -> Cost:
     """The frozen layer: the op forward and, when the input needs it, its input gradient."""
     s = _Sizes(w)
-    cost = s.conv_pass(Cost())
+    cost = s.conv_pass(Cost(kind="frozen"))
     return s.conv_pass(cost) if w.need_input else cost
 
 
