@@ -82,14 +82,14 @@ def full_fine_tuning(base: nn.Module) -> nn.Module:
 def table(backend: str = "reference") -> str:
     lines = [f"One training step, backend {backend!r}, float32; FLOPs / bytes kept for backward, ratios to the "
              "frozen layer; strategy: auto.", "",
-             "| layer (input) | full fine-tuning | FLoRA | LoRA | LieRA | SSL | SSB | FLoRA merged |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| layer (input) | full fine-tuning | FLoRA | LoRA | LieRA | SSL | SSB | FLoRA merged | FLoRA hybrid |",
+             "|---|---|---|---|---|---|---|---|---|"]
     with lk.use_backend(backend):
         for name, make, shape in COST_SHAPES:
             base, x = frozen_layer(make), torch.randn(shape)
             flops, nbytes = step_flops(base, x), saved_bytes(base, x)
             modules = [full_fine_tuning(base)] + [adapted(base, m) for m in METHODS] + [
-                adapted(base, "flora", "merged")]
+                adapted(base, "flora", "merged"), adapted(base, "flora", "hybrid")]
             cells = [f"{step_flops(m, x) / flops:.2f} / {saved_bytes(m, x) / nbytes:.2f}" for m in modules]
             lines.append(f"| {name} ({'x'.join(map(str, shape))}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)

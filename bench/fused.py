@@ -99,7 +99,7 @@ def model_rows(dtype=torch.bfloat16) -> list:
             rows.append(dict(shape=shape.name, method=method, today=decision.strategy,
                              fused_form=cost.fused_form(w)[0], today_mb=today.bytes / 1e6, fused_mb=fused.bytes / 1e6,
                              today_gflop=today.flops / 1e9, fused_gflop=fused.flops / 1e9,
-                             fused_mexp=fused.exps / 1e6, **{f"{k}_us": v for k, v in seconds.items()},
+                             fused_mexp=fused.exp_elements / 1e6, **{f"{k}_us": v for k, v in seconds.items()},
                              gain=seconds["today"] / seconds["fused"]))
     return rows
 
@@ -126,10 +126,12 @@ def _forced_form(form: str):
     def enter():
         cost.fused_form = forced
         cost._decide_cached.cache_clear()
+        cost._decide_on_cached.cache_clear()
 
     def leave():
         cost.fused_form = real
         cost._decide_cached.cache_clear()
+        cost._decide_on_cached.cache_clear()
 
     return enter, leave
 

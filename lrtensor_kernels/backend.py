@@ -7,8 +7,9 @@
 - ``"native"``: the C++ (CPU) and CUDA C++ kernels of ``csrc/`` behind the same custom op,
   compiled on first use (:mod:`lrtensor_kernels.kernels.native_build`).
 - ``"auto"`` (default): ``"triton"`` for CUDA tensors when Triton can be imported; on the CPU
-  ``"native"`` when the native library builds (the first CPU call builds it), else
-  ``"reference"``, with one warning that says why.
+  ``"native"`` or ``"reference"`` per layer, whichever the cost model estimates faster for the
+  layer's call (:func:`candidates`; the native library is built on the first CPU call, and
+  without it ``"reference"``, with one warning that says why).
 """
 from __future__ import annotations
 
@@ -98,6 +99,15 @@ def _auto_cpu() -> str:
                       "'auto' uses the 'reference' backend on the CPU ('triton' stays available on CUDA)",
                       RuntimeWarning, stacklevel=3)
     return "reference"
+
+
+def candidates(device: torch.device) -> tuple:
+    """The concrete backends that may run a call on ``device``, the default first: under ``"auto"``
+    on the CPU ``("native", "reference")`` when the native library is available (the cost model
+    picks per call), else the one :func:`resolve` names."""
+    if _current() == "auto" and device.type == "cpu" and _auto_cpu() == "native":
+        return ("native", "reference")
+    return (resolve(device),)
 
 
 def resolve(device: torch.device) -> str:

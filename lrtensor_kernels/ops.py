@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import methods
+from .kernels import workspace
 
 _KERNEL_MODULES = {"triton": "lrtensor_kernels.kernels.triton_transform", "native": "lrtensor_kernels.kernels.native"}
 
@@ -250,8 +251,8 @@ def _adapted_op(
     x: (N, C_in, *spatial) for convolutions, (M, in) for linear. weight: (out, in/groups, *k) or
     (out, in). adapter: the tensors of ``methods.AdapterMath.from_key(math).delta``.
     """
-    with autocast_off(x):
-        w_eff = transform_to(kernels_for(impl), weight, adapter, math, scale, delta_only, x.dtype)
+    with autocast_off(x), workspace.borrowed(weight.shape, x.dtype, weight.device) as scratch:
+        w_eff = transform_to(kernels_for(impl), weight, adapter, math, scale, delta_only, x.dtype, scratch)
         return base_op(x, w_eff, bias, stride, padding, dilation, groups)
 
 
@@ -278,9 +279,11 @@ def autocast_off(x: Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
-def transform_to(kernels, weight, adapter, math, scale, delta_only, dtype):
-    """``W'`` stored in ``dtype`` (the input's: under autocast it differs from the weight's)."""
-    out = None if dtype == weight.dtype else torch.empty(weight.shape, dtype=dtype, device=weight.device)
+def transform_to(kernels, weight, adapter, math, scale, delta_only, dtype, out: Optional[Tensor] = None):
+    """``W'`` stored in ``dtype`` (the input's: under autocast it differs from the weight's), in
+    ``out`` when given (a scratch tensor of the weight's shape and that dtype)."""
+    if out is None and dtype != weight.dtype:
+        out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     return kernels.transform(weight, adapter, math, scale, delta_only, out=out)
 
 
@@ -309,15 +312,25 @@ def _adapted_op_backward(
 ) -> list[Tensor]:
     """Gradients of ``adapted_op``: ``[grad_x if need_input] + [grad_weight if need_weight] +
     [grad_bias if need_bias] + (one gradient per adapter tensor if need_adapter)``."""
-    with autocast_off(x):
+    with autocast_off(x), workspace.borrowed(weight.shape, x.dtype, weight.device) as scratch:
         kernels = kernels_for(impl)
-        w_eff = transform_to(kernels, weight, adapter, math, scale, delta_only, x.dtype) if need_input else None
-        grad_x, grad_w_eff, grad_b = op_backward(
-            grad_out, x, w_eff if w_eff is not None else weight.to(x.dtype), stride, padding, dilation, groups,
-            need_input, need_adapter or need_weight, need_bias)
+        geometry = (stride, padding, dilation, groups)
+        fused = getattr(kernels, "project_transform", None)
+        if fused is not None and need_input and need_adapter and weight.device.type == "cpu":
+            # dL/dW' first (it does not read W'), then W' and the projection in one pass, then the
+            # input gradient through W'
+            _, grad_w_eff, grad_b = op_backward(grad_out, x, weight.to(x.dtype), *geometry, False, True, need_bias)
+            out = scratch if scratch is not None or x.dtype == weight.dtype else torch.empty_like(weight, dtype=x.dtype)
+            w_eff, grad_adapter = fused(grad_w_eff, weight, adapter, math, scale, delta_only, out=out)
+            grad_x = op_backward(grad_out, x, w_eff, *geometry, True, False)[0]
+        else:
+            w_eff = transform_to(kernels, weight, adapter, math, scale, delta_only, x.dtype, scratch) \
+                if need_input else weight.to(x.dtype)
+            grad_x, grad_w_eff, grad_b = op_backward(grad_out, x, w_eff, *geometry, need_input,
+                                                     need_adapter or need_weight, need_bias)
+            grad_adapter = kernels.project(grad_w_eff, weight, adapter, math, scale) if need_adapter else []
         grad_w = _base_weight_grad(kernels, grad_w_eff, weight, adapter, math, scale, delta_only) if need_weight \
             else None
-        grad_adapter = kernels.project(grad_w_eff, weight, adapter, math, scale) if need_adapter else []
         return gradients_as_promised([(grad_x if need_input else None, x), (grad_w, weight), (grad_b, grad_b),
                                       *zip(grad_adapter, adapter)])
 

@@ -10,13 +10,14 @@ from torch import nn
 from .adapter_layer import AdapterLayer
 from .strategies import cost, observing
 
-_STRATEGY_COLUMNS = ("merged", "two_branch", "bypass", "fused")  # "fused": shown when a row has it (triton)
+_STRATEGY_COLUMNS = ("merged", "two_branch", "bypass", "hybrid", "fused")  # "fused": shown when a row has it (triton)
 
 
 @dataclass
 class PlanRow:
     """One adapter layer's call on the example: its shapes, the strategy asked for and the one run,
-    every applicable strategy's estimated time relative to the frozen layer's, and why."""
+    the backend it ran on, every applicable strategy's estimated time (on that backend) relative to
+    the frozen layer's, and why (with the estimate on each backend where the cost model chose it)."""
 
     name: str
     layer: str
@@ -36,15 +37,16 @@ class Plan(list):
 
     def __str__(self) -> str:
         columns = [s for s in _STRATEGY_COLUMNS if s != "fused" or any(s in r.relative_cost for r in self)]
-        head = ["layer", "type", "weight", "input", "dtype", "strategy"] + [f"{s} (x frozen)" for s in
-                                                                            columns] + ["why"]
+        head = ["layer", "type", "weight", "input", "dtype", "strategy", "backend"] + [
+            f"{s} (x frozen)" for s in columns] + ["why"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self:
             chosen = r.strategy if r.requested == "auto" else f"{r.strategy} (set)"
             costs = [f"{r.relative_cost[s]:.2f}" if s in r.relative_cost else "-" for s in columns]
             why = "; ".join([r.reason] + r.notes)
             lines.append("| " + " | ".join([r.name or "(root)", r.layer, "x".join(map(str, r.weight_shape)),
-                                            "x".join(map(str, r.input_shape)), r.dtype, chosen, *costs, why]) + " |")
+                                            "x".join(map(str, r.input_shape)), r.dtype, chosen, r.backend or "-",
+                                            *costs, why]) + " |")
         return "\n".join(lines)
 
 
@@ -63,7 +65,7 @@ def plan(model: nn.Module, *example_inputs, **example_kwargs) -> Plan:
         layer_name, layer = current[0]
         work = cost.Workload.of(call)
         frozen = cost.frozen_seconds(work)
-        device = cost.DEVICES.get(work.device_type, cost.DEVICES["cuda"])
+        device = cost.device_model(work.device_type)
         relative = {s: c.seconds(device, work.dtype) / frozen for s, c in decision.costs.items()}
         rows.append(PlanRow(layer_name, type(layer).__name__, tuple(call.weight.shape), tuple(call.x.shape),
                             str(call.x.dtype).replace("torch.", ""), call.impl, layer.strategy, decision.strategy,

@@ -125,9 +125,11 @@ def test_memory_kept_outside_autograd_is_found():
 
 
 def test_a_weight_sized_tensor_kept_for_backward_shows():
-    shape = suite.linear("test/64-64_t4", 64, 64, 4)
+    # 128 channels: bypass keeps the chain's factors (M and scale * U_1, rank 8: 1/8 of this weight
+    # together), which at 64 channels come to a quarter of the weight without being weight-sized
+    shape = suite.linear("test/128-128_t4", 128, 128, 4)
     x, grad = suite.make_inputs(shape, CTX)
-    weight_bytes = 64 * 64 * 4
+    weight_bytes = 128 * 128 * 4
     merged = suite.setup_reference(shape, CTX, "flora", "merged")
     bypass = suite.setup_reference(shape, CTX, "flora", "bypass")
     assert timing.kept_for_backward(timing.Step(merged.forward, x, grad, merged.trainable)).saved_beyond_inputs \

@@ -20,10 +20,12 @@ TIMES = {
     "flora_reference:merged": (3.0, 8.0, 5.0),
     "flora_reference:two_branch": (4.0, 9.0, 6.0),
     "flora_reference:bypass": (2.0, 6.0, 8.0),
+    "flora_reference:hybrid": (5.0, 9.0, 7.0),  # never the fastest here
     "ssl_native": (1.0, 4.0, 4.0),
 }
 KEPT = {"frozen": 2.0, "full_ft": 2.0, "torch_lora": 3.0, "peft_lora": 3.0, "flora_reference": 4.0,
-        "flora_reference:merged": 4.0, "flora_reference:two_branch": 4.0, "flora_reference:bypass": 2.0, "ssl_native": 1.0}
+        "flora_reference:merged": 4.0, "flora_reference:two_branch": 4.0, "flora_reference:bypass": 2.0, "flora_reference:hybrid": 4.0,
+        "ssl_native": 1.0}
 META = {"mode": "cpu", "device": "Test CPU", "cpu_threads": 1, "dtype": "float32", "torch": "2.x",
         "repeats": 10, "warmup": 3, "shape_scaling": "test shapes"}
 

@@ -195,6 +195,44 @@ def test_native_project_takes_a_gradient_of_another_dtype(poisoned):
         assert_accuracy(f"grad[{i}] from a bfloat16 gradient", g, p, r, FLOOR[torch.float32])
 
 
+@pytest.mark.parametrize("dtype,shape_name", [pytest.param(d, n, id=f"{str(d)[6:]}-{n}") for d in DTYPES["native"]
+                                                for n in ALL_SHAPES])
+@pytest.mark.parametrize("key", MATHS)
+@pytest.mark.parametrize("delta_only", [False, True], ids=["full", "delta_only"])
+def test_native_project_transform_is_both_ops_bit_for_bit(key, shape_name, dtype, delta_only, poisoned):
+    """The one-pass backward of a merged layer (CPU): the same W' and gradients as transform and
+    project, every rule, dtype and shape; both checked against the float64 oracle too."""
+    kernels = poisoned("native")
+    if DEVICE != "cpu":
+        pytest.skip("lowrank_project_transform has a CPU kernel only")
+    shape = ALL_SHAPES[shape_name]
+    seed = zlib.crc32(f"{key}-{shape_name}-{dtype}-{delta_only}-fused".encode())
+    weight, grad = _base_weight(shape, dtype, seed), _base_weight(shape, dtype, seed + 2)
+    adapter = make_adapter(key, shape, seed + 1)
+    scale = 1.0 if key.endswith("mul") else 0.7
+    w_new, grads = kernels.project_transform(grad, weight, adapter, math_key(key), scale, delta_only)
+    assert torch.equal(w_new, kernels.transform(weight, adapter, math_key(key), scale, delta_only))
+    for g, want in zip(grads, kernels.project(grad, weight, adapter, math_key(key), scale), strict=True):
+        assert torch.equal(g, want)
+    plain = methods.effective_weight(weight, adapter, methods.AdapterMath.from_key(math_key(key)), scale, delta_only)
+    assert_accuracy(f"W' {key} {shape_name}", w_new, plain, oracle_weight(key, weight, adapter, scale, delta_only),
+                    FLOOR[dtype])
+    ref = _oracle_grads(key, weight, adapter, scale, grad)
+    magnitude = _oracle_grads(key, weight.abs(), [t.abs() for t in adapter], scale, grad.abs())
+    for i, (g, p, r, m) in enumerate(zip(grads, _plain_grads(key, weight, adapter, scale, grad), ref, magnitude)):
+        assert_accuracy(f"grad[{i}] {key} {shape_name}", g, p, r, FLOOR[dtype], m)
+
+
+def test_native_project_transform_stores_in_the_buffer_dtype(poisoned):
+    kernels = poisoned("native")
+    weight = _base_weight(LARGE_SHAPES["large_conv2d"], torch.float32, 12)
+    adapter = make_adapter("lora:exp", weight.shape, 13)
+    out = torch.full(weight.shape, float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    got, _ = kernels.project_transform(weight, weight, adapter, "lora:exp", 0.7, out=out)
+    assert got is out
+    assert torch.equal(out, kernels.transform(weight, adapter, "lora:exp", 0.7, out=torch.empty_like(out)))
+
+
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("key", ["tucker:add", "lora:exp", "scales_out:mul"])
 def test_project_is_bitwise_deterministic(backend, key):
@@ -234,10 +272,12 @@ def test_native_results_are_the_same_bits_at_any_thread_count(key):
             assert torch.get_num_threads() == threads
             results[threads] = (kernels.project(grad, weight, adapter, math_key(key), 0.5),
                                 kernels.transform(weight, adapter, math_key(key), 0.5),
-                                [kernels.channel_dot(x, y, d) for d in range(4)])
+                                [kernels.channel_dot(x, y, d) for d in range(4)],
+                                kernels.project_transform(grad, weight, adapter, math_key(key), 0.5))
         finally:
             torch.set_num_threads(previous)
-    (g1, w1, c1), (g2, w2, c2) = results[1], results[2]
+    (g1, w1, c1, f1), (g2, w2, c2, f2) = results[1], results[2]
+    assert torch.equal(f1[0], f2[0]) and all(torch.equal(a, b) for a, b in zip(f1[1], f2[1]))
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
     assert torch.equal(w1, w2)
     assert all(torch.equal(a, b) for a, b in zip(c1, c2))

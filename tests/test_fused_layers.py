@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import lrtensor_kernels as lk
+from forms import chain_form, flora_strategies, strategy_and_form
 from fused import FUSED_BACKENDS, compiled_matches_eager, fused_kernels
 from oracle import F64, assert_accuracy, effective_weight64, layer_oracle, plain_twin, randomize_adapter, rel_err
 
@@ -19,6 +20,25 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"triton": [torch.float32, torch.float16, torch.bfloat16],
           "native": [torch.float32, torch.float64, torch.float16, torch.bfloat16]}
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def _chain_form(request):
+    """A test parametrized with a strategy such as "bypass:folded" runs in that chain form
+    (tests/forms.py); ``_build`` sets the strategy itself."""
+    params = getattr(request.node, "callspec", None)
+    strategy = params.params.get("strategy", "") if params else ""
+    with chain_form(strategy_and_form(strategy)[1] if isinstance(strategy, str) else ""):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_workspace(monkeypatch):
+    """Every scratch tensor the fused ops borrow starts as NaN: an element a kernel does not write
+    shows, instead of a stale value from an earlier call."""
+    from lrtensor_kernels.kernels import workspace
+
+    monkeypatch.setattr(workspace, "fill_on_borrow", float("nan"))
 
 
 @pytest.fixture(params=FUSED_BACKENDS)
@@ -59,12 +79,17 @@ def _input(layer, dtype, seed):
 def _build(name, dtype, seed, strategy="auto"):
     torch.manual_seed(seed)  # the base weights too: the same layer whatever ran before
     layer = randomize_adapter(LAYERS[name](), seed)
-    layer.strategy = strategy
+    layer.strategy = strategy_and_form(strategy)[0]
     return layer.to(DEVICE).to(dtype) if dtype != torch.float32 else layer.to(DEVICE)
 
 
 def _strategies(name) -> list:
-    return ["merged", "two_branch"] + (["bypass"] if name.split("_")[0] in ("flora", "lora", "ssl", "ssb") else [])
+    method = name.split("_")[0]
+    if method == "flora":
+        return flora_strategies()
+    if method == "lora":
+        return ["merged", "two_branch", "bypass", "hybrid"]
+    return ["merged", "two_branch"] + (["bypass"] if method in ("ssl", "ssb") else [])
 
 
 LAYER_STRATEGIES = [pytest.param(n, st, id=f"{n}-{st}") for n in LAYERS for st in _strategies(n)]
@@ -327,3 +352,69 @@ def test_autocast_with_dropout_matches_reference(name, strategy, fused):
     outs = _outputs_with_same_dropout(layer, x, fused, 5, AUTOCAST_DTYPE)
     assert outs[1].dtype == AUTOCAST_DTYPE
     assert rel_err(outs[1], outs[0]) < 1e-2
+
+
+def test_workspace_lends_one_buffer_per_shape_and_thread(monkeypatch):
+    import threading
+
+    from lrtensor_kernels.kernels import workspace
+
+    workspace.clear()
+    with workspace.borrowed((3, 4), torch.float32, torch.device("cpu")) as first:
+        assert torch.isnan(first).all()  # poisoned (the fixture above)
+        with workspace.borrowed((3, 4), torch.float32, torch.device("cpu")) as nested:
+            assert nested is not first  # never lent twice at once
+    with workspace.borrowed((3, 4), torch.float32, torch.device("cpu")) as again:
+        assert again is first or again is nested
+    seen = []
+
+    def other_thread():
+        with workspace.borrowed((3, 4), torch.float32, torch.device("cpu")) as t:
+            seen.append(t)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert seen[0] is not first and seen[0] is not nested
+    with workspace.borrowed((3, 4), torch.float32, torch.device("meta")) as none:
+        assert none is None
+    monkeypatch.setattr(workspace, "LIMIT_BYTES", 100)
+    with workspace.borrowed((30,), torch.float32, torch.device("cpu")) as too_big:
+        assert too_big is None
+    with workspace.borrowed((5,), torch.float32, torch.device("cpu")):
+        pass
+    with workspace.borrowed((6,), torch.float32, torch.device("cpu")):
+        pass  # 24 + 20 + the (3, 4) pair's 96 bytes > 100: the least recently used go
+    assert sum(t.nbytes for t in workspace._pool().values()) <= 100
+    workspace.clear()
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED_BACKENDS])
+@pytest.mark.parametrize("form, channels", [("three", 96), ("three", 24), ("folded", 96)])
+def test_bypass_keeps_the_small_chain_activations_and_is_exact(backend, form, channels):
+    """A wide layer keeps u and z (its backward runs no op of the forward again), a narrower one u
+    alone (z recomputed), a folded chain z: against the float64 oracle each way."""
+    if backend != "reference":
+        fused_kernels(backend)
+    torch.manual_seed(3)
+    layer = randomize_adapter(lk.FLoRAConv2d(channels, channels, 3, padding=1, ranks=4, strategy="bypass"), 4, 0.1)
+    x = _input(layer, torch.float32, 5)
+    kept = []
+
+    def pack(t):
+        kept.append(tuple(t.shape))
+        return t
+
+    with chain_form(form), lk.use_backend(backend):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x.clone().requires_grad_())
+        grad_out = torch.randn_like(y)
+        got_y, got_g = _run(layer, x, backend, grad_out)
+    activation = (2, 4, 7, 7)  # u and z: 4 channels at the input's 7x7
+    want = {"three": 2 if channels == 96 else 1, "folded": 1}[form]
+    assert kept.count(activation) == want, kept
+    # against the oracle alone: the reference backend runs this same op, so it is no plain PyTorch
+    ref_y, ref_g = layer_oracle(layer, x, grad_out)
+    assert rel_err(got_y, ref_y) < 1e-5
+    for n, g, r in zip(["input"] + list(layer.adapter_state()), got_g, ref_g):
+        assert rel_err(g, r) < 1e-5, n

@@ -95,9 +95,11 @@ def form(monkeypatch):
 
         monkeypatch.setattr(cost, "fused_form", forced)
         cost._decide_cached.cache_clear()
+        cost._decide_on_cached.cache_clear()
 
     yield force
     cost._decide_cached.cache_clear()
+    cost._decide_on_cached.cache_clear()
 
 
 def _build(name: str, dtype=torch.float32, seed: int = 0):
@@ -216,6 +218,30 @@ def test_trainable_bias_and_base_weight_and_dropout(name, fused_form, kernels, f
         assert rel_err(got, want) < 1e-5
 
 
+class _CallShape:
+    """What ``tucker_chain.factors_of_call`` reads of an adapted call, from the layer."""
+
+    def __init__(self, layer):
+        self.adapter, self.scale, self.weight = layer.adapter_tensors(), float(layer.scale), layer.weight
+        self.math, self.x = layer.adapter_math, layer.weight
+
+
+def _factor_bytes(layer, folded: bool, params: set) -> int:
+    """Bytes of the chain's factors of ``layer`` and of what autograd keeps to build them, less the
+    storages in ``params``."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        factors = lk.strategies.tucker_chain.factors_of_call(_CallShape(layer), folded)
+    for f in factors:
+        storages[f.untyped_storage().data_ptr()] = f.untyped_storage().nbytes()
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
 def _saved_bytes(module, x, backend="triton") -> int:
     """Bytes of the distinct storages autograd keeps for one forward (saved_tensors_hooks)."""
     storages = {}
@@ -235,7 +261,8 @@ def _saved_bytes(module, x, backend="triton") -> int:
 def test_saved_for_backward_is_the_frozen_layers_plus_the_adapter(name, fused_form, form):
     """Exactly what the frozen layer's op keeps to produce a weight gradient (its input, padded as
     its padding mode asks, and its weight, referenced) plus the adapter tensors; the chain form also
-    its small ``u`` (at most a quarter of x). Nothing else weight- or activation-sized."""
+    the chain's factors (rank-sized) and its small ``u``, ``z`` (at most a quarter of x together).
+    Nothing else activation-sized."""
     fused_kernels("triton")
     if fused_form == "chain" and not _has_chain(name):
         pytest.skip("the chain form is FLoRA's and LoRA's")
@@ -250,11 +277,17 @@ def test_saved_for_backward_is_the_frozen_layers_plus_the_adapter(name, fused_fo
     fused = _saved_bytes(layer, x)
     extra = fused - _saved_bytes(frozen, x, "reference") - adapter_bytes
     if fused_form == "chain":
-        assert 0 <= extra <= 0.25 * x.numel() * x.element_size(), extra
+        # the chain's factors (rank-sized, built from the adapter tensors under autograd: K, scale * U_1
+        # and what building them keeps) and u, z
+        params = {p.untyped_storage().data_ptr() for p in referenced}
+        factor_bytes = max(_factor_bytes(layer, folded, params) for folded in (False, True))
+        assert 0 <= extra <= factor_bytes + 0.25 * x.numel() * x.element_size(), (extra, factor_bytes)
     else:
         assert extra == 0, extra
-    if name.startswith("lora"):
-        return  # LoRA's merged keeps W' instead of W (W' = W + s B A needs no W for its gradients)
+    if name.startswith("lora") or fused_form == "chain":
+        # LoRA's merged keeps W' instead of W (W' = W + s B A needs no W for its gradients); the chain's
+        # factors on this small layer (a full-rank core, K as large as W) are as large as W'
+        return
     # the check can fail: the reference backend's merged strategy keeps W' besides
     layer.strategy = "merged"
     assert _saved_bytes(layer, x, "reference") - fused >= 0.9 * layer.weight.numel() * layer.weight.element_size()
@@ -398,6 +431,7 @@ def _workload(device_type="cuda", dtype=torch.bfloat16, math=("lora", "exp"), tr
 def test_auto_considers_fused_only_on_a_calibrated_cuda_device(monkeypatch):
     """Until a measurement run calibrates the CUDA constants, auto keeps today's choice and says why."""
     cost._decide_cached.cache_clear()
+    cost._decide_on_cached.cache_clear()
     decision = cost.decide(_workload(), "auto")
     assert decision.strategy == "merged" and "fused" in decision.costs
     assert "fused not considered: the CUDA cost constants are not yet calibrated" in decision.reason
@@ -407,6 +441,7 @@ def test_auto_considers_fused_only_on_a_calibrated_cuda_device(monkeypatch):
     monkeypatch.setitem(cost.DEVICES, "cuda", cost.DEVICES["cuda"].__class__(
         **{**cost.DEVICES["cuda"].__dict__, "calibrated": True}))
     cost._decide_cached.cache_clear()
+    cost._decide_on_cached.cache_clear()
     try:
         # first order: fused saves merged's weight-sized passes and adds only E's products
         calibrated = cost.decide(_workload(math=("lora", "first_order")), "auto")
@@ -414,12 +449,13 @@ def test_auto_considers_fused_only_on_a_calibrated_cuda_device(monkeypatch):
         # exp: the tiles' exponentials (one per weight element and pixel tile) are counted too
         exp = cost.decide(_workload(), "auto")
         times = {k: c.seconds(cost.DEVICES["cuda"], torch.bfloat16) for k, c in exp.costs.items()}
-        assert exp.strategy == min(("merged", "fused"), key=times.__getitem__) and exp.costs["fused"].exps > 0
+        assert exp.strategy == min(("merged", "fused"), key=times.__getitem__) and exp.costs["fused"].exp_elements > 0
         # FLoRA in bfloat16: the W'-in-the-tiles form would round the update; the chain form is allowed
         flora = cost.decide(_workload(math=("tucker", "add")), "auto")
         assert "fused" in flora.costs and (flora.strategy != "fused" or flora.fused_form == "chain")
     finally:
         cost._decide_cached.cache_clear()
+        cost._decide_on_cached.cache_clear()
 
 
 def test_cost_model_counts_no_weight_sized_pass_for_fused():
@@ -433,13 +469,16 @@ def test_cost_model_counts_no_weight_sized_pass_for_fused():
     prologue = 2 * (2 * 16 * s.weight * tiles)  # E at rank 8 padded to 16, twice
     epilogue = 6 * 16 * s.weight  # H @ R^T, L^T @ H and E again for exp
     assert fused.flops == pytest.approx(3 * s.conv + prologue + epilogue, rel=1e-9)
-    assert fused.exps == 2 * s.weight * tiles + s.weight
+    assert fused.exp_elements == 2 * s.weight * tiles + s.weight
     weight_bytes = s.weight * s.e
     assert merged.bytes - fused.bytes >= 5 * weight_bytes, (merged.bytes, fused.bytes, weight_bytes)
     assert fused.ops == 3 and merged.ops > fused.ops
-    # the chain form pays no output-sized add: its bytes are bypass's less three output passes
+    # the chain form pays no output-sized add: its bytes are bypass's less three output passes (each
+    # chain form, three ops or folded)
     flora = _workload(math=("tucker", "add"))
-    assert cost.tucker_bypass_cost(flora).bytes - cost.fused_chain_cost(flora).bytes >= 3 * s.y * s.e
+    for folded in (False, True):
+        bypass, chain = cost._tucker_bypass_form(flora, folded), cost._fused_chain_form(flora, folded)
+        assert bypass.bytes - chain.bytes >= 3 * s.y * s.e, folded
 
 
 def test_plan_shows_fused_column_only_where_fused_can_run():
@@ -491,9 +530,13 @@ def test_custom_ops_pass_opcheck():
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.lrtensor.fused_conv.default, args, test_utils=checks)
     flora, xf = _build("flora_conv2d_groups_stride", seed=12)
-    args = (xf.requires_grad_(), None, flora.weight, flora.bias, flora.adapter_tensors(), flora.adapter_math.key,
-            float(flora.scale), list(flora.stride), list(flora.padding), list(flora.dilation), flora.groups)
-    torch.library.opcheck(torch.ops.lrtensor.fused_tucker_chain.default, args, test_utils=checks)
+    for folded in (False, True):
+        factors = [f.detach().requires_grad_() for f in
+                   lk.strategies.tucker_chain.chain_factors(flora.adapter_tensors(), float(flora.scale), xf.dtype,
+                                                            folded)]
+        args = (xf.detach().requires_grad_(), None, flora.weight, flora.bias, factors, list(flora.stride),
+                list(flora.padding), list(flora.dilation), flora.groups)
+        torch.library.opcheck(torch.ops.lrtensor.fused_tucker_chain.default, args, test_utils=checks)
 
 
 def test_compile_fullgraph_matches_eager(form):

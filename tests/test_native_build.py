@@ -34,19 +34,29 @@ def test_native_backend_builds_where_a_compiler_exists():
     assert native_build.unavailable_reason() is None
 
 
-def test_auto_is_native_on_cpu_where_it_builds(monkeypatch):
+@pytest.mark.parametrize("make, shape, want", [
+    (lambda: lk.LieRALinear(512, 512, rank=8), (4, 512), "native"),  # weight-sized passes: one fused pass wins
+    (lambda: lk.FLoRAConv2d(4, 6, 3), (1, 4, 5, 5), "reference"),  # fixed costs: the fused call's are dearer
+])
+def test_auto_offers_native_on_cpu_where_it_builds(monkeypatch, make, shape, want):
+    """Under auto on the CPU, with the native library built, both native and reference are offered
+    per layer, and the layer runs (its kernels included) on the one the cost model estimates faster."""
     if native_build.compiler() is None:
         pytest.skip("no C++ compiler on this machine")
-    from lrtensor_kernels import ops
+    from lrtensor_kernels import ops, strategies
 
-    used = []
+    used, decisions = [], []
     real = ops.kernels_for
     monkeypatch.setattr(ops, "kernels_for", lambda impl: used.append(impl) or real(impl))
-    layer = lk.FLoRAConv2d(4, 6, 3)
-    with lk.use_backend("auto"):
-        layer(torch.randn(1, 4, 5, 5)).sum().backward()
+    layer = make()
+    with lk.use_backend("auto"), strategies.observing(lambda call, decision: decisions.append(decision)):
+        layer(torch.randn(shape, requires_grad=True)).sum().backward()
     assert backend.resolve(torch.device("cpu")) == "native"
-    assert used and set(used) == {"native"}
+    assert backend.candidates(torch.device("cpu")) == ("native", "reference")
+    (decision,) = decisions
+    assert set(decision.backend_seconds) == {"native", "reference"}
+    assert decision.impl == want == min(decision.backend_seconds, key=decision.backend_seconds.get)
+    assert set(used) == ({"native"} if want == "native" else set())
 
 
 @pytest.mark.parametrize("order", ["python_ops_first", "library_first"])

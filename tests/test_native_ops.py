@@ -42,6 +42,20 @@ def test_opcheck_lowrank_project(ops):
                           {"grad_left": torch.empty_like(left), "grad_right": torch.empty_like(right)})
 
 
+def test_opcheck_lowrank_project_transform(ops):
+    if DEVICE != "cpu":
+        pytest.skip("a CPU kernel only")
+    weight, left, right = _operands()
+    grad = torch.randn_like(weight)
+    for combine in ("add", "exp", "mul"):
+        torch.library.opcheck(ops.lowrank_project_transform.default, (grad, weight, left, right, combine, True))
+    torch.library.opcheck(ops.lowrank_project_transform.default, (grad, weight, left, right, "exp"),
+                          {"dtype": torch.bfloat16})
+    torch.library.opcheck(ops.lowrank_project_transform.out, (grad, weight, left, right, "first_order", False),
+                          {"grad_left": torch.empty_like(left), "grad_right": torch.empty_like(right),
+                           "out": torch.empty_like(weight)})
+
+
 def test_opcheck_channel_dot(ops):
     a, b = torch.randn(3, 6, 4, 5, device=DEVICE), torch.randn(3, 6, 4, 5, device=DEVICE)
     for dim in (0, 1, -1):
@@ -134,6 +148,33 @@ def test_project_rejects_bad_operands(ops):
         gl = args[4] if len(args) == 5 else grad_left
         _unchanged_after_error(grad_right, lambda: ops.lowrank_project.out(*args[:4], "add", grad_left=gl,
                                                                             grad_right=grad_right), match)
+
+
+def test_project_transform_rejects_bad_operands(ops):
+    weight, left, right = _operands()
+    grad_left, grad_right, out = torch.zeros_like(left), torch.zeros_like(right), torch.zeros_like(weight)
+    op = ops.lowrank_project_transform.out
+    cases = [
+        (dict(grad=weight[:, :4]), r"lrtensor::lowrank_project_transform: expected grad of the weight's shape "
+                                   r"\[20, 5, 9\], got \[20, 4, 9\]"),
+        (dict(right=right[:, :-1]), r"lrtensor::lowrank_project_transform: expected right of shape \(r, C\) = "
+                                    r"\(3, 45\), got \[3, 44\]"),
+        (dict(grad_left=grad_left[:, :2]), r"lrtensor::lowrank_project_transform: expected grad_left of shape "
+                                           r"left's \(O, r\) = \(20, 3\), got \[20, 2\]"),
+        (dict(out=out.flatten(1)), r"lrtensor::lowrank_project_transform: expected out of the weight's shape "
+                                   r"\[20, 5, 9\], got \[20, 45\]"),
+        (dict(out=torch.zeros(20, 9, 5).transpose(1, 2)), r"lrtensor::lowrank_project_transform: expected a contiguous out"),
+        (dict(combine="tanh"), r"lrtensor::lowrank_project_transform: expected combine 'add', 'exp', 'first_order' "
+                               r"or 'mul', got 'tanh'"),
+    ]
+    for change, match in cases:
+        args = dict(grad=weight, weight=weight, left=left, right=right, combine="exp", grad_left=grad_left,
+                    grad_right=grad_right, out=out)
+        args.update(change)
+        for written in (out, grad_left, grad_right):
+            _unchanged_after_error(written, lambda: op(args["grad"], args["weight"], args["left"], args["right"],
+                                                       args["combine"], False, grad_left=args["grad_left"],
+                                                       grad_right=args["grad_right"], out=args["out"]), match)
 
 
 def test_channel_dot_rejects_bad_operands(ops):

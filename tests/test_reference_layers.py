@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 import lrtensor_kernels as lk
+from forms import chain_form, flora_strategies, strategy_and_form
 from oracle import F64, effective_weight64, forward64, randomize_adapter, rel_err, tucker64
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths"),
@@ -83,9 +84,13 @@ METHOD_IDS = [m[0] for m in METHODS]
 
 
 def applicable_strategies(method) -> tuple:
-    """The strategies that can run ``method`` (bypass: FLoRA, LoRA, SSL, SSB)."""
-    return ("merged", "two_branch", "bypass") if method[1] in ("FLoRA", "LoRA", "SSL", "SSB") else (
-        "merged", "two_branch")
+    """The strategies that can run ``method`` (bypass: FLoRA, LoRA, SSL, SSB; hybrid: FLoRA, LoRA),
+    FLoRA's chain strategies in both forms (tests/forms.py)."""
+    if method[1] == "FLoRA":
+        return tuple(flora_strategies())
+    if method[1] == "LoRA":
+        return ("merged", "two_branch", "bypass", "hybrid")
+    return ("merged", "two_branch", "bypass") if method[1] in ("SSL", "SSB") else ("merged", "two_branch")
 
 
 # every method with every strategy that can run it
@@ -175,7 +180,8 @@ def oracle_forward(geom, layer, x64, w, b, t):
 def test_output_and_gradients_match_oracle(geom, method, strategy, dtype):
     """Every strategy, with the base weight and bias made trainable again (the frozen default is
     the same computation without their gradients; test_strategies checks it)."""
-    with lk.use_backend("reference"):
+    strategy, form = strategy_and_form(strategy)
+    with lk.use_backend("reference"), chain_form(form):
         layer = build(geom, method, dtype, strategy=strategy)
         layer.weight.requires_grad_(True)
         if layer.bias is not None:
@@ -201,7 +207,7 @@ def test_output_and_gradients_match_oracle(geom, method, strategy, dtype):
         assert rel_err(layer.bias.grad, b.grad) <= tol, "grad bias"
     state = layer.adapter_state()
     assert sorted(state) == sorted(t) and len(state) >= 1
-    conditioning = adapter_grad_conditioning(geom, layer, x64, g) if strategy == "bypass" and dtype in (
+    conditioning = adapter_grad_conditioning(geom, layer, x64, g) if strategy in ("bypass", "hybrid") and dtype in (
         torch.float16, torch.bfloat16) else {}
     for name, p in state.items():
         assert p.grad is not None, f"no gradient for {name}"
@@ -213,9 +219,9 @@ def test_output_and_gradients_match_oracle(geom, method, strategy, dtype):
 def adapter_grad_conditioning(geom, layer, x64, g) -> dict:
     """Per adapter tensor, the condition number ``||gradient of the absolute values|| / ||gradient||``
     (at least 1) of its float64 gradient: the factor by which cancellation in the gradient's sums
-    amplifies rounding. The bypass strategy reduces over activations rounded to the op's 16-bit
-    dtype (merged reduces over the weight gradient, accumulated in float32), so in 16-bit dtypes
-    its adapter gradients are held to the dtype's tolerance times this number."""
+    amplifies rounding. The bypass and hybrid strategies reduce over activations rounded to the op's
+    16-bit dtype (merged reduces over the weight gradient, accumulated in float32), so in 16-bit
+    dtypes their adapter gradients are held to the dtype's tolerance times this number."""
     grads = []
     for absolute in (False, True):
         w, b, t = oracle_leaves(layer)
@@ -265,13 +271,14 @@ GRADCHECK_GEOMS = [
 @pytest.mark.parametrize("method, strategy", METHOD_STRATEGIES)
 @pytest.mark.parametrize("geom", GRADCHECK_GEOMS, ids=lambda g: g[0])
 def test_gradcheck(geom, method, strategy):
+    strategy, form = strategy_and_form(strategy)
     layer = build(geom, method, torch.float64, strategy=strategy)
     names = list(layer.adapter_state())
     x = random_input(geom[3], F64).requires_grad_()
     params = tuple(p.detach().clone().requires_grad_() for p in layer.adapter_state().values())
 
     def fn(inp, *tensors):
-        with lk.use_backend("reference"):
+        with lk.use_backend("reference"), chain_form(form):
             return functional_call(layer, dict(zip(names, tensors)), (inp,))
 
     assert torch.autograd.gradcheck(fn, (x,) + params, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
@@ -288,6 +295,7 @@ def test_gradcheck(geom, method, strategy):
 def test_fresh_layer_equals_plain_layer_exactly(geom, method, strategy, dtype):
     """A freshly built layer (zero core / zero lora_B / unit scales) computes the plain layer bit for bit,
     both when constructed directly (same seed) and via from_module, whatever the strategy."""
+    strategy, form = strategy_and_form(strategy)
     _, base, kwargs, shape = geom
     torch.manual_seed(5)
     plain = base(**kwargs, dtype=dtype)
@@ -295,7 +303,7 @@ def test_fresh_layer_equals_plain_layer_exactly(geom, method, strategy, dtype):
     layer = adapter_class(method[1], base)(**kwargs, **method[2], dtype=dtype, strategy=strategy)
     assert torch.equal(layer.weight, plain.weight)
     x = random_input(shape, dtype)
-    with lk.use_backend("reference"):
+    with lk.use_backend("reference"), chain_form(form):
         assert torch.equal(layer(x), plain(x))
         wrapped = adapter_class(method[1], base).from_module(plain, **method[2], strategy=strategy)
         assert torch.equal(wrapped(x), plain(x))

@@ -21,6 +21,7 @@ from bench import costs
 
 import lrtensor_kernels as lk
 from lrtensor_kernels.strategies import cost
+from forms import chain_form, strategy_and_form
 from fused import FUSED_BACKENDS, fused_kernels
 from models import ResNet18, make_net
 from oracle import F64, randomize_adapter, rel_err
@@ -73,12 +74,16 @@ def test_reenabled_base_gets_correct_gradients(strategy):
 @pytest.mark.parametrize("method", list(lk.layers.LAYERS))
 def test_every_applicable_strategy_is_accepted(method):
     layer = _small(_classes(method)[1])
-    expected = ("auto", "merged", "two_branch", "bypass", "fused") if method in ADDITIVE_OR_SCALING else (
-        "auto", "merged", "two_branch", "fused")
+    expected = ("auto", "merged", "two_branch", "fused") + {
+        "flora": ("bypass", "hybrid"), "lora": ("bypass", "hybrid"), "ssl": ("bypass",),
+        "ssb": ("bypass",)}.get(method, ())
     for strategy in expected:
         layer.strategy = strategy
         assert layer.strategy == strategy
-    assert lk.STRATEGIES == ("auto", "merged", "two_branch", "bypass", "fused")
+    for strategy in set(lk.STRATEGIES) - set(expected):
+        with pytest.raises(ValueError, match=f"strategy '{strategy}' cannot run"):
+            layer.strategy = strategy
+    assert lk.STRATEGIES == ("auto", "merged", "two_branch", "bypass", "hybrid", "fused")
 
 
 @pytest.mark.parametrize("bad", ["fastest", "", None, 3, "Bypass"])
@@ -209,13 +214,15 @@ def test_merged_and_bypass_agree_on_random_geometries(g):
     x = torch.randn(shape, dtype=F64)
     results = []
     backends = ("reference", "triton") if importlib.util.find_spec("triton") else ("reference",)
-    for strategy, backend in [("merged", "reference")] + [("bypass", b) for b in backends]:
+    chains = ["bypass"] + (["bypass:folded", "hybrid:three", "hybrid:folded"] if g["method"] == "flora" else [])
+    for strategy, backend in [("merged", "reference")] + [(c, b) for c in chains for b in backends]:
+        strategy, form = strategy_and_form(strategy)
         layer.strategy = strategy
         for p in layer.adapter_parameters():
             p.grad = None
         xi = x.clone().requires_grad_()
         torch.manual_seed(7)
-        with lk.use_backend(backend):
+        with lk.use_backend(backend), chain_form(form):
             y = layer(xi)
         y.backward(torch.ones_like(y) + 0.5 * torch.arange(y.numel(), dtype=F64).reshape(y.shape).sin())
         results.append([y.detach(), xi.grad] + [p.grad for p in layer.adapter_parameters()])
@@ -286,6 +293,29 @@ def test_bytes_kept_for_backward(name, fused, cost_inputs):
 
 
 @pytest.mark.parametrize("backend", ["reference", *FUSED_BACKENDS])
+@pytest.mark.parametrize("name", [s[0] for s in costs.COST_SHAPES])
+def test_hybrid_costs_the_frozen_layer_plus_the_chain_and_keeps_what_it_keeps(name, backend, cost_inputs):
+    """FLoRA's hybrid strategy: FLOPs within FLoRA's limits (the frozen layer's op and input
+    gradient, the chain's backward), nothing kept for backward beyond what the frozen layer (or,
+    where that keeps no input, full fine-tuning) keeps and the adapter's own; on every backend."""
+    base, x = cost_inputs[name]
+    if backend != "reference":
+        fused_kernels(backend)
+        if backend == "triton" and base.weight.numel() >= 300_000:
+            pytest.skip("the transform is slow in the Triton interpreter")
+    with lk.use_backend(backend):
+        layer = costs.adapted(base, "flora", "hybrid")
+        flops = costs.step_flops(layer, x) / costs.step_flops(base, x)
+        # a frozen linear layer keeps no input (its weight needs no gradient); full fine-tuning does
+        floor = max(costs.saved_bytes(base, x), costs.saved_bytes(costs.full_fine_tuning(base), x))
+        kept = costs.saved_bytes(layer, x) / floor
+        merged = costs.step_flops(costs.adapted(base, "flora", "merged"), x) / costs.step_flops(base, x)
+    assert 1.0 <= flops <= FLORA_FLOP_LIMIT.get(name, 1.10), flops
+    assert kept <= 1.03, kept  # the adapter-sized factors; bypass also keeps u (1.24x at 64 channels)
+    assert merged >= 1.45  # the check can fail: merged pays the full weight gradient
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED_BACKENDS])
 @pytest.mark.parametrize("method", ADDITIVE_OR_SCALING)
 def test_observing_modes_see_the_ops_inside_fused_calls(method, backend):
     """A dispatch mode that observes aten ops (FlopCounterMode here) sees the convolutions and
@@ -297,9 +327,19 @@ def test_observing_modes_see_the_ops_inside_fused_calls(method, backend):
     base = nn.Conv2d(16, 16, 3, padding=1, bias=False).requires_grad_(False)
     x = torch.randn(2, 16, 12, 12)
     layer = randomize_adapter(costs.adapted(base, method, "bypass"), 3)
-    with lk.use_backend(backend):
+    decided = []
+    decide = lk.strategies.decide
+
+    def recorded(call, strategy="auto", impls=()):
+        decided.append(decide(call, strategy, impls))
+        return decided[-1]
+
+    with lk.use_backend(backend), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lk.strategies, "decide", recorded)
         flops = costs.step_flops(layer, x)
-    with lk.use_backend("reference"):
+    # the same decision (chain form, input gradient's route) on the reference backend
+    with lk.use_backend("reference"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lk.strategies, "decide", lambda call, strategy="auto", impls=(): decided[0])
         want = costs.step_flops(layer, x)
     # the fused backends build the chain's small weights in kernels the counter does not see
     assert 0.95 * want <= flops <= want and flops >= costs.step_flops(base, x), (flops, want)
@@ -378,14 +418,21 @@ def test_bypass_custom_ops_pass_opcheck():
     flora = randomize_adapter(lk.FLoRAConv2d(4, 6, 3, padding=1, groups=2), 1)
     x = torch.randn(2, 4, 5, 5, requires_grad=True)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    factors = [f.detach().requires_grad_() for f in
+               lk.strategies.tucker_chain.chain_factors(flora.adapter_tensors(), 4.0, x.dtype)]
     torch.library.opcheck(torch.ops.lrtensor.tucker_bypass.default,
-                          (x, None, flora.weight, flora.bias, flora.adapter_tensors(), "tucker:add", 4.0, [1, 1],
-                           [1, 1], [1, 1], 2, True, "triton"), test_utils=checks)
+                          (x, None, flora.weight, flora.bias, factors, [1, 1], [1, 1], [1, 1], 2, True, "triton"),
+                          test_utils=checks)
+    torch.library.opcheck(torch.ops.lrtensor.tucker_hybrid.default,
+                          (x, flora.weight, flora.bias, factors, [1, 1], [1, 1], [1, 1], 2, "triton"),
+                          test_utils=checks)
     lora = randomize_adapter(lk.LoRAConv2d(4, 6, 3, padding=1, groups=2, rank=3), 1)
-    for x_chain in (None, torch.randn(2, 4, 5, 5, requires_grad=True)):  # LoRA's chain has no P_in: u is x
+    lora_factors = [f.detach().requires_grad_() for f in lk.strategies.tucker_chain.chain_factors(
+        lora.adapter_tensors(), lora.scale, x.dtype, delta="lora", weight_shape=tuple(lora.weight.shape))]
+    for x_chain in (None, torch.randn(2, 4, 5, 5, requires_grad=True)):  # LoRA's chain: the folded form
         torch.library.opcheck(torch.ops.lrtensor.tucker_bypass.default,
-                              (x, x_chain, lora.weight, lora.bias, lora.adapter_tensors(), "lora:add", lora.scale,
-                               [1, 1], [1, 1], [1, 1], 2, False, "triton"), test_utils=checks)
+                              (x, x_chain, lora.weight, lora.bias, lora_factors, [1, 1], [1, 1], [1, 1], 2, False,
+                               "triton"), test_utils=checks)
     ssb = randomize_adapter(lk.SSBConv2d(4, 6, 3, padding=1, groups=2), 1)
     for split in (False, True):
         torch.library.opcheck(torch.ops.lrtensor.scale_bypass.default,
@@ -427,12 +474,19 @@ def test_plan_reports_every_layer_and_the_rules():
     assert [r.name for r in plan] == [n for n, _ in lk.adapter_layers(net)]
     liera = plan[0]
     assert liera.strategy == "merged" and "bypass" not in liera.relative_cost
-    assert all(set(r.relative_cost) == {"merged", "two_branch", "bypass"} for r in plan[1:])
+    assert all(set(r.relative_cost) == {"merged", "two_branch", "bypass", "hybrid"} for r in plan[1:])
     text = str(plan)
     assert "| block.conv1 | FLoRAConv2d | 4x3x3x3 |" in text
+    # the backend each layer ran on, chosen per layer by the cost model under "auto" on the CPU
+    if lk.backend.native_available():
+        assert all(r.backend in ("native", "reference") and "; backend " in r.reason for r in plan)
+        assert f"| {plan[1].strategy} | {plan[1].backend} |" in text
+    with lk.use_backend("reference"):
+        assert all(r.backend == "reference" and "; backend " not in r.reason for r in lk.plan(net, x))
     net.to(torch.bfloat16)
     plan16 = lk.plan(net, x.bfloat16())
-    assert all(r.strategy != "merged" for r in plan16[1:]) and "merged excluded" in plan16[1].reason
+    assert all(r.strategy not in ("merged", "hybrid") for r in plan16[1:])
+    assert "merged and hybrid excluded" in plan16[1].reason
     net.block.conv1.strategy = "two_branch"
     lk.merge(net.block)
     rows = {r.name: r for r in lk.plan(net, x.bfloat16())}
@@ -448,3 +502,46 @@ def test_autocast_leaves_a_float64_layer_in_float64(strategy):
         lk.merge(nn.Sequential(layer))
         y_merged = layer(x)
     assert y.dtype == y_merged.dtype == F64 and rel_err(y, y_merged) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("form", ["three", "folded"])
+@pytest.mark.parametrize("strategy", ["bypass", "hybrid"])
+@pytest.mark.parametrize("name", ["flora_conv2d_groups", "flora_linear"])
+def test_chain_forms_under_torch_func_and_double_backward(name, strategy, form, backend):
+    """FLoRA's chain strategies in each form (whatever the cost model prefers): torch.func's grad and
+    per-sample gradients, forward-mode AD, and a gradient penalty's gradients (create_graph) against
+    the float64 oracle; test_higher_order covers the form auto picks, this one both."""
+    import test_higher_order as higher
+
+    layer, x, params = higher._setup(name, strategy, backend)
+    f, f64 = higher._functions(layer)
+    weights = torch.randn(f64(params, x).shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    tangents = higher._random_like(params, 7)
+
+    def loss(fn):
+        return lambda p, inp: (fn(p, inp) * weights[: inp.shape[0]]).sum()
+
+    def penalty_grads(fn):
+        leaves = {n: p.clone().requires_grad_() for n, p in params.items()}
+        inp = x.clone().requires_grad_()
+        first = torch.autograd.grad(fn(leaves, inp).square().sum(), [inp, *leaves.values()], create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        return [penalty.detach(), *torch.autograd.grad(penalty, [inp, *leaves.values()])]
+
+    def everything(fn):
+        return dict(grad=torch.func.grad(loss(fn), argnums=(0, 1))(params, x),
+                    per_sample=torch.func.vmap(torch.func.grad(lambda p, s: loss(fn)(p, s.unsqueeze(0))),
+                                               in_dims=(None, 0))(params, x),
+                    jvp=torch.func.jvp(lambda p: fn(p, x), (params,), (tangents,)),
+                    penalty=penalty_grads(fn))
+
+    with chain_form(form), lk.use_backend(backend):
+        seen = []
+        with lk.strategies.observing(lambda call, decision: seen.append(decision)):
+            f(params, x)
+        assert seen[0].strategy == strategy and seen[0].folded == (form == "folded")
+        got = everything(f)
+    ref = everything(f64)
+    for key in ref:
+        higher._assert_close(f"{name} {strategy}:{form} {backend} {key}", got[key], ref[key])

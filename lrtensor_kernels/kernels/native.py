@@ -1,6 +1,8 @@
 """The native backend: the entry points of a fused backend on the C++ (CPU) and CUDA C++ ops of
 ``csrc/`` (``torch.ops.lrtensor.lowrank_transform``, ``lowrank_project``, ``channel_dot``).
 
+``project_transform`` (CPU only) is both in one pass, on ``lrtensor::lowrank_project_transform``.
+
 The adapter tensors are brought to the low-rank form of
 :mod:`lrtensor_kernels.kernels.lowrank_form` here (``R`` materialised: r_1 x C numbers, r_1 / O of
 the weight); the ops make the weight-sized passes, and the small Tucker contractions
@@ -106,6 +108,25 @@ def project(grad_weight: torch.Tensor, weight: torch.Tensor, adapter: Sequence[t
                              grad_left=grad_left, grad_right=grad_right)
     grads = adapter_grads(form, adapter, grad_left, grad_right, scale)
     return [g.to(t.dtype) for g, t in zip(grads, adapter)]
+
+
+def project_transform(grad_weight: torch.Tensor, weight: torch.Tensor, adapter: Sequence[torch.Tensor], math: str,
+                      scale: float, delta_only: bool = False, out: Optional[torch.Tensor] = None) -> tuple:
+    """``(W', adapter gradients)``: :func:`transform` and :func:`project` of the same weight in one pass
+    (the same values, bit for bit); ``W'`` (or ``W' - W``) in ``out``'s dtype (default: the weight's).
+    CPU tensors only (the op has no CUDA kernel: there the caller runs the two)."""
+    check_operands(weight, adapter)
+    spec = methods.AdapterMath.from_key(math)
+    form = _forms.get(weight, adapter, spec.delta, scale)
+    right = form.right_matrix()
+    if out is None:
+        out = _new_buffer(weight.shape, weight.dtype, weight.device)
+    grad_left = _new_buffer(form.left.shape, form.acc, weight.device)
+    grad_right = _new_buffer(right.shape, form.acc, weight.device)
+    _ops.lowrank_project_transform.out(grad_weight.contiguous(), weight.contiguous(), form.left, right, spec.combine,
+                                       delta_only, grad_left=grad_left, grad_right=grad_right, out=out)
+    grads = adapter_grads(form, adapter, grad_left, grad_right, scale)
+    return out, [g.to(t.dtype) for g, t in zip(grads, adapter)]
 
 
 def channel_dot(a: torch.Tensor, b: torch.Tensor, channel_dim: int) -> torch.Tensor:

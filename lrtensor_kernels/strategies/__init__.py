@@ -10,13 +10,20 @@ computed, never its value (up to rounding), the parameters or what is saved to a
 - ``"bypass"`` (FLoRA, LoRA, SSL, SSB): the frozen op on ``W`` plus an exact cheap path for the
   update, with no full weight gradient: FLoRA's Tucker chain and LoRA's A-then-B chain
   (:mod:`.tucker_bypass`), SSL/SSB's scaled activations (:mod:`.scale_bypass`).
+- ``"hybrid"`` (FLoRA, LoRA): the forward and the input gradient through ``W'`` as merged, the
+  adapter gradients through the low-rank chain as bypass (:mod:`.tucker_hybrid`); no full weight
+  gradient.
 - ``"fused"`` (any method, triton backend): the adapter math inside the convolution's or matmul's
-  own tiles, Triton implicit-GEMM kernels for every op (:mod:`.fused`); FLoRA may run its Tucker
-  chain there instead, with the up-projection in the frozen op's epilogue.
-- ``"auto"`` (default): chosen per call by the cost model (:mod:`.cost`).
+  own tiles, Triton implicit-GEMM kernels for every op (:mod:`.fused`); FLoRA and LoRA may run
+  their low-rank chain there instead, with the up-projection in the frozen op's epilogue.
+- ``"auto"`` (default): chosen per call by the cost model (:mod:`.cost`); on the CPU it also picks
+  the backend (native or reference) it estimates faster for the layer, when the backend in force
+  is "auto".
 
 Each strategy runs on every backend: in plain PyTorch on "reference", through custom ops on the
-fused backends. Layers hold a strategy name and hand it here with their tensors.
+fused backends. Layers hold a strategy name and hand it here with their tensors; they know nothing
+of backends: :func:`adapted_forward` asks :mod:`..backend` which ones may run the call and the cost
+model which of them does.
 """
 from __future__ import annotations
 
@@ -28,10 +35,10 @@ import torch
 from torch import Tensor
 
 from .. import backend, methods
-from . import cost, fused, merged, scale_bypass, tucker_bypass
+from . import cost, fused, merged, scale_bypass, tucker_bypass, tucker_hybrid
 from .call import AdaptedCall
 
-STRATEGIES = ("auto", "merged", "two_branch", "bypass", "fused")
+STRATEGIES = ("auto", "merged", "two_branch", "bypass", "hybrid", "fused")
 
 
 def check_strategy(strategy, math: methods.AdapterMath) -> str:
@@ -39,9 +46,10 @@ def check_strategy(strategy, math: methods.AdapterMath) -> str:
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy not in ("auto", "fused") and strategy not in cost.applicable(math):
+        why = "it has no low-rank bypass" if strategy == "bypass" else "hybrid needs an additive Tucker or LoRA update"
         expected = ("auto",) + cost.applicable(math) + ("fused",)
         raise ValueError(f"strategy {strategy!r} cannot run a {math.combine!r} update of a {math.delta!r} delta "
-                         f"(it has no low-rank bypass); expected one of {expected}")
+                         f"({why}); expected one of {expected}")
     return strategy
 
 
@@ -59,15 +67,22 @@ def cannot_run(strategy: str, device: torch.device) -> str:
 
 def _run_bypass(call: AdaptedCall, decision: cost.Decision) -> Tensor:
     if call.math.delta in ("tucker", "lora"):
-        return tucker_bypass.run(call, decision.input_grad_via_weight)
+        return tucker_bypass.run(call, decision.input_grad_via_weight, decision.folded)
     return scale_bypass.run(call)
+
+
+def _run_hybrid(call: AdaptedCall, decision: cost.Decision) -> Tensor:
+    if call.dropped_x is not None:  # the update acts on the dropped input: bypass's form
+        return tucker_bypass.run(call, False, decision.folded)
+    return tucker_hybrid.run(call, decision.folded)
 
 
 _RUN = {
     "merged": lambda call, decision: merged.run_merged(call),
     "two_branch": lambda call, decision: merged.run_two_branch(call),
     "bypass": _run_bypass,
-    "fused": lambda call, decision: fused.run(call, decision.fused_form),
+    "hybrid": _run_hybrid,
+    "fused": lambda call, decision: fused.run(call, decision.fused_form, decision.folded),
 }
 
 
@@ -101,9 +116,12 @@ def adapted_forward(
             return adapted_forward(cast(x), weight, cast(bias), adapter, math, scale, geometry, cast(dropped_x),
                                    strategy)
     stride, padding, dilation, groups = geometry
+    impls = backend.candidates(weight.device)
     call = AdaptedCall(x, weight, bias, adapter, math, float(scale), list(stride), list(padding), list(dilation),
-                       groups, dropped_x, backend.resolve(weight.device))
-    decision = decide(call, strategy)
+                       groups, dropped_x, impls[0])
+    decision = decide(call, strategy, impls)
+    if decision.impl is not None:
+        call.impl = decision.impl
     if _observers:
         _notify(call, decision)
     return _RUN[decision.strategy](call, decision)
@@ -138,6 +156,7 @@ def observing(observer: Callable[[AdaptedCall, cost.Decision], None]):
                 del _observers[thread]
 
 
-def decide(call: AdaptedCall, strategy: str = "auto") -> cost.Decision:
-    """The strategy ``call`` runs under ``strategy`` (the cost model's choice for "auto")."""
-    return cost.decide(cost.Workload.of(call), strategy)
+def decide(call: AdaptedCall, strategy: str = "auto", impls: tuple = ()) -> cost.Decision:
+    """The strategy ``call`` runs under ``strategy`` (the cost model's choice for "auto"), and with
+    several backends in ``impls`` the one it runs on (``decision.impl``)."""
+    return cost.decide(cost.Workload.of(call), strategy, impls)

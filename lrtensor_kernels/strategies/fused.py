@@ -10,12 +10,13 @@ touches an activation or the weight, and nothing weight-sized is written. Two fo
   turned into ``H = dL/dE`` and projected onto ``L`` and ``R`` in its epilogue. Saved for
   backward: ``x``, the frozen ``W`` (referenced) and the adapter tensors. In bfloat16/float16 a
   ``W'`` tile is formed in float32 and rounded to the op's dtype for the dot, as merged rounds.
-- ``"chain"`` (FLoRA, LoRA): bypass's ``op(x, W) + P_out(op_K(P_in(x)))`` (:mod:`.tucker_bypass`;
-  LoRA's chain has no ``P_in``) on the same kernels, with ``P_out``'s product added in the frozen
-  op's epilogue (one output write) and the input gradient through ``W'`` formed in the tiles (the
-  frozen layer's op, no chain transposed). Saved: as bypass.
+- ``"chain"`` (FLoRA, LoRA): bypass's ``op(x, W) + P_out(op_K(P_in(x)))`` or its folded
+  ``op(x, W) + P_out(op_M(x))`` (:mod:`.tucker_chain`; LoRA's chain is the folded one) on the same
+  kernels, with ``P_out``'s product added in the frozen op's epilogue (one output write) and the
+  input gradient through ``W'`` formed in the tiles from the chain's factors (the frozen layer's op,
+  no chain transposed). The op takes the chain's factors, as bypass's does. Saved: as bypass.
 
-The cost model picks the form (``Decision.fused_form``). With adapter dropout the prologue form
+The cost model picks the form (``Decision.fused_form``, and ``Decision.folded`` for the chain). With adapter dropout the prologue form
 computes ``op(x, W, bias) + op(xd, W' - W)``, the second launch adding the first in its
 epilogue. Custom ops ``lrtensor::fused_conv`` and ``lrtensor::fused_tucker_chain`` and their
 backward ops (:class:`ops.FusedOp`), with the reference math as their composite (torch.func,
@@ -32,6 +33,7 @@ from torch import Tensor
 from .. import methods, ops
 from ..kernels.lowrank_form import adapter_grads
 from . import tucker_bypass
+from . import tucker_chain as chain
 from .call import AdaptedCall
 
 FORMS = ("prologue", "chain")
@@ -162,32 +164,32 @@ def _backward(ctx, grad_y):
 fused_conv_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# -- chain form (FLoRA) --------------------------------------------------------------------------
+# -- chain form (FLoRA, LoRA) -------------------------------------------------------------------
 
 
 def _fused_tucker_chain(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
-                        adapter: list[Tensor], math: str, scale: float, stride: list[int], padding: list[int],
-                        dilation: list[int], groups: int) -> tuple[Tensor, Tensor]:
-    """``(y, u)``: ``y = op(x, W, bias) + P_out(op_K(P_in(x_chain)))`` (``x_chain`` None: ``x``), with
-    ``P_out``'s product added in the frozen op's epilogue; ``u = P_in(x_chain)`` for the backward."""
+                        factors: list[Tensor], stride: list[int], padding: list[int], dilation: list[int],
+                        groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, u, z)``: ``y = op(x, W, bias) + P_out(z)`` with ``(u, z)`` the chain's activations on
+    ``x_chain`` (None: ``x``; u empty when folded) and ``P_out``'s product added in the frozen op's
+    epilogue; ``factors``: the chain's (``tucker_chain.chain_factors``). u and z are returned only
+    for the backward to keep."""
     with ops.autocast_off(x):
         k = kernels()
-        weights, _ = tucker_bypass.chain_weights(adapter, scale, groups, tuple(weight.shape), x.dtype, math)
-        u = tucker_bypass.chain_input_projection(x if x_chain is None else x_chain, weights, groups, k)
-        z = k.base_op(u, weights[1], None, stride, padding, dilation, groups)
-        up = weights[2].reshape(weights[2].shape[0], -1)
+        geometry = (stride, padding, dilation, groups)
+        weights = chain.conv_weights(factors, groups, weight.dim() - 2, x.dtype)
+        u, z = chain.chain_to_z(x if x_chain is None else x_chain, weights, geometry, k)
+        up = weights[-1].reshape(weights[-1].shape[0], -1)
         y = k.conv_forward(x, weight, bias, stride, padding, dilation, groups, up=(up, z))
-    if not tucker_bypass.has_input_projection(math):
-        return y, x.new_empty(0)  # u is the chain's input itself, which the backward has
-    return y, u.contiguous()
+    return y, (x.new_empty(0) if u is None else u.contiguous()), z.contiguous()
 
 
 def _fused_tucker_chain_composite(x: Tensor, x_chain: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
-                                  adapter: list[Tensor], math: str, scale: float, stride: list[int],
-                                  padding: list[int], dilation: list[int], groups: int) -> tuple:
+                                  factors: list[Tensor], stride: list[int], padding: list[int], dilation: list[int],
+                                  groups: int) -> tuple:
     """:func:`_fused_tucker_chain` in differentiable PyTorch ops (bypass's own composite)."""
-    return tucker_bypass._tucker_bypass_composite(x, x_chain, weight, bias, adapter, math, scale, stride, padding,
-                                                  dilation, groups, False, "reference")
+    return tucker_bypass._tucker_bypass_composite(x, x_chain, weight, bias, factors, stride, padding, dilation,
+                                                  groups, False, "reference")
 
 
 fused_tucker_chain_op = ops.FusedOp("fused_tucker_chain", _fused_tucker_chain, list_index=4,
@@ -195,75 +197,81 @@ fused_tucker_chain_op = ops.FusedOp("fused_tucker_chain", _fused_tucker_chain, l
 
 
 @fused_tucker_chain_op.register_fake
-def _(x, x_chain, weight, bias, adapter, math, scale, stride, padding, dilation, groups):
-    y = ops.base_op(x, weight.to(x.dtype), bias, stride, padding, dilation, groups)
-    if not tucker_bypass.has_input_projection(math):
-        return y.new_empty(y.shape), x.new_empty(0)
-    u = x.new_empty((x.shape[0], groups * adapter[2].shape[1], *x.shape[2:]))
-    return y.new_empty(y.shape), u
+def _(x, x_chain, weight, bias, factors, stride, padding, dilation, groups):
+    y, u, z = tucker_bypass.forward(x, x_chain, weight, bias, factors, (stride, padding, dilation, groups))
+    return y, (x.new_empty(0) if u is None else u.contiguous()), z.contiguous()
 
 
 def _fused_tucker_chain_backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor], weight: Tensor,
-                                 adapter: list[Tensor], u: Optional[Tensor], math: str, scale: float,
-                                 stride: list[int], padding: list[int], dilation: list[int], groups: int,
-                                 need_input: bool, need_chain_input: bool, need_weight: bool, need_bias: bool,
-                                 need_adapter: bool) -> list[Tensor]:
-    """The gradients of ``fused_tucker_chain`` that are needed, in input order: the chain's
-    backward of :func:`tucker_bypass.backward` on the fused kernels; without dropout the input
-    gradient through ``W'`` formed in the tiles."""
+                                 factors: list[Tensor], u: Optional[Tensor], z: Optional[Tensor], stride: list[int],
+                                 padding: list[int], dilation: list[int], groups: int, need_input: bool,
+                                 need_chain_input: bool, need_weight: bool, need_bias: bool,
+                                 need_factors: bool) -> list[Tensor]:
+    """The gradients of ``fused_tucker_chain`` that are needed, in input order: the frozen op's and
+    the chain's backward (``tucker_chain.chain_backward``) on the fused kernels; without dropout the
+    input gradient through ``W'`` formed in the tiles from the factors (a low-rank form of their own,
+    ``tucker_chain.compact_form``), no chain transposed."""
     with ops.autocast_off(x):
         k = kernels()
         geometry = (stride, padding, dilation, groups)
         grad_x = None
         if need_input and x_chain is None:
-            adapted, _ = _adapted_weight(weight, adapter, math, scale)
+            delta, compact = chain.compact_form(factors)
+            adapted, _ = k.AdaptedWeight.of(weight, compact, delta, "add", 1.0)
             grad_x = k.conv_input_grad(grad_y, x.shape, weight, *geometry, adapted=adapted)
         frozen_input = need_input and x_chain is not None
-        grad_frozen, grad_chain, grad_w, grad_b, grads = tucker_bypass.backward(
-            grad_y, x, x_chain, weight, adapter, u, scale, geometry, False, None, frozen_input, need_chain_input,
-            need_weight, need_bias, need_adapter, math, conv=k)
+        grad_frozen, grad_w, grad_b = k.op_backward(grad_y, x, weight.to(x.dtype), *geometry, frozen_input,
+                                                    need_weight, need_bias)
         grad_x = grad_frozen if frozen_input else grad_x
+        grad_chain, grads = None, None
+        chain_input_grad = need_chain_input and x_chain is not None
+        if need_factors or chain_input_grad:
+            grad_chain, grads = chain.chain_backward(grad_y, x if x_chain is None else x_chain, factors, u, z,
+                                                     geometry, chain_input_grad, need_factors, conv=k)
     return ops.gradients_as_promised([(grad_x, x), (grad_chain, x_chain), (grad_w, weight), (grad_b, grad_b),
-                                      *zip(grads or [], adapter)])
+                                      *zip(grads or [], factors)])
 
 
 fused_tucker_chain_backward_op = ops.FusedOp("fused_tucker_chain_backward", _fused_tucker_chain_backward)
 
 
 @fused_tucker_chain_backward_op.register_fake
-def _(grad_y, x, x_chain, weight, adapter, u, math, scale, stride, padding, dilation, groups, need_input,
-      need_chain_input, need_weight, need_bias, need_adapter):
+def _(grad_y, x, x_chain, weight, factors, u, z, stride, padding, dilation, groups, need_input, need_chain_input,
+      need_weight, need_bias, need_factors):
     return ops.fake_gradients([(need_input, x), (need_chain_input, x_chain), (need_weight, weight),
-                               (need_bias, grad_y.new_empty(weight.shape[0]))], adapter, need_adapter)
+                               (need_bias, grad_y.new_empty(weight.shape[0]))], factors, need_factors)
 
 
 def _chain_setup_context(ctx, inputs, output):
-    x, x_chain, weight, bias, adapter, *config = inputs
-    u = output[1]
-    kept_u = u if u.numel() and tucker_bypass.keeps_u(u, x if x_chain is None else x_chain) else None
-    ctx.save_for_backward(x, x_chain, weight, kept_u, *adapter)
-    ctx.config = config  # math, scale, stride, padding, dilation, groups
+    x, x_chain, weight, bias, factors, *config = inputs
+    _, u, z = output
+    u, z = chain.kept_for_backward(u if u.numel() else None, z, x if x_chain is None else x_chain)
+    ctx.save_for_backward(x, x_chain, weight, u, z, *factors)
+    ctx.config = config  # stride, padding, dilation, groups
 
 
-def _chain_backward(ctx, grad_y, _grad_u):
-    x, x_chain, weight, u, *adapter = ctx.saved_tensors
-    need_x, need_chain, need_w, need_b, need_adapter = ctx.needs_input_grad[:5]
+def _chain_backward(ctx, grad_y, _grad_u, _grad_z):
+    x, x_chain, weight, u, z, *factors = ctx.saved_tensors
+    need_x, need_chain, need_w, need_b, need_factors = ctx.needs_input_grad[:5]
     need_chain = need_chain and x_chain is not None
-    need_adapter = any(need_adapter)
-    grads = iter(fused_tucker_chain_backward_op(grad_y, x, x_chain, weight, adapter, u, *ctx.config, need_x,
-                                                need_chain, need_w, need_b, need_adapter))
+    need_factors = any(need_factors)
+    grads = iter(fused_tucker_chain_backward_op(grad_y, x, x_chain, weight, factors, u, z, *ctx.config, need_x,
+                                                need_chain, need_w, need_b, need_factors))
     picked = [next(grads) if need else None for need in (need_x, need_chain, need_w, need_b)]
-    grad_adapter = list(grads) if need_adapter else [None] * len(adapter)
-    return (*picked, grad_adapter, None, None, *ops.no_grad_for_lists(ctx.config[2:5]), None)
+    grad_factors = list(grads) if need_factors else [None] * len(factors)
+    return (*picked, grad_factors, *ops.no_grad_for_lists(ctx.config[:3]), None)
 
 
 fused_tucker_chain_op.register_autograd(_chain_backward, setup_context=_chain_setup_context)
 
 
-def run(call: AdaptedCall, form: str) -> Tensor:
-    """The adapted layer's output by strategy "fused" in ``form`` ("prologue" or "chain")."""
+def run(call: AdaptedCall, form: str, folded: bool = False) -> Tensor:
+    """The adapted layer's output by strategy "fused" in ``form`` ("prologue" or "chain"; the chain
+    ``folded`` or not, as ``tucker_chain`` says)."""
+    if form == "chain":
+        factors = chain.factors_of_call(call, folded)
+        return fused_tucker_chain_op(call.x, call.dropped_x, call.weight, call.bias, factors, list(call.stride),
+                                     list(call.padding), list(call.dilation), call.groups)[0]
     args = (call.x, call.dropped_x, call.weight, call.bias, list(call.adapter), call.math.key, float(call.scale),
             list(call.stride), list(call.padding), list(call.dilation), call.groups)
-    if form == "chain":
-        return fused_tucker_chain_op(*args)[0]
     return fused_conv_op(*args)

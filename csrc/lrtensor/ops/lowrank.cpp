@@ -79,10 +79,9 @@ c10::ScalarType accumulate_type(c10::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_lowrank_transform(const at::Tensor& weight, const at::Tensor& left, const at::Tensor& right,
-                             const at::Tensor& out) {
-  constexpr const char* op = "lrtensor::lowrank_transform";
-  check_lowrank_operands(op, weight, left, right);
+namespace {
+
+void check_out(const char* op, const at::Tensor& weight, const at::Tensor& out) {
   TORCH_CHECK(out.sym_sizes() == weight.sym_sizes(), op, ": expected out of the weight's shape ",
               weight.sym_sizes(), ", got ", out.sym_sizes());
   check_float(op, "out", out);
@@ -90,9 +89,8 @@ void check_lowrank_transform(const at::Tensor& weight, const at::Tensor& left, c
   check_same_device(op, "out", out, weight, "weight");
 }
 
-void check_lowrank_project(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& left,
-                           const at::Tensor& right, const at::Tensor& grad_left, const at::Tensor& grad_right) {
-  constexpr const char* op = "lrtensor::lowrank_project";
+void check_projection(const char* op, const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& left,
+                      const at::Tensor& right, const at::Tensor& grad_left, const at::Tensor& grad_right) {
   check_lowrank_operands(op, weight, left, right);
   TORCH_CHECK(grad.sym_sizes() == weight.sym_sizes(), op, ": expected grad of the weight's shape ",
               weight.sym_sizes(), ", got ", grad.sym_sizes());
@@ -107,6 +105,28 @@ void check_lowrank_project(const at::Tensor& grad, const at::Tensor& weight, con
   check_contiguous(op, "grad_right", grad_right);
   check_same_device(op, "grad_left", grad_left, weight, "weight");
   check_same_device(op, "grad_right", grad_right, weight, "weight");
+}
+
+}  // namespace
+
+void check_lowrank_transform(const at::Tensor& weight, const at::Tensor& left, const at::Tensor& right,
+                             const at::Tensor& out) {
+  constexpr const char* op = "lrtensor::lowrank_transform";
+  check_lowrank_operands(op, weight, left, right);
+  check_out(op, weight, out);
+}
+
+void check_lowrank_project(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& left,
+                           const at::Tensor& right, const at::Tensor& grad_left, const at::Tensor& grad_right) {
+  check_projection("lrtensor::lowrank_project", grad, weight, left, right, grad_left, grad_right);
+}
+
+void check_lowrank_project_transform(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& left,
+                                     const at::Tensor& right, const at::Tensor& grad_left,
+                                     const at::Tensor& grad_right, const at::Tensor& out) {
+  constexpr const char* op = "lrtensor::lowrank_project_transform";
+  check_projection(op, grad, weight, left, right, grad_left, grad_right);
+  check_out(op, weight, out);
 }
 
 int64_t check_channel_dot(const at::Tensor& a, const at::Tensor& b, int64_t channel_dim, const at::Tensor& out) {

@@ -30,6 +30,10 @@ void check_lowrank_transform(const at::Tensor& weight, const at::Tensor& left, c
                              const at::Tensor& out);
 void check_lowrank_project(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& left,
                            const at::Tensor& right, const at::Tensor& grad_left, const at::Tensor& grad_right);
+// lowrank_project's checks, and `out` as lowrank_transform's.
+void check_lowrank_project_transform(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& left,
+                                     const at::Tensor& right, const at::Tensor& grad_left,
+                                     const at::Tensor& grad_right, const at::Tensor& out);
 // Returns channel_dim wrapped into [0, a.dim()).
 int64_t check_channel_dot(const at::Tensor& a, const at::Tensor& b, int64_t channel_dim, const at::Tensor& out);
 

@@ -7,6 +7,10 @@
 //    (into partial_left[segment]) and left^T @ H over its rows (into partial_right[strip]).
 // 2. The partials are added in the order of their index, elementwise in parallel.
 // With one strip (or one segment) the tiles write grad_right (grad_left) directly.
+//
+// The same kernel serves lrtensor::lowrank_project_transform.out (../lowrank_project_transform.cpp):
+// each tile then also stores W' (or W' - W) for its elements, from the E and exp(E) it computes for H
+// anyway, so a backward that needs both W' and the projection reads the weight once.
 #include "lowrank_tile.h"
 
 #include <ATen/Parallel.h>
@@ -22,7 +26,7 @@ constexpr int64_t kSegmentCols = 1024;
 
 template <typename acc_t>
 struct ProjectArgs {
-  RowView<acc_t> grad, weight;
+  RowView<acc_t> grad, weight, out;  // out: W' (lowrank_project_transform), unused otherwise
   const acc_t* left;
   const acc_t* right;
   int64_t rows, cols, rank;
@@ -39,18 +43,19 @@ inline acc_t sum_lanes(const Vectorized<acc_t>& v) {
   return s;
 }
 
-template <typename acc_t, Combine kCombine>
+template <typename acc_t, Combine kCombine, bool kWritesWeight, bool kDeltaOnly>
 void project_tile(const ProjectArgs<acc_t>& p, int64_t strip, int64_t segment) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  constexpr bool kReadsWeight = kCombine != Combine::Add;
+  constexpr bool kReadsWeight = kCombine != Combine::Add || kWritesWeight;
+  constexpr bool kNeedsUpdate = kCombine == Combine::Exp || kWritesWeight;
   const int64_t rank = p.rank;
   const int64_t o_begin = strip * kStripRows, o_end = std::min(p.rows, o_begin + kStripRows);
   const int64_t c_begin = segment * kSegmentCols, c_end = std::min(p.cols, c_begin + kSegmentCols);
   // `right`'s chunk and the grad_right chunk stay in the first-level cache
   const int64_t chunk = column_chunk<acc_t>(rank, 12 * 1024);
   std::vector<acc_t> tile(kTileRows * rank), padded_right, g_buf(kTileRows * chunk), w_buf(kTileRows * chunk);
-  std::vector<acc_t> h(kTileRows * chunk), grad_right_chunk(rank * chunk);
+  std::vector<acc_t> h(kTileRows * chunk), grad_right_chunk(rank * chunk), o_buf(kWritesWeight ? kTileRows * chunk : 0);
   std::vector<acc_t> grad_left((o_end - o_begin) * rank, acc_t(0));
   for (int64_t c0 = c_begin; c0 < c_end; c0 += chunk) {
     const int64_t width = std::min(chunk, c_end - c0);
@@ -63,9 +68,11 @@ void project_tile(const ProjectArgs<acc_t>& p, int64_t strip, int64_t segment) {
       // H for kTileRows rows of this chunk; zero in the rows and columns beyond the weight
       const acc_t* g_row[kTileRows];
       const acc_t* w_row[kTileRows];
+      acc_t* o_row[kTileRows];
       for (int64_t i = 0; i < n_rows; ++i) {
         g_row[i] = p.grad.read_segment(o0 + i, c0, width, g_buf.data() + i * chunk);
         w_row[i] = kReadsWeight ? p.weight.read_segment(o0 + i, c0, width, w_buf.data() + i * chunk) : nullptr;
+        if constexpr (kWritesWeight) o_row[i] = p.out.write_target(o0 + i, c0, o_buf.data() + i * chunk);
       }
       for (int64_t i = kTileRows; i < 2 * kTileRows && o0 + i < o_end; ++i) {
         prefetch(p.grad.at(o0 + i, c0), width * p.grad.elem_size);
@@ -73,18 +80,34 @@ void project_tile(const ProjectArgs<acc_t>& p, int64_t strip, int64_t segment) {
       }
       for (int64_t c = 0; c < padded; c += 2 * V) {
         Vec e[kTileRows][2];
-        if constexpr (kCombine == Combine::Exp) lowrank_product(tile.data(), r, rank, c, e);
+        if constexpr (kNeedsUpdate) lowrank_product(tile.data(), r, rank, c, e);
         for (int64_t i = 0; i < kTileRows; ++i) {
           for (int64_t j = 0; j < 2; ++j) {
             const int64_t n = std::clamp<int64_t>(width - c - j * V, 0, V);
             Vec hv(acc_t(0));
             if (i < n_rows && n > 0) {
               const Vec g = load_lanes(g_row[i] + c + j * V, n);
-              hv = kReadsWeight ? update_grad<kCombine>(g, load_lanes(w_row[i] + c + j * V, n), e[i][j]) : g;
+              if constexpr (kWritesWeight) {
+                const Vec w = load_lanes(w_row[i] + c + j * V, n);
+                if constexpr (kCombine == Combine::Exp) {
+                  // one exp for both, in the order update_grad and combine use
+                  const Vec ex = e[i][j].exp();
+                  hv = g * w * ex;
+                  store_lanes(kDeltaOnly ? w * e[i][j].expm1() : w * ex, o_row[i] + c + j * V, n);
+                } else {
+                  hv = kCombine == Combine::Add ? g : update_grad<kCombine>(g, w, e[i][j]);
+                  store_lanes(combine<kCombine, kDeltaOnly>(w, e[i][j]), o_row[i] + c + j * V, n);
+                }
+              } else {
+                hv = kReadsWeight ? update_grad<kCombine>(g, load_lanes(w_row[i] + c + j * V, n), e[i][j]) : g;
+              }
             }
             hv.store(h.data() + i * chunk + c + j * V);
           }
         }
+      }
+      if constexpr (kWritesWeight) {
+        for (int64_t i = 0; i < n_rows; ++i) p.out.commit_segment(o0 + i, c0, width, o_row[i]);
       }
       // grad_left[o, a] += H[o, chunk] . right[a, chunk]; grad_right[a, chunk] += sum_o left[o, a] H[o, chunk]
       const acc_t* h0 = h.data();
@@ -136,20 +159,30 @@ void sum_partials(const acc_t* partials, int64_t count, int64_t n, acc_t* out) {
   });
 }
 
+// `out` defined: also W' (or W' - W with `delta_only`) into it (lowrank_project_transform).
 template <typename acc_t>
 void project(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& left, const at::Tensor& right,
-             Combine combine, at::Tensor& grad_left, at::Tensor& grad_right) {
+             Combine combine, at::Tensor& grad_left, at::Tensor& grad_right, const at::Tensor& out = at::Tensor(),
+             bool delta_only = false) {
   const int64_t rows = left.size(0), rank = left.size(1), cols = right.size(1);
   const int64_t strips = (rows + kStripRows - 1) / kStripRows;
   const int64_t segments = (cols + kSegmentCols - 1) / kSegmentCols;
   at::Tensor partial_left = segments == 1 ? grad_left : at::empty({segments, rows, rank}, left.options());
   at::Tensor partial_right = strips == 1 ? grad_right : at::empty({strips, rank, cols}, right.options());
+  const bool writes = out.defined();
   const ProjectArgs<acc_t> args{RowView<acc_t>(grad, cols), RowView<acc_t>(weight, cols),
-                                left.const_data_ptr<acc_t>(), right.const_data_ptr<acc_t>(), rows, cols, rank,
-                                partial_left.data_ptr<acc_t>(), partial_right.data_ptr<acc_t>()};
-  dispatch_combine(combine, false, [&]<Combine kCombine, bool>() {
+                                RowView<acc_t>(writes ? out : weight, cols), left.const_data_ptr<acc_t>(),
+                                right.const_data_ptr<acc_t>(), rows, cols, rank, partial_left.data_ptr<acc_t>(),
+                                partial_right.data_ptr<acc_t>()};
+  dispatch_combine(combine, delta_only, [&]<Combine kCombine, bool kDeltaOnly>() {
     at::parallel_for(0, strips * segments, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) project_tile<acc_t, kCombine>(args, t / segments, t % segments);
+      for (int64_t t = begin; t < end; ++t) {
+        if (writes) {
+          project_tile<acc_t, kCombine, true, kDeltaOnly>(args, t / segments, t % segments);
+        } else {
+          project_tile<acc_t, kCombine, false, false>(args, t / segments, t % segments);
+        }
+      }
     });
   });
   if (segments > 1) sum_partials(args.partial_left, segments, rows * rank, grad_left.data_ptr<acc_t>());
@@ -171,10 +204,26 @@ void lowrank_project_cpu(const at::Tensor& grad, const at::Tensor& weight, const
   }
 }
 
+void lowrank_project_transform_cpu(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& left,
+                                   const at::Tensor& right, c10::string_view combine, bool delta_only,
+                                   at::Tensor& grad_left, at::Tensor& grad_right, at::Tensor& out) {
+  const Combine rule = parse_combine("lrtensor::lowrank_project_transform", combine);
+  check_lowrank_project_transform(grad, weight, left, right, grad_left, grad_right, out);
+  if (weight.numel() == 0) {
+    grad_left.zero_();
+    grad_right.zero_();
+  } else if (weight.scalar_type() == at::kDouble) {
+    project<double>(grad, weight, left, right, rule, grad_left, grad_right, out, delta_only);
+  } else {
+    project<float>(grad, weight, left, right, rule, grad_left, grad_right, out, delta_only);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrtensor, CPU, m) {
   m.impl("lowrank_project.out", &lowrank_project_cpu);
+  m.impl("lowrank_project_transform.out", &lowrank_project_transform_cpu);
 }
 
 }  // namespace lrtensor::ops::cpu
