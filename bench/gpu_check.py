@@ -12,6 +12,9 @@ Stages, each with its estimate on an H200 and how it was made (none has been mea
 - ``correctness``: every op and strategy of the Triton backend on CUDA against the float64 oracle
   and the reference (pytest on the fused kernel, layer and property tests, 8 workers). 150 s:
   about 200 kernel specialisations at 2-4 s of Triton compile each over 8 processes, plus the tests.
+  Then strategy "fused" (the implicit-GEMM kernels) on four layers in float32 and bfloat16 and every
+  GPU tile in float32, against the oracle: 40 s more, about 100 specialisations (the autotuner
+  compiles 2-4 tiles per op and shape) over 8 processes.
 - ``native``: the native backend's CUDA build (started in the background at the beginning, ninja
   on 8 jobs) and its tests on CUDA. 90 s: 4 .cu and 6 .cpp files, the slowest .cu about a minute.
 - ``layers``: per-layer step times in bfloat16 of frozen, full fine-tuning, PEFT-style LoRA and
@@ -25,7 +28,7 @@ Stages, each with its estimate on an H200 and how it was made (none has been mea
 
 Setup (the import checks, wheels from ``.whl/`` installed into a temporary directory when a
 package is missing: the device machine has no network) takes about 15 s; the estimates add up to
-about 7 minutes, inside the 8 of the budget (``--budget``). Each estimate counts the kernels to
+about 7.5 minutes, inside the 8 of the budget (``--budget``). Each estimate counts the kernels to
 compile or the steps to time; none has been measured on the device yet.
 """
 from __future__ import annotations
@@ -67,7 +70,7 @@ def _pytest(files: list, select: Optional[str], junit: Path, workers: int) -> li
 
 
 STAGES = (
-    Stage("correctness", 150, 240, needs=("pytest", "triton", "hypothesis")),
+    Stage("correctness", 190, 280, needs=("pytest", "triton", "hypothesis")),
     Stage("native", 90, 180, needs=("pytest", "ninja")),
     Stage("layers", 60, 120),
     Stage("kernels", 45, 90, needs=("triton",)),
@@ -75,6 +78,11 @@ STAGES = (
 )
 CORRECTNESS_FILES = ["tests/test_fused_kernels.py", "tests/test_fused_layers.py", "tests/test_fused_properties.py",
                      "tests/test_triton_expm1.py", "tests/test_gpu_plans.py"]
+# strategy "fused": four layers (conv with groups and stride, reflect padding, LoRA linear, SSB
+# linear) in every form, float32 and bfloat16, and each GPU tile list
+FUSED_FILES = ["tests/test_fused_strategy.py"]
+FUSED_SELECT = ("fused_matches_the_oracle and (float32 or bfloat16) and (flora_conv2d_groups_stride or "
+                "liera_exp_conv2d_reflect or lora_linear or ssb_linear) or every_gpu_launch_plan and float32")
 NATIVE_FILES = ["tests/test_fused_kernels.py", "tests/test_fused_layers.py", "tests/test_native_ops.py"]
 
 
@@ -82,7 +90,9 @@ def commands(stage: str, dry_run: bool, work: Path, workers: int) -> list:
     """The commands of ``stage`` (run in order; the stage fails at the first that fails)."""
     if stage == "correctness":
         select = "not native" if not dry_run else "triton and float32 and (linear or lora_r8) and not large"
-        return [_pytest(CORRECTNESS_FILES, select, work / "correctness.xml", workers)]
+        fused = FUSED_SELECT if not dry_run else "fused_matches_the_oracle and lora_linear-prologue-float32"
+        return [_pytest(CORRECTNESS_FILES, select, work / "correctness.xml", workers),
+                _pytest(FUSED_FILES, fused, work / "correctness_fused.xml", workers)]
     if stage == "native":
         build = [sys.executable, "-c", "from lrtensor_kernels.kernels import native_build as nb; nb.load(); "
                  "print('native library:', nb.load(), 'CUDA kernels:', nb.has_cuda_kernels())"]
@@ -132,7 +142,13 @@ def _progress_counts(lines: list) -> dict:
 
 def headline(stage: str, work: Path, output: str = "") -> dict:
     """The few numbers of a stage the summary shows, and its tool's data."""
-    if stage in ("correctness", "native"):
+    if stage == "correctness":  # the Triton backend's tests, then strategy fused's
+        counts = [c for c in (_junit_counts(work / f"{stage}{part}.xml") for part in ("", "_fused")) if c]
+        if not counts:
+            return _progress_counts(output.splitlines())
+        return {k: [f for c in counts for f in c[k]] if k == "failed" else sum(c[k] for c in counts)
+                for k in counts[0]}
+    if stage == "native":
         return _junit_counts(work / f"{stage}.xml") or _progress_counts(output.splitlines())
     data_file = work / f"{stage}.json"
     if not data_file.is_file():

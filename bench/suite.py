@@ -370,6 +370,8 @@ def float64_route(layer: lk.AdapterLayer) -> Callable[[Tensor, Tensor], tuple]:
 
     def run(x: Tensor, grad_out: Tensor) -> tuple:
         twin = copy.deepcopy(layer).double()
+        if twin.strategy == "fused":  # the triton backend's alone; merged is the same function
+            twin.strategy = "merged"
         x64 = x.detach().double().requires_grad_(True)
         with lk.use_backend("reference"):
             y = twin(x64)
@@ -408,8 +410,25 @@ def setup_triton(shape: Shape, ctx: Context, method: str, strategy: str = "auto"
     """The adapter layer on backend "triton" (fused weight transform and backward projection)."""
     require_triton(ctx.device)
     layer = adapter_layer(shape, ctx, method, strategy)
-    return Prepared(on_backend(layer, "triton"), layer.adapter_parameters(), on_backend(layer, "reference"),
+    return Prepared(on_backend(layer, "triton"), layer.adapter_parameters(), reference_oracle(layer),
                     f"{method}_reference", strategy_of=strategy_of(layer, "triton"), float64=float64_route(layer))
+
+
+def reference_oracle(layer: lk.AdapterLayer) -> Callable[[Tensor], Tensor]:
+    """``x -> layer(x)`` on the reference backend; a layer set to "fused" (which runs on the triton
+    backend only) runs merged there, the same function."""
+    run = on_backend(layer, "reference")
+    if layer.strategy != "fused":
+        return run
+
+    def forward(x: Tensor) -> Tensor:
+        layer.strategy = "merged"
+        try:
+            return run(x)
+        finally:
+            layer.strategy = "fused"
+
+    return forward
 
 
 def setup_compiled(shape: Shape, ctx: Context, method: str, strategy: str = "auto") -> Prepared:
@@ -459,6 +478,11 @@ def method_strategies(method: str) -> tuple:
     return ("auto",) + lk.strategies.cost.applicable(probe.adapter_math)
 
 
+def route_strategies(method: str, route: str) -> tuple:
+    """``method_strategies`` plus "fused" on the triton route (its kernels run there only)."""
+    return method_strategies(method) + (("fused",) if route == "triton" else ())
+
+
 def provider_name(method: str, route: str, strategy: str) -> str:
     """``<method>_<route>`` under "auto", ``<method>_<route>:<strategy>`` for a forced strategy."""
     return f"{method}_{route}" if strategy == "auto" else f"{method}_{route}:{strategy}"
@@ -484,7 +508,7 @@ def providers_for(device: torch.device, strategies: tuple = lk.STRATEGIES, extra
     providers = {**BASELINE_PROVIDERS, **(extra_baselines or {})}
     for method in METHODS:
         for route, setup in routes.items():
-            for strategy in method_strategies(method):
+            for strategy in route_strategies(method, route):
                 if strategy in strategies:
                     providers[provider_name(method, route, strategy)] = functools.partial(
                         setup, method=method, strategy=strategy)
@@ -494,7 +518,7 @@ def providers_for(device: torch.device, strategies: tuple = lk.STRATEGIES, extra
 def triton_providers() -> dict:
     """The "<method>_triton" providers alone (verified on the CPU under TRITON_INTERPRET=1), every strategy."""
     return {provider_name(m, "triton", st): functools.partial(setup_triton, method=m, strategy=st)
-            for m in METHODS for st in method_strategies(m)}
+            for m in METHODS for st in route_strategies(m, "triton")}
 
 
 def select_providers(providers: dict, patterns: Optional[list]) -> dict:

@@ -127,7 +127,7 @@ def strategy_lines(rows: Rows) -> list:
             continue
         x_frozen = {st: geometric_mean(rows.ratios(p, suite.FLOOR)) for st, p in by_strategy.items()}
         auto_over_best = None
-        if "auto" in by_strategy and set(by_strategy) == set(suite.method_strategies(method)):
+        if "auto" in by_strategy and set(by_strategy) == set(suite.route_strategies(method, backend)):
             forced = [p for st, p in by_strategy.items() if st != "auto"]
             losses = []
             for shape in rows.shapes:

@@ -361,6 +361,10 @@ class AdapterLayer(HeldAdapters, nn.Module):
             return self.base_forward(x)
         if self.merged:
             return super().forward(x)
+        if self.strategy == "fused":
+            problem = strategies.cannot_run(self.strategy, x.device)
+            if problem:
+                raise self._error(AdapterConfigError, problem)
         dropped = F.dropout(x, self.dropout, True) if self.dropout > 0 and self.training else None
         if self._is_linear():
             flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731

@@ -10,7 +10,7 @@ from torch import nn
 from .adapter_layer import AdapterLayer
 from .strategies import cost, observing
 
-_STRATEGY_COLUMNS = ("merged", "two_branch", "bypass", "hybrid")
+_STRATEGY_COLUMNS = ("merged", "two_branch", "bypass", "hybrid", "fused")  # "fused": shown when a row has it (triton)
 
 
 @dataclass
@@ -36,12 +36,13 @@ class Plan(list):
     """A list of :class:`PlanRow`; ``str(plan)`` is a Markdown table."""
 
     def __str__(self) -> str:
+        columns = [s for s in _STRATEGY_COLUMNS if s != "fused" or any(s in r.relative_cost for r in self)]
         head = ["layer", "type", "weight", "input", "dtype", "strategy", "backend"] + [
-            f"{s} (x frozen)" for s in _STRATEGY_COLUMNS] + ["why"]
+            f"{s} (x frozen)" for s in columns] + ["why"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self:
             chosen = r.strategy if r.requested == "auto" else f"{r.strategy} (set)"
-            costs = [f"{r.relative_cost[s]:.2f}" if s in r.relative_cost else "-" for s in _STRATEGY_COLUMNS]
+            costs = [f"{r.relative_cost[s]:.2f}" if s in r.relative_cost else "-" for s in columns]
             why = "; ".join([r.reason] + r.notes)
             lines.append("| " + " | ".join([r.name or "(root)", r.layer, "x".join(map(str, r.weight_shape)),
                                             "x".join(map(str, r.input_shape)), r.dtype, chosen, r.backend or "-",

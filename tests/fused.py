@@ -22,3 +22,26 @@ def fused_kernels(name: str):
     from lrtensor_kernels.ops import kernels_for
 
     return kernels_for(name)
+
+
+def compiled_matches_eager(model, x, device: str, backend: str):
+    """One forward and backward of ``model`` eagerly and under ``torch.compile(fullgraph=True)``
+    (inductor on CUDA, aot_eager on the CPU) on ``backend``: the same output and gradients."""
+    import torch
+
+    import lrtensor_kernels as lk
+    from oracle import rel_err
+
+    with lk.use_backend(backend):
+        model.zero_grad()
+        eager = model(x)
+        eager.sum().backward()
+        eager_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+        out = compiled(x)
+        out.sum().backward()
+    assert rel_err(out, eager) < 1e-6
+    for g, e in zip([p.grad for p in model.parameters() if p.requires_grad], eager_grads):
+        assert rel_err(g, e) < 1e-5

@@ -12,7 +12,7 @@ from torch import nn
 
 import lrtensor_kernels as lk
 from forms import chain_form, flora_strategies, strategy_and_form
-from fused import FUSED_BACKENDS, fused_kernels
+from fused import FUSED_BACKENDS, compiled_matches_eager, fused_kernels
 from oracle import F64, assert_accuracy, effective_weight64, layer_oracle, plain_twin, randomize_adapter, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -302,19 +302,7 @@ def test_compile_fullgraph_has_no_graph_break(fused):
     lk.inject(model, "flora")
     for _, layer in lk.adapter_layers(model):
         randomize_adapter(layer, 1)
-    x = torch.randn(2, 3, 7, 7, device=DEVICE)
-    with lk.use_backend(fused):
-        eager = model(x)
-        eager.sum().backward()
-        eager_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        model.zero_grad()
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
-        out = compiled(x)
-        out.sum().backward()
-    assert rel_err(out, eager) < 1e-6
-    for g, e in zip([p.grad for p in model.parameters() if p.requires_grad], eager_grads):
-        assert rel_err(g, e) < 1e-5
+    compiled_matches_eager(model, torch.randn(2, 3, 7, 7, device=DEVICE), DEVICE, fused)
 
 
 @pytest.mark.gpu

@@ -39,6 +39,7 @@ def _cases():
         for strategy in ("auto",) + cost.applicable(make().adapter_math):
             for backend in BACKENDS:
                 yield pytest.param(name, strategy, backend, id=f"{name}-{strategy}-{backend}")
+        yield pytest.param(name, "fused", "triton", id=f"{name}-fused-triton")  # fused runs on triton alone
 
 
 cases = pytest.mark.parametrize("name, strategy, backend", list(_cases()))

@@ -28,6 +28,7 @@ def _cases():
         for strategy in ("auto",) + cost.applicable(make(device="meta").adapter_math):
             for backend in ("reference", "native", "triton"):
                 yield pytest.param(name, strategy, backend, id=f"{name}-{strategy}-{backend}")
+        yield pytest.param(name, "fused", "triton", id=f"{name}-fused-triton")  # fused runs on triton alone
 
 
 def _input(layer, device):

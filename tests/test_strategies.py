@@ -74,15 +74,16 @@ def test_reenabled_base_gets_correct_gradients(strategy):
 @pytest.mark.parametrize("method", list(lk.layers.LAYERS))
 def test_every_applicable_strategy_is_accepted(method):
     layer = _small(_classes(method)[1])
-    expected = ("auto", "merged", "two_branch") + {"flora": ("bypass", "hybrid"), "lora": ("bypass", "hybrid"),
-                                                   "ssl": ("bypass",), "ssb": ("bypass",)}.get(method, ())
+    expected = ("auto", "merged", "two_branch", "fused") + {
+        "flora": ("bypass", "hybrid"), "lora": ("bypass", "hybrid"), "ssl": ("bypass",),
+        "ssb": ("bypass",)}.get(method, ())
     for strategy in expected:
         layer.strategy = strategy
         assert layer.strategy == strategy
     for strategy in set(lk.STRATEGIES) - set(expected):
         with pytest.raises(ValueError, match=f"strategy '{strategy}' cannot run"):
             layer.strategy = strategy
-    assert lk.STRATEGIES == ("auto", "merged", "two_branch", "bypass", "hybrid")
+    assert lk.STRATEGIES == ("auto", "merged", "two_branch", "bypass", "hybrid", "fused")
 
 
 @pytest.mark.parametrize("bad", ["fastest", "", None, 3, "Bypass"])
@@ -99,7 +100,7 @@ def test_unknown_strategy_is_a_clear_error(bad):
 def test_bypass_for_liera_is_a_clear_error(delta):
     layer = lk.LieRAConv2d(3, 4, 3, delta=delta)
     with pytest.raises(ValueError, match=r"LieRAConv2d: strategy 'bypass' cannot run a 'exp' update.*no low-rank "
-                                         r"bypass.*\('auto', 'merged', 'two_branch'\)"):
+                                         r"bypass.*\('auto', 'merged', 'two_branch', 'fused'\)"):
         layer.strategy = "bypass"
     assert layer.strategy == "auto"
     with pytest.raises(ValueError, match="strategy 'bypass' cannot run"):

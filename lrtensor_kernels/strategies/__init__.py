@@ -13,6 +13,9 @@ computed, never its value (up to rounding), the parameters or what is saved to a
 - ``"hybrid"`` (FLoRA, LoRA): the forward and the input gradient through ``W'`` as merged, the
   adapter gradients through the low-rank chain as bypass (:mod:`.tucker_hybrid`); no full weight
   gradient.
+- ``"fused"`` (any method, triton backend): the adapter math inside the convolution's or matmul's
+  own tiles, Triton implicit-GEMM kernels for every op (:mod:`.fused`); FLoRA and LoRA may run
+  their low-rank chain there instead, with the up-projection in the frozen op's epilogue.
 - ``"auto"`` (default): chosen by the cost model (:mod:`.cost`) once per layer call signature; on
   the CPU it also picks the backend (native or reference) it estimates faster for the layer, when
   the backend in force is "auto".
@@ -32,21 +35,34 @@ import torch
 from torch import Tensor
 
 from .. import backend, methods
-from . import cost, merged, scale_bypass, tucker_bypass, tucker_hybrid
+from . import cost, fused, merged, scale_bypass, tucker_bypass, tucker_hybrid
 from .call import AdaptedCall
 
-STRATEGIES = ("auto", "merged", "two_branch", "bypass", "hybrid")
+STRATEGIES = ("auto", "merged", "two_branch", "bypass", "hybrid", "fused")
 
 
 def check_strategy(strategy, math: methods.AdapterMath) -> str:
     """``strategy`` if it names a strategy that can run ``math``; else a ValueError saying why."""
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if strategy != "auto" and strategy not in cost.applicable(math):
+    if strategy not in ("auto", "fused") and strategy not in cost.applicable(math):
         why = "it has no low-rank bypass" if strategy == "bypass" else "hybrid needs an additive Tucker or LoRA update"
+        expected = ("auto",) + cost.applicable(math) + ("fused",)
         raise ValueError(f"strategy {strategy!r} cannot run a {math.combine!r} update of a {math.delta!r} delta "
-                         f"({why}); expected one of {('auto',) + cost.applicable(math)}")
+                         f"({why}); expected one of {expected}")
     return strategy
+
+
+def cannot_run(strategy: str, device: torch.device) -> str:
+    """Why ``strategy`` cannot run on tensors on ``device`` with the backend in force ("" if it can):
+    "fused" needs the triton backend."""
+    if strategy == "fused":
+        impl = backend.resolve(device)
+        if impl != "triton":
+            return (f"strategy 'fused' runs on the 'triton' backend (its implicit-GEMM kernels), but the backend in "
+                    f"force for tensors on {device} is {impl!r}: use lk.use_backend('triton') (CUDA tensors, or the "
+                    f"CPU with TRITON_INTERPRET=1) or another strategy")
+    return ""
 
 
 def _run_bypass(call: AdaptedCall, decision: cost.Decision) -> Tensor:
@@ -66,6 +82,7 @@ _RUN = {
     "two_branch": lambda call, decision: merged.run_two_branch(call),
     "bypass": _run_bypass,
     "hybrid": _run_hybrid,
+    "fused": lambda call, decision: fused.run(call, decision.fused_form, decision.folded),
 }
 
 

@@ -22,6 +22,11 @@ matmuls, weight-sized passes, activation-sized passes and fixed per-call costs.
 - In bfloat16/float16 FLoRA, LoRA and SSL/SSB never run merged or hybrid: rounding ``W'`` to the op's
   dtype loses most of a small update (see the precision table of docs/strategies.md), which bypass
   and two_branch keep.
+- "fused" (the Triton implicit-GEMM kernels, triton backend only) is considered only on a CUDA
+  device whose ``DeviceModel`` was calibrated by a measurement run (``calibrated``; none is yet):
+  until then auto keeps the other strategies' choices and says why. In bfloat16/float16 its
+  ``W'``-in-the-tiles form rounds like merged and follows merged's rule; the chain form (FLoRA,
+  LoRA) keeps the update.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from typing import Optional
 import torch
 
 from .. import methods
+from ..errors import AdapterConfigError
 from .call import AdaptedCall
 
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)
@@ -49,13 +55,16 @@ class DeviceModel:
     gradient (None: the dense rate); ``matmul``: FLOP/s of a linear layer's matmuls (None: the
     dense rate); ``conv_overhead``: seconds a convolution call costs beyond ``op_overhead``,
     ``spatial_conv_overhead``: what a convolution with a kernel larger than 1x1,
-    or a stride, costs beyond that; ``exp_rate``: elements/s through ``exp`` in a fused pass (None: free);
+    or a stride, costs beyond that; ``exp_rate``: elements/s through ``exp`` in a fused pass or
+    a fused kernel's tiles (None: free);
     ``call_overhead``: seconds of Python and autograd per call of a strategy, by ``(cost kind,
     fused)`` (:attr:`Cost.kind`), beyond the ops counted; ``matmul_flops``: FLOP/s of a linear
     layer's matmuls per dtype (before ``matmul``); ``adapter_op_overhead``: host seconds each op of an
     adapter strategy costs beyond ``op_overhead`` (this package's Python around the op:
     autograd.Function, the launchers, the strategy's bookkeeping; not charged to the frozen layer
-    nor to full fine-tuning; CUDA's, where ``call_overhead`` is not fitted)."""
+    nor to full fine-tuning; CUDA's, where ``call_overhead`` is not fitted); ``calibrated``: the
+    constants were fitted to a measurement run of this package's strategies on the device, fused
+    kernels included (auto considers "fused" only then)."""
 
     flops: dict
     bandwidth: float
@@ -70,6 +79,7 @@ class DeviceModel:
     call_overhead: dict = field(default_factory=dict)
     matmul_flops: Optional[dict] = None
     adapter_op_overhead: float = 0.0
+    calibrated: bool = False
 
     def flop_rate(self, dtype: torch.dtype) -> float:
         return self.flops.get(dtype, self.flops[torch.float32])
@@ -133,13 +143,15 @@ DEVICES = {
     # float32 convolutions in TF32 as cuDNN runs them by default, float32 matmuls in full float32
     # as torch does by default; float64 not measured: the H100 sheet's figure kept). The adapter
     # ops' host cost fitted by bench/cuda_fit.py to the layer rows (layers.json): the median of
-    # (measured step - the model's device time) / ops over this package's rows.
+    # (measured step - the model's device time) / ops over this package's rows. Exponentials: 16 per
+    # clock and multiprocessor on the special-function units at 1.75 GHz (the data sheet's; not
+    # measured). Not calibrated for strategy "fused": that run had no fused kernels.
     "cuda": DeviceModel(flops={torch.float32: 146e12, torch.float64: 50e12, torch.bfloat16: 374e12,
                                torch.float16: 361e12},
                         bandwidth=4.10e12, op_overhead=8.1e-6, grouped=2.02e12, grouped_weight_grad=1.24e12,
                         conv_overhead=6.18e-6,
                         matmul_flops={torch.float32: 50.6e12, torch.bfloat16: 785e12, torch.float16: 755e12},
-                        adapter_op_overhead=200e-6),
+                        adapter_op_overhead=200e-6, exp_rate=3.7e12),
 }
 
 
@@ -180,6 +192,11 @@ class Workload:
     def fused(self) -> bool:
         """Whether a fused backend builds ``W'`` (one pass) rather than the reference math."""
         return self.impl != "reference"
+
+    @property
+    def triton(self) -> bool:
+        """On the triton backend, where strategy "fused" runs."""
+        return self.impl == "triton"
 
     @property
     def output_shape(self) -> tuple:
@@ -238,7 +255,7 @@ class Cost:
     conv_calls: int = 0  # of ``ops``: convolutions (fixed costs beyond a small op's on some devices)
     spatial_conv_calls: int = 0  # of ``conv_calls``: those with a kernel larger than 1x1
     matmul_flops: float = 0.0  # part of ``flops``: a linear layer's matmuls
-    exp_elements: float = 0.0  # elements through exp in weight-sized passes
+    exp_elements: float = 0.0  # elements through exp: weight-sized passes, the fused kernels' tiles
     fresh_bytes: float = 0.0  # weight-sized tensors allocated afresh (weight gradients, autograd's W')
     kind: str = ""
     fused: bool = False
@@ -619,6 +636,102 @@ def scale_bypass_cost(w: Workload) -> Cost:
     return cost
 
 
+# The pixel tile for which the fused kernels form a W' tile (the GPU plans' usual block): the
+# prologue's E = L @ R and combine are paid once per weight element and pixel tile.
+FUSED_PIXEL_TILE = 128
+
+
+def _fused_rank(w: Workload) -> int:
+    """The rank the fused tiles compute E with: 1 for scales, else the rank padded to a power of two >= 16."""
+    rank = w.ranks[0] if w.ranks else 1
+    return 1 if rank == 1 else max(16, 1 << (rank - 1).bit_length())
+
+
+def _prologue(s: _Sizes, cost: Cost, pixels: float) -> Cost:
+    """``W'`` formed in the weight tiles of a pass over ``pixels`` pixels: ``E = L @ R`` and, for
+    exp, one exponential per weight element and pixel tile; no bytes, no op of its own."""
+    tiles = pymath.ceil(pixels / FUSED_PIXEL_TILE)
+    if s.w.math.combine == "exp":
+        cost.exp_elements += s.weight * tiles
+    return cost.add(2.0 * _fused_rank(s.w) * s.weight * tiles, 0, ops=0, part=_CONV)
+
+
+def fused_prologue_cost(w: Workload) -> Cost:
+    """Strategy "fused", ``W'`` in the tiles: the layer's op with ``W'`` formed in its weight tiles
+    (forward and input gradient), the weight gradient projected in its epilogue; no weight-sized
+    pass. With dropout, ``op(x, W) + op(xd, W' - W)`` (the second adds the first in its epilogue)."""
+    s = _Sizes(w)
+    cost = Cost(notes=["W' formed in the op's weight tiles"], kind="fused", fused=True)
+    pixels_out, pixels_in = s.batch * s.pixels_out, s.batch * s.pixels_in
+    _prologue(s, s.conv_pass(cost), pixels_out)
+    if w.dropout:
+        s.op(s.conv_pass(cost), 0, s.y)
+    if w.need_input or w.dropout:
+        _prologue(s, s.conv_pass(cost), pixels_in)
+        if w.dropout and w.need_input:
+            s.conv_pass(cost)
+    if w.need_adapter:
+        epilogue = (4.0 + (2.0 if w.math.combine == "exp" else 0.0)) * _fused_rank(w) * s.weight
+        s.grouped_op(cost, s.conv, s.x, s.weight, s.y, weight_grad=True)  # dW' in the tiles: no fresh tensor
+        cost.add(epilogue, 0 if w.math.combine == "add" else s.weight * s.e, ops=0, part=_CONV)
+        cost.exp_elements += s.weight if w.math.combine == "exp" else 0
+        cost.notes.append("weight gradient projected in its tiles")
+    if w.need_weight:
+        s.weight_grad_pass(cost)
+    return cost
+
+
+def _fused_chain_form(w: Workload, folded: bool) -> Cost:
+    s = _Sizes(w)
+    chain = _Chain.of(s, w, folded)
+    cost = s.conv_pass(Cost(notes=["op(x, W) + low-rank chain, U_1 z in the op's epilogue"], kind="fused",
+                            fused=True))
+    chain.to_z(s, cost)
+    cost.add(chain.f_out, s.e * chain.z, ops=0, part=_CONV)
+    kept = chain.kept(s.x)
+    if w.dropout:
+        s.conv_pass(cost)
+        chain.backward(s, cost, kept, True, w.need_adapter)
+        cost.notes.append("input gradient through W and the chain")
+    else:
+        if w.need_adapter:
+            chain.backward(s, cost, kept, False)
+        if w.need_input:
+            _prologue(s, s.conv_pass(cost), s.batch * s.pixels_in)
+            cost.notes.append("input gradient through W' formed in the tiles")
+    if w.need_weight:
+        s.weight_grad_pass(cost)
+    cost.notes += _chain_notes(w, chain, kept)
+    return cost
+
+
+def fused_chain_cost(w: Workload) -> Cost:
+    """Strategy "fused", chain form (FLoRA's Tucker chain, three ops or folded, LoRA's A-then-B
+    chain): the frozen op plus the chain, all on the fused kernels, the chain's up-projection added
+    in the frozen op's epilogue (no output-sized pass), the input gradient through ``W'`` formed in
+    the tiles (exactly the frozen layer's op)."""
+    return _cheapest(w, _fused_chain_form)
+
+
+CHAIN_FORMS = ("tucker:add", "lora:add")  # the updates whose fused form may be the chain
+
+
+def fused_form(w: Workload) -> tuple:
+    """``(form, cost)`` of strategy "fused": "chain" or "prologue" for FLoRA and LoRA, whichever
+    costs less (the chain alone in bfloat16/float16, where the prologue form would round the update
+    into ``W'``), "prologue" for every other method."""
+    prologue = fused_prologue_cost(w)
+    if w.math.key not in CHAIN_FORMS:
+        return "prologue", prologue
+    chain = fused_chain_cost(w)
+    if w.dtype in REDUCED_PRECISION:
+        return "chain", chain
+    device = device_model(w.device_type)
+    if chain.seconds(device, w.dtype) <= prologue.seconds(device, w.dtype):
+        return "chain", chain
+    return "prologue", prologue
+
+
 @dataclass
 class Decision:
     """The strategy a call runs (and on which backend), why, and every candidate's estimated cost on
@@ -630,6 +743,7 @@ class Decision:
     reason: str
     costs: dict
     input_grad_via_weight: bool = False
+    fused_form: str = ""  # strategy "fused": "prologue" (W' in the tiles) or "chain" (FLoRA's or LoRA's chain)
     folded: bool = False
     impl: Optional[str] = None
     backend_seconds: dict = field(default_factory=dict)
@@ -695,22 +809,36 @@ def decide(w: Workload, requested: str) -> Decision:
     device = device_model(w.device_type)
     candidates = applicable(w.math)
     costs = {name: strategy_cost(w, name) for name in candidates}
+    form = ""
+    if w.triton:
+        form, costs["fused"] = fused_form(w)
+    elif requested == "fused":
+        raise AdapterConfigError("strategy 'fused' runs on the 'triton' backend only (its implicit-GEMM kernels)")
     times = {name: cost.seconds(device, w.dtype) for name, cost in costs.items()}
+    fused_considered = w.triton and w.device_type == "cuda" and device.calibrated
     if requested != "auto":
         strategy, reason = requested, "set on the layer"
     elif w.math.combine in ("exp", "first_order"):
         strategy, reason = "merged", "multiplicative update: no bypass; merged is the cheapest exact form"
+        if fused_considered and times["fused"] < times["merged"]:
+            strategy, reason = "fused", "multiplicative update: no bypass; fused is the cheapest exact form"
     else:
         allowed = [c for c in candidates if not (c in ROUND_WEIGHT and w.dtype in REDUCED_PRECISION)]
+        if fused_considered and not (form == "prologue" and w.dtype in REDUCED_PRECISION):
+            allowed.append("fused")
         strategy = min(allowed, key=times.__getitem__)
         reason = "cheapest estimate"
-        if len(allowed) < len(candidates):
-            excluded = " and ".join(c for c in candidates if c not in allowed)
-            reason += f"; {excluded} excluded: {str(w.dtype).replace('torch.', '')} would round a small update away"
+        excluded = [c for c in candidates if c not in allowed]
+        if excluded:
+            reason += (f"; {' and '.join(excluded)} excluded: {str(w.dtype).replace('torch.', '')} would round a "
+                       f"small update away")
+    if requested == "auto" and w.triton and not fused_considered:
+        reason += ("; fused not considered: " + ("Triton is interpreted on the CPU" if w.device_type != "cuda" else
+                                                 "the CUDA cost constants are not yet calibrated by a measurement run"))
     notes = costs[strategy].notes
     via_weight = strategy == "bypass" and "input gradient through W'" in notes
-    folded = strategy in ("bypass", "hybrid") and "P_in folded into op_K" in notes
-    return Decision(strategy, reason, costs, via_weight, folded)
+    folded = strategy in ("bypass", "hybrid", "fused") and "P_in folded into op_K" in notes
+    return Decision(strategy, reason, costs, via_weight, form if strategy == "fused" else "", folded)
 
 
 def device_model(device_type: str) -> DeviceModel:

@@ -130,13 +130,14 @@ def pointwise(spatial_dims: int) -> tuple:
     return [1] * spatial_dims, [0] * spatial_dims, [1] * spatial_dims
 
 
-def chain_to_z(x_chain: Tensor, weights: list, geometry: tuple) -> tuple:
-    """``(u, z)``: ``u = P_in(x)`` and ``z = op_K(u)``, or folded ``(None, op_M(x))``."""
+def chain_to_z(x_chain: Tensor, weights: list, geometry: tuple, conv=ops) -> tuple:
+    """``(u, z)``: ``u = P_in(x)`` and ``z = op_K(u)``, or folded ``(None, op_M(x))``. ``conv``: the
+    module whose ``base_op`` runs the ops (:mod:`lrtensor_kernels.ops`, or strategy "fused"'s kernels)."""
     stride, padding, dilation, groups = geometry
     if len(weights) == 2:
-        return None, ops.base_op(x_chain, weights[0], None, stride, padding, dilation, groups)
-    u = ops.base_op(x_chain, weights[0], None, *pointwise(weights[1].dim() - 2), groups)
-    return u, ops.base_op(u, weights[1], None, stride, padding, dilation, groups)
+        return None, conv.base_op(x_chain, weights[0], None, stride, padding, dilation, groups)
+    u = conv.base_op(x_chain, weights[0], None, *pointwise(weights[1].dim() - 2), groups)
+    return u, conv.base_op(u, weights[1], None, stride, padding, dilation, groups)
 
 
 def kept_for_backward(u: Optional[Tensor], z: Tensor, x_chain: Tensor) -> tuple:
@@ -151,44 +152,52 @@ def kept_for_backward(u: Optional[Tensor], z: Tensor, x_chain: Tensor) -> tuple:
 
 
 def chain_backward(grad_y: Tensor, x_chain: Tensor, factors, u: Optional[Tensor], z: Optional[Tensor],
-                   geometry: tuple, need_chain_input: bool, need_factors: bool) -> tuple:
+                   geometry: tuple, need_chain_input: bool, need_factors: bool, conv=ops) -> tuple:
     """``(grad_x_chain, factor_grads)`` of ``P_out(chain(x_chain))`` (None for what is not needed);
-    ``u``, ``z``: what the forward kept (None: recomputed)."""
+    ``u``, ``z``: what the forward kept (None: recomputed); ``conv``: the module whose ``base_op``
+    and ``op_backward`` run the ops."""
     stride, padding, dilation, groups = geometry
     weights = conv_weights(factors, groups, x_chain.dim() - 2 if x_chain.dim() > 2 else 0, x_chain.dtype)
     folded = len(weights) == 2
     spatial = pointwise(weights[-1].dim() - 2)
     if folded and z is None:
-        z = ops.base_op(x_chain, weights[0], None, stride, padding, dilation, groups)
+        z = conv.base_op(x_chain, weights[0], None, stride, padding, dilation, groups)
     if not folded:
         if u is None:
-            u = ops.base_op(x_chain, weights[0], None, *spatial, groups)
+            u = conv.base_op(x_chain, weights[0], None, *spatial, groups)
         if z is None:
-            z = ops.base_op(u, weights[1], None, stride, padding, dilation, groups)
-    grad_z, grad_w_out, _ = ops.op_backward(grad_y, z, weights[-1], *spatial, groups, True, need_factors)
+            z = conv.base_op(u, weights[1], None, stride, padding, dilation, groups)
+    grad_z, grad_w_out, _ = conv.op_backward(grad_y, z, weights[-1], *spatial, groups, True, need_factors)
     if folded:
-        grad_x, grad_w_m, _ = ops.op_backward(grad_z, x_chain, weights[0], stride, padding, dilation, groups,
-                                              need_chain_input, need_factors)
+        grad_x, grad_w_m, _ = conv.op_backward(grad_z, x_chain, weights[0], stride, padding, dilation, groups,
+                                               need_chain_input, need_factors)
         weight_grads = [grad_w_m, grad_w_out]
     else:
-        grad_u, grad_w_mid, _ = ops.op_backward(grad_z, u, weights[1], stride, padding, dilation, groups, True,
+        grad_u, grad_w_mid, _ = conv.op_backward(grad_z, u, weights[1], stride, padding, dilation, groups, True,
+                                                 need_factors)
+        grad_x, grad_w_in, _ = conv.op_backward(grad_u, x_chain, weights[0], *spatial, groups, need_chain_input,
                                                 need_factors)
-        grad_x, grad_w_in, _ = ops.op_backward(grad_u, x_chain, weights[0], *spatial, groups, need_chain_input,
-                                               need_factors)
         weight_grads = [grad_w_in, grad_w_mid, grad_w_out]
     return grad_x, (factor_grads(factors, groups, weight_grads) if need_factors else None)
+
+
+def compact_form(factors) -> tuple:
+    """``(delta, tensors)``: the factors as an additive update of their own at scale 1, Tucker
+    ``[K, scale U_1, U_2]`` (``K x_1 (scale U_1) x_2 U_2``) or, folded, LoRA ``[scale U_1, M]``
+    (``(scale U_1) @ M`` with M flattened to (r_1, C_g k))."""
+    if is_folded(factors):
+        m, u1s = factors
+        return "lora", [u1s, m.reshape(m.shape[0], -1)]
+    u2, kernel, u1s = factors
+    return "tucker", [kernel, u1s, u2]
 
 
 def effective_weight(weight: Tensor, factors, impl: str, dtype: torch.dtype, out: Optional[Tensor] = None) -> Tensor:
     """``W' = W + dW`` in ``dtype`` (into ``out`` on a fused backend, when given) from the chain's
     factors, which are a Tucker form of their own: ``K x_1 (scale U_1) x_2 U_2``, or the lora form
     ``(scale U_1) @ M`` when folded."""
-    if is_folded(factors):
-        m, u1s = factors
-        math, compact = LORA_ADD, [u1s, m.reshape(m.shape[0], -1)]
-    else:
-        u2, kernel, u1s = factors
-        math, compact = TUCKER_ADD, [kernel, u1s, u2]
+    delta, compact = compact_form(factors)
+    math = LORA_ADD if delta == "lora" else TUCKER_ADD
     if impl == "reference":
         return methods.effective_weight(weight, compact, math, 1.0).to(dtype)
     return ops.transform_to(ops.kernels_for(impl), weight, compact, math.key, 1.0, False, dtype, out)

@@ -9,6 +9,20 @@ namespace lrtensor::ops {
 
 namespace {
 
+// Sizes in error messages as plain integers: with torch 2.11.0+cu130 (an H200 machine, gcc 13.3), a
+// TORCH_CHECK whose message streams a SymIntArrayRef killed the process (SIGSEGV) instead of
+// raising, on CPU and CUDA tensors alike, where the same check with a plain string message raised.
+std::string text(const c10::SymInt& s) {
+  if (auto v = s.maybe_as_int()) return std::to_string(*v);
+  return "(symbolic)";
+}
+
+std::string text(c10::SymIntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + text(sizes[i]);
+  return out + "]";
+}
+
 bool is_float_type(c10::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
@@ -19,8 +33,8 @@ void check_float(const char* op, const char* name, const at::Tensor& t) {
 }
 
 void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.is_contiguous(), op, ": expected a contiguous ", name, ", got strides ", t.sym_strides(),
-              " for shape ", t.sym_sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": expected a contiguous ", name, ", got strides ", text(t.sym_strides()),
+              " for shape ", text(t.sym_sizes()));
 }
 
 void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
@@ -38,22 +52,22 @@ void check_dtype(const char* op, const char* name, const at::Tensor& t, c10::Sca
 void check_matrix(const char* op, const char* name, const at::Tensor& t, const c10::SymInt& rows,
                   const c10::SymInt& cols, const char* form) {
   TORCH_CHECK(t.dim() == 2 && t.sym_size(0) == rows && t.sym_size(1) == cols, op, ": expected ", name,
-              " of shape ", form, " = (", rows, ", ", cols, "), got ", t.sym_sizes());
+              " of shape ", form, " = (", text(rows), ", ", text(cols), "), got ", text(t.sym_sizes()));
 }
 
 // weight is an (O, C) matrix; left (O, r) and right (r, C) in its accumulation type.
 void check_lowrank_operands(const char* op, const at::Tensor& weight, const at::Tensor& left,
                             const at::Tensor& right) {
   TORCH_CHECK(weight.dim() >= 2, op, ": expected a weight of at least 2 dimensions (out, in, *kernel), got shape ",
-              weight.sym_sizes());
+              text(weight.sym_sizes()));
   check_float(op, "weight", weight);
   check_contiguous(op, "weight", weight);
   c10::SymInt cols = 1;
   for (int64_t d = 1; d < weight.dim(); ++d) cols = cols * weight.sym_size(d);
-  TORCH_CHECK(left.dim() == 2, op, ": expected left of shape (O, r), got ", left.sym_sizes());
+  TORCH_CHECK(left.dim() == 2, op, ": expected left of shape (O, r), got ", text(left.sym_sizes()));
   const c10::SymInt rank = left.sym_size(1);
   TORCH_CHECK(rank >= 1, op, ": expected a rank r >= 1 (left of shape (O, r)), got left of shape ",
-              left.sym_sizes());
+              text(left.sym_sizes()));
   check_matrix(op, "left", left, weight.sym_size(0), rank, "(O, r)");
   check_matrix(op, "right", right, rank, cols, "(r, C)");
   const auto acc = accumulate_type(weight.scalar_type());
@@ -83,7 +97,7 @@ namespace {
 
 void check_out(const char* op, const at::Tensor& weight, const at::Tensor& out) {
   TORCH_CHECK(out.sym_sizes() == weight.sym_sizes(), op, ": expected out of the weight's shape ",
-              weight.sym_sizes(), ", got ", out.sym_sizes());
+              text(weight.sym_sizes()), ", got ", text(out.sym_sizes()));
   check_float(op, "out", out);
   check_contiguous(op, "out", out);
   check_same_device(op, "out", out, weight, "weight");
@@ -93,7 +107,7 @@ void check_projection(const char* op, const at::Tensor& grad, const at::Tensor& 
                       const at::Tensor& right, const at::Tensor& grad_left, const at::Tensor& grad_right) {
   check_lowrank_operands(op, weight, left, right);
   TORCH_CHECK(grad.sym_sizes() == weight.sym_sizes(), op, ": expected grad of the weight's shape ",
-              weight.sym_sizes(), ", got ", grad.sym_sizes());
+              text(weight.sym_sizes()), ", got ", text(grad.sym_sizes()));
   check_float(op, "grad", grad);
   check_contiguous(op, "grad", grad);
   check_same_device(op, "grad", grad, weight, "weight");
@@ -133,17 +147,17 @@ int64_t check_channel_dot(const at::Tensor& a, const at::Tensor& b, int64_t chan
   constexpr const char* op = "lrtensor::channel_dot";
   TORCH_CHECK(a.dim() >= 1, op, ": expected a of at least 1 dimension, got a 0-d tensor");
   TORCH_CHECK(channel_dim >= -a.dim() && channel_dim < a.dim(), op, ": expected channel_dim in [", -a.dim(), ", ",
-              a.dim(), ") for a of shape ", a.sym_sizes(), ", got ", channel_dim);
+              a.dim(), ") for a of shape ", text(a.sym_sizes()), ", got ", channel_dim);
   const int64_t dim = channel_dim < 0 ? channel_dim + a.dim() : channel_dim;
-  TORCH_CHECK(b.sym_sizes() == a.sym_sizes(), op, ": expected b of a's shape ", a.sym_sizes(), ", got ",
-              b.sym_sizes());
+  TORCH_CHECK(b.sym_sizes() == a.sym_sizes(), op, ": expected b of a's shape ", text(a.sym_sizes()), ", got ",
+              text(b.sym_sizes()));
   check_float(op, "a", a);
   check_dtype(op, "b", b, a.scalar_type(), "a's");
   check_contiguous(op, "a", a);
   check_contiguous(op, "b", b);
   check_same_device(op, "b", b, a, "a");
   TORCH_CHECK(out.dim() == 1 && out.sym_size(0) == a.sym_size(dim), op, ": expected out of shape (",
-              a.sym_size(dim), ",) (a.shape[channel_dim]), got ", out.sym_sizes());
+              text(a.sym_size(dim)), ",) (a.shape[channel_dim]), got ", text(out.sym_sizes()));
   check_dtype(op, "out", out, accumulate_type(a.scalar_type()), "float64 for float64 inputs, else float32");
   check_contiguous(op, "out", out);
   check_same_device(op, "out", out, a, "a");
@@ -162,7 +176,7 @@ void check_contraction_operand(const char* op, const char* name, const at::Tenso
 
 void check_mode(const char* op, const at::Tensor& x, int64_t mode) {
   TORCH_CHECK(mode >= 0 && mode < x.dim(), op, ": expected mode in [0, ", x.dim(), ") for x of shape ",
-              x.sym_sizes(), ", got ", mode);
+              text(x.sym_sizes()), ", got ", mode);
 }
 
 }  // namespace
@@ -173,12 +187,13 @@ void check_mode_product(const at::Tensor& x, const at::Tensor& u, int64_t mode, 
   check_contraction_operand(op, "x", x, x);
   check_contraction_operand(op, "u", u, x);
   TORCH_CHECK(u.dim() == 2 && u.sym_size(1) == x.sym_size(mode), op, ": expected u of shape (J, ",
-              x.sym_size(mode), ") (x.shape[mode] = ", x.sym_size(mode), "), got ", u.sym_sizes());
+              text(x.sym_size(mode)), ") (x.shape[mode] = ", text(x.sym_size(mode)), "), got ",
+              text(u.sym_sizes()));
   if (out != nullptr) {
     std::vector<c10::SymInt> sizes(x.sym_sizes().begin(), x.sym_sizes().end());
     sizes[mode] = u.sym_size(0);
     TORCH_CHECK(out->sym_sizes() == c10::SymIntArrayRef(sizes), op, ": expected out of shape ",
-                c10::SymIntArrayRef(sizes), ", got ", out->sym_sizes());
+                text(c10::SymIntArrayRef(sizes)), ", got ", text(out->sym_sizes()));
     check_contraction_operand(op, "out", *out, x);
   }
 }
@@ -190,11 +205,12 @@ void check_mode_gram(const at::Tensor& x, const at::Tensor& y, int64_t mode, con
   check_contraction_operand(op, "y", y, x);
   bool agree = y.dim() == x.dim();
   for (int64_t d = 0; agree && d < x.dim(); ++d) agree = d == mode || x.sym_size(d) == y.sym_size(d);
-  TORCH_CHECK(agree, op, ": expected y of x's shape ", x.sym_sizes(), " in every dim but ", mode, ", got ",
-              y.sym_sizes());
+  TORCH_CHECK(agree, op, ": expected y of x's shape ", text(x.sym_sizes()), " in every dim but ", mode, ", got ",
+              text(y.sym_sizes()));
   if (out != nullptr) {
     TORCH_CHECK(out->dim() == 2 && out->sym_size(0) == x.sym_size(mode) && out->sym_size(1) == y.sym_size(mode), op,
-                ": expected out of shape (", x.sym_size(mode), ", ", y.sym_size(mode), "), got ", out->sym_sizes());
+                ": expected out of shape (", text(x.sym_size(mode)), ", ", text(y.sym_size(mode)), "), got ",
+                text(out->sym_sizes()));
     check_contraction_operand(op, "out", *out, x);
   }
 }
