@@ -318,7 +318,7 @@ def measure_row(shape: suite.Shape, count: int, input_grad: bool, ctx: suite.Con
     steps = {p.name: layer_step(p.forward, x, grad_out, p.trainable) for p in provs}
     samples = interleaved(steps, rounds, per_round)
     any_work = next(iter(facts.values()))[0]
-    plain_work = dataclasses.replace(any_work, fused=False, math=any_work.math)
+    plain_work = dataclasses.replace(any_work, impl="reference")
     cells = {}
     device = cost.device_model("cpu")
     for p in provs:

@@ -136,7 +136,7 @@ def _decide(w: cost.Workload, device: cost.DeviceModel) -> cost.Decision:
     saved = cost.DEVICES["cuda"]
     cost.DEVICES["cuda"] = device
     try:
-        return cost._decide(w, "auto")
+        return cost.decide(w, "auto")  # the cost model itself, not the memo of its decisions
     finally:
         cost.DEVICES["cuda"] = saved
 

@@ -87,10 +87,11 @@ def model_rows(dtype=torch.bfloat16) -> list:
             (shape.kernel, shape.kernel) if shape.kind == "conv2d" else ())
         for method in suite.METHODS:
             probe = LAYERS[method][nn.Linear](2, 2, device="meta", **suite.METHOD_OPTIONS[method])
-            w = cost.Workload(weight, shape.input_shape(), shape.output_shape(), shape.groups, dtype, dtype, "cuda",
-                              probe.adapter_math, _adapter_shapes(method, shape), True, False, False, True, False,
-                              True, triton=True)
-            decision = cost._decide(w, "auto")
+            stride, padding, dilation, groups = shape.geometry()
+            w = cost.Workload(weight, shape.input_shape(), tuple(stride), tuple(padding), tuple(dilation), groups,
+                              dtype, dtype, "cuda", probe.adapter_math.key, _adapter_shapes(method, shape), True,
+                              False, False, True, False, "triton")
+            decision = cost.decide(w, "auto")
             today, fused = decision.costs[decision.strategy], decision.costs["fused"]
             s = cost._Sizes(w)
             full = s.weight_grad_pass(cost.frozen_cost(w))
@@ -125,13 +126,11 @@ def _forced_form(form: str):
 
     def enter():
         cost.fused_form = forced
-        cost._decide_cached.cache_clear()
-        cost._decide_on_cached.cache_clear()
+        cost._decision_cached.cache_clear()
 
     def leave():
         cost.fused_form = real
-        cost._decide_cached.cache_clear()
-        cost._decide_on_cached.cache_clear()
+        cost._decision_cached.cache_clear()
 
     return enter, leave
 

@@ -85,7 +85,25 @@ class GradInParameterLayout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return tuple(ops.in_layout(g, shape, stride) for g, (shape, stride) in zip(grads, ctx.layouts))
+        # lists, not generators: torch.compile (2.14) fails a fullgraph trace that leaves a generator
+        # made in an autograd.Function's backward for it to close
+        grads = [ops.in_layout(g, shape, stride) for g, (shape, stride) in zip(grads, ctx.layouts)]
+        if torch.compiler.is_compiling():
+            # inductor counts the strides of size-1 modes as free: it drops the copy above where
+            # only those differ and returns the gradient in its producer's layout. A contiguous
+            # clone it lays out with the contiguous strides, size-1 modes included.
+            grads = [g.clone(memory_format=torch.contiguous_format) if g is not None and stride == _contiguous(shape)
+                     else g for g, (shape, stride) in zip(grads, ctx.layouts)]
+        return tuple(grads)
+
+
+def _contiguous(shape) -> tuple:
+    """The strides of a contiguous tensor of ``shape``."""
+    strides, size = [], 1
+    for n in reversed(shape):
+        strides.append(size)
+        size *= n
+    return tuple(reversed(strides))
 
 
 class AdapterLayer(HeldAdapters, nn.Module):

@@ -86,6 +86,7 @@ _warned_native = False
 _warned_native_lock = threading.Lock()
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it while tracing: its lock and warning stay out of graphs
 def _auto_cpu() -> str:
     global _warned_native
     if native_available():
@@ -130,7 +131,9 @@ def resolve(device: torch.device) -> str:
                                f"torch has CUDA and nvcc was found at build time)")
     if name == "triton":
         if not triton_available():
-            raise RuntimeError("backend 'triton' was selected but the triton package is not installed")
+            raise RuntimeError("backend 'triton' was selected but the triton package is not installed (CUDA builds "
+                               "of torch on Linux bring it; else pip install 'lrtensor_kernels[triton]' or "
+                               "pip install triton); the 'reference' and 'native' backends run without it")
         if device.type != "cuda" and not triton_interpreted():
             raise RuntimeError(
                 f"backend 'triton' runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1 set "

@@ -12,8 +12,7 @@ FORMS = ("three", "folded")
 
 
 def _clear():
-    cost._decide_cached.cache_clear()
-    cost._decide_on_cached.cache_clear()
+    cost._decision_cached.cache_clear()
 
 
 @contextlib.contextmanager

@@ -116,6 +116,13 @@ def layer_oracle(layer, x, grad_out, absolute=False):
     return y.detach(), list(grads)
 
 
+def project64(layer, grad_weight) -> list:
+    """The float64 gradient of every adapter tensor (``adapter_state`` order) given the gradient
+    ``grad_weight`` of the loss w.r.t. the layer's effective weight W'."""
+    leaves = {n: p.detach().to(F64).requires_grad_() for n, p in layer.adapter_state().items()}
+    return list(torch.autograd.grad(_weight64(layer, leaves), list(leaves.values()), grad_weight.to(F64)))
+
+
 def _weight64(layer, leaves):
     """effective_weight64 with the adapter tensors replaced by float64 leaves."""
     params = dict(layer.named_parameters())

@@ -31,7 +31,7 @@ def _workloads() -> list:
     with strategies.observing(observe), lk.use_backend("reference"):
         for layer, shape in layers:
             layer(torch.randn(shape, requires_grad=True))
-    return [dataclasses.replace(w, fused=fused) for w in seen for fused in (False, True)]
+    return [dataclasses.replace(w, impl=impl) for w in seen for impl in ("reference", "native")]
 
 
 def test_the_fitted_formula_is_the_cost_models():

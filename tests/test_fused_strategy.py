@@ -94,12 +94,10 @@ def form(monkeypatch):
             return "prologue", cost.fused_prologue_cost(w)
 
         monkeypatch.setattr(cost, "fused_form", forced)
-        cost._decide_cached.cache_clear()
-        cost._decide_on_cached.cache_clear()
+        cost._decision_cached.cache_clear()
 
     yield force
-    cost._decide_cached.cache_clear()
-    cost._decide_on_cached.cache_clear()
+    cost._decision_cached.cache_clear()
 
 
 def _build(name: str, dtype=torch.float32, seed: int = 0):
@@ -393,8 +391,8 @@ def test_fused_needs_the_triton_backend_and_says_so():
             net(x)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
     with pytest.raises(lk.AdapterConfigError, match="strategy 'fused' runs on the 'triton' backend only"):
-        w = cost.Workload((7, 5, 3, 2), (1, 5, 6, 5), (1, 7, 6, 5), 1, torch.float32, torch.float32, "cpu",
-                          layer.adapter_math, ((7, 3), (3, 30)), True, False, False, True, False, True, triton=False)
+        w = cost.Workload((7, 5, 3, 2), (1, 5, 6, 5), (1, 1), (1, 0), (1, 1), 1, torch.float32, torch.float32,
+                          "cpu", layer.adapter_math.key, ((7, 3), (3, 30)), True, False, False, True, False, "native")
         cost.decide(w, "fused")
 
 
@@ -424,14 +422,14 @@ def test_inject_with_fused_and_every_method_accepts_it():
 def _workload(device_type="cuda", dtype=torch.bfloat16, math=("lora", "exp"), triton=True):
     adapter = ((1280, 8), (8, 1280 * 9)) if math[0] == "lora" else ((16, 16, 2, 2), (1280, 16), (1280, 16), (3, 2),
                                                                     (3, 2))
-    return cost.Workload((1280, 1280, 3, 3), (4, 1280, 16, 16), (4, 1280, 16, 16), 1, dtype, dtype, device_type,
-                         lk.AdapterMath(*math), adapter, True, False, False, True, False, True, triton=triton)
+    return cost.Workload((1280, 1280, 3, 3), (4, 1280, 16, 16), (1, 1), (1, 1), (1, 1), 1, dtype, dtype, device_type,
+                         lk.AdapterMath(*math).key, adapter, True, False, False, True, False,
+                         "triton" if triton else "native")
 
 
 def test_auto_considers_fused_only_on_a_calibrated_cuda_device(monkeypatch):
     """Until a measurement run calibrates the CUDA constants, auto keeps today's choice and says why."""
-    cost._decide_cached.cache_clear()
-    cost._decide_on_cached.cache_clear()
+    cost._decision_cached.cache_clear()
     decision = cost.decide(_workload(), "auto")
     assert decision.strategy == "merged" and "fused" in decision.costs
     assert "fused not considered: the CUDA cost constants are not yet calibrated" in decision.reason
@@ -440,8 +438,7 @@ def test_auto_considers_fused_only_on_a_calibrated_cuda_device(monkeypatch):
     assert "fused" not in cost.decide(_workload(triton=False), "auto").costs
     monkeypatch.setitem(cost.DEVICES, "cuda", cost.DEVICES["cuda"].__class__(
         **{**cost.DEVICES["cuda"].__dict__, "calibrated": True}))
-    cost._decide_cached.cache_clear()
-    cost._decide_on_cached.cache_clear()
+    cost._decision_cached.cache_clear()
     try:
         # first order: fused saves merged's weight-sized passes and adds only E's products
         calibrated = cost.decide(_workload(math=("lora", "first_order")), "auto")
@@ -454,8 +451,7 @@ def test_auto_considers_fused_only_on_a_calibrated_cuda_device(monkeypatch):
         flora = cost.decide(_workload(math=("tucker", "add")), "auto")
         assert "fused" in flora.costs and (flora.strategy != "fused" or flora.fused_form == "chain")
     finally:
-        cost._decide_cached.cache_clear()
-        cost._decide_on_cached.cache_clear()
+        cost._decision_cached.cache_clear()
 
 
 def test_cost_model_counts_no_weight_sized_pass_for_fused():

@@ -5,14 +5,13 @@ diffusers' UNet2DModel needs only torch (optional extra, installed in CI); torch
 tested where they import (not beside the CPU torch wheel here: the tests skip and say why)."""
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import lrtensor_kernels as lk
+from models import optional_import
 from oracle import randomize_adapter, rel_err
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
@@ -20,14 +19,6 @@ pytestmark = pytest.mark.usefixtures("reference_backend")
 METHODS = [("flora", {}), ("liera", dict(rank=4)), ("liera", dict(rank=2, mode="first_order", delta="tucker")),
            ("ssl", {}), ("ssb", {}), ("lora", dict(rank=4))]
 METHOD_IDS = ["flora", "liera", "liera-tucker-first_order", "ssl", "ssb", "lora"]
-
-
-def optional_import(name: str):
-    """The module, or a skip naming why it does not import (a wrong torch build raises more than ImportError)."""
-    try:
-        return importlib.import_module(name)
-    except Exception as err:  # noqa: BLE001
-        pytest.skip(f"{name} does not import here: {type(err).__name__}: {err}")
 
 
 def randomize_all(model, seed=0):

@@ -158,11 +158,11 @@ def test_cost_model_decisions_under_threads(reference_backend):
     differ per thread, are those one thread gets alone."""
     from lrtensor_kernels.strategies import cost
 
-    cost._decide_cached.cache_clear()
+    cost._decision_cached.cache_clear()
     nets = [model(0) for _ in range(4)]
     inputs = [torch.randn(1 + t, 3, 4 + 2 * t, 4 + 2 * t) for t in range(4)]
     expected = [[(r.name, r.strategy, r.relative_cost) for r in lk.plan(n, x)] for n, x in zip(nets, inputs)]
-    cost._decide_cached.cache_clear()
+    cost._decision_cached.cache_clear()
 
     def ask(t):
         return lambda i: [(r.name, r.strategy, r.relative_cost) for r in lk.plan(nets[t], inputs[t])] == expected[t] \

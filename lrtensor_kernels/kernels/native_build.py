@@ -37,7 +37,17 @@ from typing import Optional
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+def find_sources(package: Path) -> Path:
+    """The directory holding ``lrtensor/`` of the native sources, for the package directory
+    ``package``: ``<package>/_csrc`` in an installed wheel or sdist (package data), else ``csrc/``
+    beside the package in a source checkout or an editable install; the first of those when
+    neither exists (``missing_tool`` then says so)."""
+    candidates = (package / "_csrc", package.parent / "csrc")
+    return next((c for c in candidates if (c / "lrtensor").is_dir()), candidates[0])
+
+
+CSRC = find_sources(Path(__file__).resolve().parents[1])
 LIBRARY_PREFIX = "lrtensor_native"
 
 _lock = threading.Lock()
@@ -133,7 +143,8 @@ def missing_tool() -> Optional[str]:
     if not is_ninja_available():
         return "ninja is not installed (python3 -m pip install ninja)"
     if not CSRC.is_dir():
-        return f"the C++ sources are not at {CSRC} (install the package from a source checkout: pip install -e .)"
+        return (f"the C++ sources are not at {CSRC} (this install lacks them; a wheel or sdist of this package, "
+                f"pip install . and a source checkout all carry them)")
     return None
 
 

@@ -16,9 +16,9 @@ computed, never its value (up to rounding), the parameters or what is saved to a
 - ``"fused"`` (any method, triton backend): the adapter math inside the convolution's or matmul's
   own tiles, Triton implicit-GEMM kernels for every op (:mod:`.fused`); FLoRA and LoRA may run
   their low-rank chain there instead, with the up-projection in the frozen op's epilogue.
-- ``"auto"`` (default): chosen per call by the cost model (:mod:`.cost`); on the CPU it also picks
-  the backend (native or reference) it estimates faster for the layer, when the backend in force
-  is "auto".
+- ``"auto"`` (default): chosen by the cost model (:mod:`.cost`) once per layer call signature; on
+  the CPU it also picks the backend (native or reference) it estimates faster for the layer, when
+  the backend in force is "auto".
 
 Each strategy runs on every backend: in plain PyTorch on "reference", through custom ops on the
 fused backends. Layers hold a strategy name and hand it here with their tensors; they know nothing
@@ -158,5 +158,7 @@ def observing(observer: Callable[[AdaptedCall, cost.Decision], None]):
 
 def decide(call: AdaptedCall, strategy: str = "auto", impls: tuple = ()) -> cost.Decision:
     """The strategy ``call`` runs under ``strategy`` (the cost model's choice for "auto"), and with
-    several backends in ``impls`` the one it runs on (``decision.impl``)."""
-    return cost.decide(cost.Workload.of(call), strategy, impls)
+    several backends in ``impls`` the one it runs on (``decision.impl``); made once per call
+    signature (shapes, dtypes, geometry, gradients needed, backend) and backends: a lookup on later
+    calls; under torch.compile a constant of the graph (:func:`cost.decision`)."""
+    return cost.decision(cost.signature(call), strategy, tuple(impls))

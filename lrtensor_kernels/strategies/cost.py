@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math as pymath
+import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -156,32 +157,54 @@ DEVICES = {
 
 @dataclass(frozen=True)
 class Workload:
-    """What the cost model needs of one call: shapes, dtypes, geometry, ranks, needed gradients."""
+    """What the cost model reads of one call: shapes, geometry, dtypes, the adapter's math and
+    shapes, the gradients needed, adapter dropout, the backend. Its fields, in order, are what
+    :func:`signature` returns: Python ints, strings, bools and dtypes only (``math_key`` is
+    ``AdapterMath.key``), so that torch.compile sees them as a constant."""
 
     weight_shape: tuple
     input_shape: tuple
-    output_shape: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
     groups: int
     dtype: torch.dtype
     weight_dtype: torch.dtype
     device_type: str
-    math: methods.AdapterMath
+    math_key: str
     adapter_shapes: tuple
     need_input: bool
     need_weight: bool
     need_bias: bool
     need_adapter: bool
     dropout: bool
-    fused: bool
-    triton: bool = False  # on the triton backend, where strategy "fused" runs
+    impl: str
 
     @classmethod
     def of(cls, call: AdaptedCall) -> "Workload":
-        needs = call.needs()
-        return cls(tuple(call.weight.shape), tuple(call.x.shape), _output_shape(call), call.groups, call.x.dtype,
-                   call.weight.dtype, call.weight.device.type, call.math, tuple(tuple(t.shape) for t in call.adapter),
-                   needs["input"], needs["weight"], needs["bias"], needs["adapter"], call.dropped_x is not None,
-                   call.impl != "reference", call.impl == "triton")
+        return cls(*signature(call))
+
+    @property
+    def math(self) -> methods.AdapterMath:
+        return methods.AdapterMath.from_key(self.math_key)
+
+    @property
+    def fused(self) -> bool:
+        """Whether a fused backend builds ``W'`` (one pass) rather than the reference math."""
+        return self.impl != "reference"
+
+    @property
+    def triton(self) -> bool:
+        """On the triton backend, where strategy "fused" runs."""
+        return self.impl == "triton"
+
+    @property
+    def output_shape(self) -> tuple:
+        if len(self.weight_shape) == 2:
+            return (self.input_shape[0], self.weight_shape[0])
+        spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+                   zip(self.input_shape[2:], self.weight_shape[2:], self.stride, self.padding, self.dilation)]
+        return (self.input_shape[0], self.weight_shape[0], *spatial)
 
     @property
     def ranks(self) -> tuple:
@@ -191,12 +214,22 @@ class Workload:
         return (self.adapter_shapes[0][1],) if self.math.delta == "lora" else ()
 
 
-def _output_shape(call: AdaptedCall) -> tuple:
-    if call.is_linear:
-        return (call.x.shape[0], call.weight.shape[0])
-    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
-               zip(call.x.shape[2:], call.weight.shape[2:], call.stride, call.padding, call.dilation)]
-    return (call.x.shape[0], call.weight.shape[0], *spatial)
+def _specialised_sizes(shape) -> tuple:
+    """``shape`` as Python ints under torch.compile: a size the graph holds symbolic (automatic
+    dynamic shapes) is specialised to its value, with a guard. The decision depends on it, so a
+    graph is compiled per distinct input shape."""
+    return tuple([operator.index(d) for d in shape])
+
+
+def signature(call: AdaptedCall) -> tuple:
+    """The fields of ``call``'s :class:`Workload`, as a plain tuple: hashable, and a constant
+    under torch.compile (which makes no constant of a dataclass built while tracing)."""
+    sizes = _specialised_sizes if torch.compiler.is_compiling() else tuple
+    needs = call.needs()
+    return (sizes(call.weight.shape), sizes(call.x.shape), tuple(call.stride), tuple(call.padding),
+            tuple(call.dilation), call.groups, call.x.dtype, call.weight.dtype, call.weight.device.type, call.math.key,
+            tuple([sizes(t.shape) for t in call.adapter]), needs["input"], needs["weight"], needs["bias"],
+            needs["adapter"], call.dropped_x is not None, call.impl)
 
 
 # the plain layer's costs (frozen, trained in full): no adapter host cost
@@ -739,22 +772,28 @@ def strategy_cost(w: Workload, strategy: str) -> Cost:
     return _COSTS[strategy](w)
 
 
-def decide(w: Workload, requested: str, impls: tuple = ()) -> Decision:
-    """The strategy for ``w``: ``requested`` itself, or for "auto" the rule of the module doc; with
-    more than one backend in ``impls``, also the backend on which it is estimated fastest.
-
-    Memoised in eager mode; traced through (constant-folded) under torch.compile."""
-    if torch.compiler.is_compiling():
-        return _decide_on(w, requested, tuple(impls))
-    return _decide_on_cached(w, requested, tuple(impls))
+@torch.compiler.assume_constant_result
+def decision(sig: tuple, requested: str, impls: tuple = ()) -> Decision:
+    """The decision for a call of :func:`signature` ``sig``, made once per signature, ``requested``
+    strategy and backends ``impls`` and remembered. Under torch.compile it is made while tracing,
+    outside the graph, whose code sees the result as a constant (the signature's sizes are guarded)."""
+    return _decision_cached(sig, requested, tuple(impls))
 
 
-def _decide_on(w: Workload, requested: str, impls: tuple) -> Decision:
+@functools.lru_cache(maxsize=4096)
+def _decision_cached(sig: tuple, requested: str, impls: tuple) -> Decision:
+    return decide_backend(Workload(*sig), requested, impls)
+
+
+def decide_backend(w: Workload, requested: str, impls: tuple = ()) -> Decision:
+    """:func:`decide` for ``w``; with more than one backend in ``impls``, run once per backend
+    (``w`` with that ``impl``), and the one whose strategy is estimated fastest kept
+    (``decision.impl``, each backend's estimate in ``backend_seconds``)."""
+    impls = tuple(impls)
     if len(impls) < 2:
-        return _decide(w, requested)
+        return decide(w, requested)
     device = device_model(w.device_type)
-    decisions = {impl: _decide_cached(dataclasses.replace(w, fused=impl != "reference"), requested)
-                 for impl in impls}
+    decisions = {impl: decide(dataclasses.replace(w, impl=impl), requested) for impl in impls}
     seconds = {impl: d.costs[d.strategy].seconds(device, w.dtype) for impl, d in decisions.items()}
     impl = impls[0]
     for other in impls[1:]:
@@ -765,7 +804,8 @@ def _decide_on(w: Workload, requested: str, impls: tuple) -> Decision:
     return dataclasses.replace(chosen, reason=reason, impl=impl, backend_seconds=seconds)
 
 
-def _decide(w: Workload, requested: str) -> Decision:
+def decide(w: Workload, requested: str) -> Decision:
+    """The strategy for ``w``: ``requested`` itself, or for "auto" the rule of the module doc."""
     device = device_model(w.device_type)
     candidates = applicable(w.math)
     costs = {name: strategy_cost(w, name) for name in candidates}
@@ -799,10 +839,6 @@ def _decide(w: Workload, requested: str) -> Decision:
     via_weight = strategy == "bypass" and "input gradient through W'" in notes
     folded = strategy in ("bypass", "hybrid", "fused") and "P_in folded into op_K" in notes
     return Decision(strategy, reason, costs, via_weight, form if strategy == "fused" else "", folded)
-
-
-_decide_cached = functools.lru_cache(maxsize=4096)(_decide)
-_decide_on_cached = functools.lru_cache(maxsize=4096)(_decide_on)
 
 
 def device_model(device_type: str) -> DeviceModel:
