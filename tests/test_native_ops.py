@@ -80,6 +80,53 @@ def test_mode_contractions_match_tensordot(ops):
         assert torch.allclose(ops.mode_gram(x, y, mode), methods.mode_gram(x, y, mode), rtol=1e-13, atol=1e-13)
 
 
+
+# around the CPU kernels' register blocks (16 rows of j or m, 4 inner columns or rows of j at a
+# time): shapes (outer, mode size, inner) and the other operand's size, with every tail of a block
+CONTRACTIONS = [((3, 5, 9), 17), ((2, 16, 4), 16), ((1, 7, 1), 33), ((4, 40, 3), 1), ((2, 3, 13), 2),
+                ((5, 1, 6), 31), ((1, 9, 5), 15)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mode_contractions_exact_in_every_block_tail(ops, dtype):
+    """Every element of a poisoned output, against the exact value of the same (rounded) inputs:
+    the sums run in float64, so a float32 result is that value rounded once."""
+    g = torch.Generator().manual_seed(3)
+    for (outer, size, inner), other in CONTRACTIONS:
+        x = torch.randn(outer, size, inner, generator=g, dtype=torch.float64).to(dtype)
+        u = torch.randn(other, size, generator=g, dtype=torch.float64).to(dtype)
+        y = torch.randn(outer, other, inner, generator=g, dtype=torch.float64).to(dtype)
+        x64, u64, y64 = x.double(), u.double(), y.double()
+        cases = [(ops.mode_product.out, (x, u, 1), torch.einsum("pmq,jm->pjq", x64, u64),
+                  torch.einsum("pmq,jm->pjq", x64.abs(), u64.abs())),
+                 (ops.mode_gram.out, (x, y, 1), torch.einsum("pjq,pmq->jm", x64, y64),
+                  torch.einsum("pjq,pmq->jm", x64.abs(), y64.abs()))]
+        for op, args, exact, magnitude in cases:
+            out = torch.full(exact.shape, float("nan"), dtype=dtype, device=DEVICE)
+            op(*(a.to(DEVICE) for a in args[:2]), args[2], out=out)
+            rounding = 2.0 ** -24 if dtype == torch.float32 else 0.0
+            bound = rounding * exact.abs() + 1e-14 * magnitude + 1e-300
+            assert ((out.cpu().double() - exact).abs() <= bound).all(), (op, (outer, size, inner), other)
+
+
+def test_mode_contractions_same_bits_at_any_thread_count(ops):
+    """Many tasks at two threads; every element is summed by one task in one order."""
+    if DEVICE != "cpu":
+        pytest.skip("CPU threads")
+    g = torch.Generator().manual_seed(4)
+    core, u2 = torch.randn(16, 16, 9, generator=g), torch.randn(1300, 16, generator=g)
+    grad_r = torch.randn(16, 1300, 9, generator=g)
+    results = {}
+    for threads in (1, 2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            results[threads] = (ops.mode_product(core, u2, 1), ops.mode_product(grad_r, u2.t().contiguous(), 1),
+                                ops.mode_gram(grad_r, core, 1))
+        finally:
+            torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(results[1], results[2]))
+
 def test_ops_run_under_compile(ops):
     weight, left, right = _operands()
 

@@ -29,31 +29,56 @@ void mode_product_rows(const scalar_t* x, const scalar_t* u, scalar_t* out, Arou
   }
 }
 
-// Columns col = p * Q + q of out, each out[p, :, q] = sum_m u^T[m, :] * x[p, m, q] (u^T: M x J):
-// vectorised along j, for a short inner dim and many rows of u (the Tucker right factor, with
-// u = U_2 of I rows and an inner dim of the kernel size). Which of the two runs depends on the
-// shapes alone.
-template <typename scalar_t>
-void mode_product_columns(const scalar_t* x, const double* u_t, scalar_t* out, AroundDim l, int64_t rows_j,
-                          int64_t begin, int64_t end) {
+// Columns of out, out[p, :, q] = sum_m u^T[m, :] * x[p, m, q] (u^T: M x J, its rows padded with
+// zeros to a multiple of kColumnBlock), for a short inner dim and many rows of u (the Tucker right
+// factor, with u = U_2 of I rows and an inner dim of the kernel size): one task per p and block of
+// kColumnBlock rows j, its sums in registers (two vectors of j x kInnerBlock columns q at a time).
+// Every element is summed over m in order with fused multiply-adds, whatever the blocks, so the
+// bits do not depend on the thread count. Which of the two schedules runs depends on the shapes alone.
+constexpr int64_t kInnerBlock = 4;
+constexpr int64_t kColumnBlock = 2 * Vectorized<double>::size();
+
+template <int64_t kColumns, typename scalar_t>
+void mode_product_column_tile(const scalar_t* x, const double* u_t, scalar_t* out, AroundDim l, int64_t n_j,
+                              int64_t padded_j) {
   using VecD = Vectorized<double>;
   constexpr int64_t V = VecD::size();
-  std::vector<double> acc(rows_j);
-  for (int64_t col = begin; col < end; ++col) {
-    const int64_t p = col / l.inner, q = col % l.inner;
-    std::fill(acc.begin(), acc.end(), 0.0);
-    for (int64_t m = 0; m < l.size; ++m) {
-      const double xv = static_cast<double>(x[(p * l.size + m) * l.inner + q]);
-      const VecD xm(xv);
-      const double* ur = u_t + m * rows_j;
-      int64_t j = 0;
-      for (; j + V <= rows_j; j += V) {
-        at::vec::fmadd(xm, VecD::loadu(ur + j), VecD::loadu(acc.data() + j)).store(acc.data() + j);
-      }
-      for (; j < rows_j; ++j) acc[j] = std::fma(xv, ur[j], acc[j]);
+  alignas(64) double lanes[kColumnBlock];
+  VecD acc[kColumns][2];
+  for (int64_t c = 0; c < kColumns; ++c) acc[c][0] = acc[c][1] = VecD(0.0);
+  for (int64_t m = 0; m < l.size; ++m) {
+    const double* ur = u_t + m * padded_j;
+    const VecD u0 = VecD::loadu(ur), u1 = VecD::loadu(ur + V);
+    for (int64_t c = 0; c < kColumns; ++c) {
+      const VecD xm(static_cast<double>(x[m * l.inner + c]));
+      acc[c][0] = at::vec::fmadd(xm, u0, acc[c][0]);
+      acc[c][1] = at::vec::fmadd(xm, u1, acc[c][1]);
     }
-    scalar_t* o = out + p * rows_j * l.inner + q;
-    for (int64_t j = 0; j < rows_j; ++j) o[j * l.inner] = static_cast<scalar_t>(acc[j]);
+  }
+  for (int64_t c = 0; c < kColumns; ++c) {
+    acc[c][0].store(lanes);
+    acc[c][1].store(lanes + V);
+    for (int64_t j = 0; j < n_j; ++j) out[j * l.inner + c] = static_cast<scalar_t>(lanes[j]);
+  }
+}
+
+template <typename scalar_t>
+void mode_product_columns(const scalar_t* x, const double* u_t, scalar_t* out, AroundDim l, int64_t rows_j,
+                          int64_t padded_j, int64_t begin, int64_t end) {
+  const int64_t blocks = padded_j / kColumnBlock;
+  for (int64_t tile = begin; tile < end; ++tile) {
+    const int64_t p = tile / blocks, j0 = tile % blocks * kColumnBlock, n_j = std::min(kColumnBlock, rows_j - j0);
+    const scalar_t* xp = x + p * l.size * l.inner;
+    const double* up = u_t + j0;
+    scalar_t* op = out + (p * rows_j + j0) * l.inner;
+    for (int64_t q0 = 0; q0 < l.inner; q0 += kInnerBlock) {
+      switch (std::min(kInnerBlock, l.inner - q0)) {
+        case 4: mode_product_column_tile<4>(xp + q0, up, op + q0, l, n_j, padded_j); break;
+        case 3: mode_product_column_tile<3>(xp + q0, up, op + q0, l, n_j, padded_j); break;
+        case 2: mode_product_column_tile<2>(xp + q0, up, op + q0, l, n_j, padded_j); break;
+        default: mode_product_column_tile<1>(xp + q0, up, op + q0, l, n_j, padded_j); break;
+      }
+    }
   }
 }
 
@@ -67,12 +92,15 @@ void mode_product_cpu(const at::Tensor& x, const at::Tensor& u, int64_t mode, at
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     if (rows_j > l.inner) {  // vectorise along the longer of j and the inner dim
-      std::vector<double> u_t(l.size * rows_j);
+      const int64_t padded_j = (rows_j + kColumnBlock - 1) / kColumnBlock * kColumnBlock;
+      std::vector<double> u_t(l.size * padded_j, 0.0);
       for (int64_t j = 0; j < rows_j; ++j) {
-        for (int64_t m = 0; m < l.size; ++m) u_t[m * rows_j + j] = static_cast<double>(up[j * l.size + m]);
+        for (int64_t m = 0; m < l.size; ++m) u_t[m * padded_j + j] = static_cast<double>(up[j * l.size + m]);
       }
-      at::parallel_for(0, l.outer * l.inner, std::max<int64_t>(1, (1 << 14) / work), [&](int64_t begin, int64_t end) {
-        mode_product_columns(xp, u_t.data(), op, l, rows_j, begin, end);
+      const int64_t tiles = l.outer * (padded_j / kColumnBlock);
+      const int64_t grain = std::max<int64_t>(1, (1 << 14) / (l.size * l.inner * kColumnBlock));
+      at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+        mode_product_columns(xp, u_t.data(), op, l, rows_j, padded_j, begin, end);
       });
     } else {
       const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, l.size * l.inner));
@@ -83,44 +111,68 @@ void mode_product_cpu(const at::Tensor& x, const at::Tensor& u, int64_t mode, at
   });
 }
 
+// Rows j0 .. j0 + kRows - 1 and columns m0 .. m0 + kColumnBlock - 1 of out[j, m] =
+// sum_p sum_q x[p, j, q] * y[p, m, q], with y as (P, Q, M) in float64, M padded with zeros to
+// padded_m: the sums in registers, each over p then q with fused multiply-adds.
+template <int64_t kRows, typename scalar_t>
+void mode_gram_tile(const scalar_t* x, const double* y_t, scalar_t* out, AroundDim lx, int64_t rows_j,
+                    int64_t cols_m, int64_t padded_m, int64_t j0, int64_t m0) {
+  using VecD = Vectorized<double>;
+  constexpr int64_t V = VecD::size();
+  alignas(64) double lanes[kColumnBlock];
+  VecD acc[kRows][2];
+  for (int64_t r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = VecD(0.0);
+  for (int64_t p = 0; p < lx.outer; ++p) {
+    const scalar_t* xr = x + (p * rows_j + j0) * lx.inner;
+    for (int64_t q = 0; q < lx.inner; ++q) {
+      const double* yr = y_t + (p * lx.inner + q) * padded_m + m0;
+      const VecD y0 = VecD::loadu(yr), y1 = VecD::loadu(yr + V);
+      for (int64_t r = 0; r < kRows; ++r) {
+        const VecD xv(static_cast<double>(xr[r * lx.inner + q]));
+        acc[r][0] = at::vec::fmadd(xv, y0, acc[r][0]);
+        acc[r][1] = at::vec::fmadd(xv, y1, acc[r][1]);
+      }
+    }
+  }
+  const int64_t n_m = std::min(kColumnBlock, cols_m - m0);
+  for (int64_t r = 0; r < kRows; ++r) {
+    acc[r][0].store(lanes);
+    acc[r][1].store(lanes + V);
+    for (int64_t m = 0; m < n_m; ++m) out[(j0 + r) * cols_m + m0 + m] = static_cast<scalar_t>(lanes[m]);
+  }
+}
+
+constexpr int64_t kGramRows = 4;
+
 void mode_gram_cpu(const at::Tensor& x, const at::Tensor& y, int64_t mode, at::Tensor& out) {
   check_mode_gram(x, y, mode, &out);
   const AroundDim lx = around_dim(x, mode);
   const int64_t rows_j = x.size(mode), cols_m = y.size(mode);
-  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, lx.outer * lx.inner * cols_m));
-  using VecD = Vectorized<double>;
-  constexpr int64_t V = VecD::size();
+  const int64_t padded_m = (cols_m + kColumnBlock - 1) / kColumnBlock * kColumnBlock;
+  const int64_t row_blocks = (rows_j + kGramRows - 1) / kGramRows, col_blocks = padded_m / kColumnBlock;
+  const int64_t tile_work = std::max<int64_t>(1, lx.outer * lx.inner * kGramRows * kColumnBlock);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lrtensor::mode_gram", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    // y as (P, Q, M) in float64, so that a row of out is updated a vector of m at a time
-    std::vector<double> y_t(lx.outer * lx.inner * cols_m);
+    std::vector<double> y_t(lx.outer * lx.inner * padded_m, 0.0);
     for (int64_t p = 0; p < lx.outer; ++p) {
       for (int64_t m = 0; m < cols_m; ++m) {
         for (int64_t q = 0; q < lx.inner; ++q) {
-          y_t[(p * lx.inner + q) * cols_m + m] = static_cast<double>(yp[(p * cols_m + m) * lx.inner + q]);
+          y_t[(p * lx.inner + q) * padded_m + m] = static_cast<double>(yp[(p * cols_m + m) * lx.inner + q]);
         }
       }
     }
-    at::parallel_for(0, rows_j, grain, [&](int64_t begin, int64_t end) {
-      std::vector<double> acc(cols_m);
-      for (int64_t j = begin; j < end; ++j) {  // out[j, :] = sum_p sum_q x[p, j, q] * y[p, :, q], p then q
-        std::fill(acc.begin(), acc.end(), 0.0);
-        for (int64_t p = 0; p < lx.outer; ++p) {
-          const scalar_t* xr = xp + (p * rows_j + j) * lx.inner;
-          for (int64_t q = 0; q < lx.inner; ++q) {
-            const double xv = static_cast<double>(xr[q]);
-            const VecD xm(xv);
-            const double* yr = y_t.data() + (p * lx.inner + q) * cols_m;
-            int64_t m = 0;
-            for (; m + V <= cols_m; m += V) {
-              at::vec::fmadd(xm, VecD::loadu(yr + m), VecD::loadu(acc.data() + m)).store(acc.data() + m);
-            }
-            for (; m < cols_m; ++m) acc[m] = std::fma(xv, yr[m], acc[m]);
-          }
+    at::parallel_for(0, row_blocks * col_blocks, std::max<int64_t>(1, (1 << 14) / tile_work),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t j0 = tile / col_blocks * kGramRows, m0 = tile % col_blocks * kColumnBlock;
+        switch (std::min(kGramRows, rows_j - j0)) {
+          case 4: mode_gram_tile<4>(xp, y_t.data(), op, lx, rows_j, cols_m, padded_m, j0, m0); break;
+          case 3: mode_gram_tile<3>(xp, y_t.data(), op, lx, rows_j, cols_m, padded_m, j0, m0); break;
+          case 2: mode_gram_tile<2>(xp, y_t.data(), op, lx, rows_j, cols_m, padded_m, j0, m0); break;
+          default: mode_gram_tile<1>(xp, y_t.data(), op, lx, rows_j, cols_m, padded_m, j0, m0); break;
         }
-        for (int64_t m = 0; m < cols_m; ++m) op[j * cols_m + m] = static_cast<scalar_t>(acc[m]);
       }
     });
   });
