@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -151,9 +152,21 @@ def _nvcc() -> str | None:
     return found
 
 
+CUDA_TARGETS = ("80", "90")
+SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def spilling_kernels(ptxas_output: str) -> list:
+    """The ``Function properties`` lines of ``ptxas -v`` (one per kernel and target) that report a spill."""
+    lines = ptxas_output.splitlines()
+    return [f"{lines[i - 1].strip()} {line.strip()}" for i, line in enumerate(lines)
+            if (m := SPILLS.search(line)) and (int(m.group(1)) or int(m.group(2)))]
+
+
 def nvcc_command(nvcc: str, source: Path, output: Path) -> list:
     """The nvcc command that compiles one CUDA source of csrc/ to an object, as the extension build
-    would (torch's include dirs and nvcc flags, C++20, one GPU architecture: the H100's sm_90)."""
+    would (torch's include dirs and nvcc flags, C++20), for the A100's sm_80 and the H100's sm_90,
+    with ptxas reporting each kernel's registers and spills."""
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
     includes = include_paths("cpu") + [str(native_build.CSRC)]
@@ -161,12 +174,12 @@ def nvcc_command(nvcc: str, source: Path, output: Path) -> list:
     if not any(os.path.exists(os.path.join(d, "c10/cuda/impl/cuda_cmake_macros.h")) for d in includes):
         defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")  # the CPU wheel ships the CUDA headers without it
     return [nvcc, "-c", str(source), "-o", str(output), "-std=c++20", "-Xcompiler", "-fPIC",
-            "-gencode=arch=compute_90,code=sm_90", *COMMON_NVCC_FLAGS, *native_build.CUDA_FLAGS, *defines,
+            *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_TARGETS], "-Xptxas=-v", *COMMON_NVCC_FLAGS, *native_build.CUDA_FLAGS, *defines,
             *[f"-I{d}" for d in includes]]
 
 
 def test_every_cuda_source_compiles_with_nvcc(tmp_path):
-    """Each .cu file of csrc/ compiles. A passing set of sources is remembered by the hash of
+    """Each .cu file of csrc/ compiles for sm_80 and sm_90, and no kernel spills. A passing set of sources is remembered by the hash of
     csrc/, nvcc's version and the command (the compile takes minutes on a small CPU); any change
     compiles again."""
     nvcc = _nvcc()
@@ -192,7 +205,9 @@ def test_every_cuda_source_compiles_with_nvcc(tmp_path):
         if process.returncode != 0 or not (tmp_path / (source.stem + ".o")).is_file():
             errors = [line for line in output.splitlines() if "error" in line.lower()]
             failures.append(f"{source.relative_to(REPO)}:\n" + "\n".join(errors[:20] or output.splitlines()[-20:]))
-    assert not failures, "nvcc failed:\n" + "\n\n".join(failures)
+        elif spilling_kernels(output):
+            failures.append(f"{source.relative_to(REPO)} spills:\n" + "\n".join(spilling_kernels(output)))
+    assert not failures, "nvcc failed or a kernel spills:\n" + "\n\n".join(failures)
     passed.parent.mkdir(parents=True, exist_ok=True)
     passed.write_text("\n".join(" ".join(c) for c in commands.values()))
 
