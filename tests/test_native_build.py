@@ -178,6 +178,7 @@ def nvcc_command(nvcc: str, source: Path, output: Path) -> list:
             *[f"-I{d}" for d in includes]]
 
 
+@pytest.mark.slow  # minutes of nvcc on a small CPU where nothing is cached
 def test_every_cuda_source_compiles_with_nvcc(tmp_path):
     """Each .cu file of csrc/ compiles for sm_80 and sm_90, and no kernel spills. A passing set of sources is remembered by the hash of
     csrc/, nvcc's version and the command (the compile takes minutes on a small CPU); any change
