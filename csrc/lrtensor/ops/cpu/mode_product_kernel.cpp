@@ -38,28 +38,47 @@ void mode_product_rows(const scalar_t* x, const scalar_t* u, scalar_t* out, Arou
 constexpr int64_t kInnerBlock = 4;
 constexpr int64_t kColumnBlock = 2 * Vectorized<double>::size();
 
+// kCount running sums of kColumnBlock lanes each, in vector registers: add() adds xs[i * x_stride]
+// times one row of kColumnBlock doubles to sum i, store() writes the first n lanes of each sum.
+template <int64_t kCount>
+struct RegisterBlock {
+  using VecD = Vectorized<double>;
+  static constexpr int64_t V = VecD::size();
+  VecD acc[kCount][2];
+
+  RegisterBlock() {
+    for (int64_t i = 0; i < kCount; ++i) acc[i][0] = acc[i][1] = VecD(0.0);
+  }
+
+  template <typename scalar_t>
+  inline void add(const double* row, const scalar_t* xs, int64_t x_stride) {
+    const VecD r0 = VecD::loadu(row), r1 = VecD::loadu(row + V);
+    for (int64_t i = 0; i < kCount; ++i) {
+      const VecD x(static_cast<double>(xs[i * x_stride]));
+      acc[i][0] = at::vec::fmadd(x, r0, acc[i][0]);
+      acc[i][1] = at::vec::fmadd(x, r1, acc[i][1]);
+    }
+  }
+
+  // out[i * sum_stride + lane * lane_stride] = sum i's lane, for lane < n
+  template <typename scalar_t>
+  inline void store(scalar_t* out, int64_t n, int64_t sum_stride, int64_t lane_stride) const {
+    alignas(64) double lanes[kColumnBlock];
+    for (int64_t i = 0; i < kCount; ++i) {
+      acc[i][0].store(lanes);
+      acc[i][1].store(lanes + V);
+      scalar_t* o = out + i * sum_stride;
+      for (int64_t lane = 0; lane < n; ++lane) o[lane * lane_stride] = static_cast<scalar_t>(lanes[lane]);
+    }
+  }
+};
+
 template <int64_t kColumns, typename scalar_t>
 void mode_product_column_tile(const scalar_t* x, const double* u_t, scalar_t* out, AroundDim l, int64_t n_j,
                               int64_t padded_j) {
-  using VecD = Vectorized<double>;
-  constexpr int64_t V = VecD::size();
-  alignas(64) double lanes[kColumnBlock];
-  VecD acc[kColumns][2];
-  for (int64_t c = 0; c < kColumns; ++c) acc[c][0] = acc[c][1] = VecD(0.0);
-  for (int64_t m = 0; m < l.size; ++m) {
-    const double* ur = u_t + m * padded_j;
-    const VecD u0 = VecD::loadu(ur), u1 = VecD::loadu(ur + V);
-    for (int64_t c = 0; c < kColumns; ++c) {
-      const VecD xm(static_cast<double>(x[m * l.inner + c]));
-      acc[c][0] = at::vec::fmadd(xm, u0, acc[c][0]);
-      acc[c][1] = at::vec::fmadd(xm, u1, acc[c][1]);
-    }
-  }
-  for (int64_t c = 0; c < kColumns; ++c) {
-    acc[c][0].store(lanes);
-    acc[c][1].store(lanes + V);
-    for (int64_t j = 0; j < n_j; ++j) out[j * l.inner + c] = static_cast<scalar_t>(lanes[j]);
-  }
+  RegisterBlock<kColumns> sums;
+  for (int64_t m = 0; m < l.size; ++m) sums.add(u_t + m * padded_j, x + m * l.inner, 1);
+  sums.store(out, n_j, 1, l.inner);
 }
 
 template <typename scalar_t>
@@ -117,29 +136,12 @@ void mode_product_cpu(const at::Tensor& x, const at::Tensor& u, int64_t mode, at
 template <int64_t kRows, typename scalar_t>
 void mode_gram_tile(const scalar_t* x, const double* y_t, scalar_t* out, AroundDim lx, int64_t rows_j,
                     int64_t cols_m, int64_t padded_m, int64_t j0, int64_t m0) {
-  using VecD = Vectorized<double>;
-  constexpr int64_t V = VecD::size();
-  alignas(64) double lanes[kColumnBlock];
-  VecD acc[kRows][2];
-  for (int64_t r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = VecD(0.0);
+  RegisterBlock<kRows> sums;
   for (int64_t p = 0; p < lx.outer; ++p) {
     const scalar_t* xr = x + (p * rows_j + j0) * lx.inner;
-    for (int64_t q = 0; q < lx.inner; ++q) {
-      const double* yr = y_t + (p * lx.inner + q) * padded_m + m0;
-      const VecD y0 = VecD::loadu(yr), y1 = VecD::loadu(yr + V);
-      for (int64_t r = 0; r < kRows; ++r) {
-        const VecD xv(static_cast<double>(xr[r * lx.inner + q]));
-        acc[r][0] = at::vec::fmadd(xv, y0, acc[r][0]);
-        acc[r][1] = at::vec::fmadd(xv, y1, acc[r][1]);
-      }
-    }
+    for (int64_t q = 0; q < lx.inner; ++q) sums.add(y_t + (p * lx.inner + q) * padded_m + m0, xr + q, lx.inner);
   }
-  const int64_t n_m = std::min(kColumnBlock, cols_m - m0);
-  for (int64_t r = 0; r < kRows; ++r) {
-    acc[r][0].store(lanes);
-    acc[r][1].store(lanes + V);
-    for (int64_t m = 0; m < n_m; ++m) out[(j0 + r) * cols_m + m0 + m] = static_cast<scalar_t>(lanes[m]);
-  }
+  sums.store(out + j0 * cols_m + m0, std::min(kColumnBlock, cols_m - m0), cols_m, 1);
 }
 
 constexpr int64_t kGramRows = 4;
