@@ -238,31 +238,12 @@ fused_tucker_chain_backward_op = ops.FusedOp("fused_tucker_chain_backward", _fus
 @fused_tucker_chain_backward_op.register_fake
 def _(grad_y, x, x_chain, weight, factors, u, z, stride, padding, dilation, groups, need_input, need_chain_input,
       need_weight, need_bias, need_factors):
-    return ops.fake_gradients([(need_input, x), (need_chain_input, x_chain), (need_weight, weight),
-                               (need_bias, grad_y.new_empty(weight.shape[0]))], factors, need_factors)
+    return tucker_bypass.fake_backward(grad_y, x, x_chain, weight, factors, need_input, need_chain_input, need_weight,
+                                       need_bias, need_factors)
 
 
-def _chain_setup_context(ctx, inputs, output):
-    x, x_chain, weight, bias, factors, *config = inputs
-    _, u, z = output
-    u, z = chain.kept_for_backward(u if u.numel() else None, z, x if x_chain is None else x_chain)
-    ctx.save_for_backward(x, x_chain, weight, u, z, *factors)
-    ctx.config = config  # stride, padding, dilation, groups
-
-
-def _chain_backward(ctx, grad_y, _grad_u, _grad_z):
-    x, x_chain, weight, u, z, *factors = ctx.saved_tensors
-    need_x, need_chain, need_w, need_b, need_factors = ctx.needs_input_grad[:5]
-    need_chain = need_chain and x_chain is not None
-    need_factors = any(need_factors)
-    grads = iter(fused_tucker_chain_backward_op(grad_y, x, x_chain, weight, factors, u, z, *ctx.config, need_x,
-                                                need_chain, need_w, need_b, need_factors))
-    picked = [next(grads) if need else None for need in (need_x, need_chain, need_w, need_b)]
-    grad_factors = list(grads) if need_factors else [None] * len(factors)
-    return (*picked, grad_factors, *ops.no_grad_for_lists(ctx.config[:3]), None)
-
-
-fused_tucker_chain_op.register_autograd(_chain_backward, setup_context=_chain_setup_context)
+fused_tucker_chain_op.register_autograd(tucker_bypass.backward_by(fused_tucker_chain_backward_op),
+                                        setup_context=tucker_bypass.setup_context)
 
 
 def run(call: AdaptedCall, form: str, folded: bool = False) -> Tensor:

@@ -118,34 +118,50 @@ def _tucker_bypass_backward(grad_y: Tensor, x: Tensor, x_chain: Optional[Tensor]
 tucker_bypass_backward_op = ops.FusedOp("tucker_bypass_backward", _tucker_bypass_backward)
 
 
-@tucker_bypass_backward_op.register_fake
-def _(grad_y, x, x_chain, weight, factors, u, z, stride, padding, dilation, groups, input_grad_via_weight, impl,
-      need_input, need_chain_input, need_weight, need_bias, need_factors):
+def fake_backward(grad_y, x, x_chain, weight, factors, need_input, need_chain_input, need_weight, need_bias,
+                  need_factors) -> list:
+    """What a chain op's backward returns, as the fake implementations promise it (this op's and
+    strategy fused's chain)."""
     return ops.fake_gradients([(need_input, x), (need_chain_input, x_chain), (need_weight, weight),
                                (need_bias, grad_y.new_empty(weight.shape[0]))], factors, need_factors)
 
 
-def _setup_context(ctx, inputs, output):
+@tucker_bypass_backward_op.register_fake
+def _(grad_y, x, x_chain, weight, factors, u, z, stride, padding, dilation, groups, input_grad_via_weight, impl,
+      need_input, need_chain_input, need_weight, need_bias, need_factors):
+    return fake_backward(grad_y, x, x_chain, weight, factors, need_input, need_chain_input, need_weight, need_bias,
+                         need_factors)
+
+
+def setup_context(ctx, inputs, output):
+    """A chain op's autograd context (this op's and strategy fused's chain): ``x``, ``x_chain``, the
+    weight, what of ``u`` and ``z`` is kept, the factors; the op's configuration after them."""
     x, x_chain, weight, bias, factors, *config = inputs
     _, u, z = output
     u, z = chain.kept_for_backward(u if u.numel() else None, z, x if x_chain is None else x_chain)
     ctx.save_for_backward(x, x_chain, weight, u, z, *factors)
-    ctx.config = config  # stride, padding, dilation, groups, input_grad_via_weight, impl
+    ctx.config = config
 
 
-def _backward(ctx, grad_y, _grad_u, _grad_z):
-    x, x_chain, weight, u, z, *factors = ctx.saved_tensors
-    need_x, need_chain, need_w, need_b, need_factors = ctx.needs_input_grad[:5]
-    need_chain = need_chain and x_chain is not None
-    need_factors = any(need_factors)
-    grads = iter(tucker_bypass_backward_op(grad_y, x, x_chain, weight, factors, u, z, *ctx.config, need_x,
-                                           need_chain, need_w, need_b, need_factors))
-    picked = [next(grads) if need else None for need in (need_x, need_chain, need_w, need_b)]
-    grad_factors = list(grads) if need_factors else [None] * len(factors)
-    return (*picked, grad_factors, *ops.no_grad_for_lists(ctx.config[:3]), None, None, None)
+def backward_by(backward_op):
+    """The autograd backward of a chain op (this one, strategy fused's chain) whose gradients
+    ``backward_op`` computes from :func:`setup_context`'s context: the gradients asked for, none for
+    the configuration (stride, padding and dilation as lists, then the rest)."""
+    def backward(ctx, grad_y, _grad_u, _grad_z):
+        x, x_chain, weight, u, z, *factors = ctx.saved_tensors
+        need_x, need_chain, need_w, need_b, need_factors = ctx.needs_input_grad[:5]
+        need_chain = need_chain and x_chain is not None
+        need_factors = any(need_factors)
+        grads = iter(backward_op(grad_y, x, x_chain, weight, factors, u, z, *ctx.config, need_x, need_chain, need_w,
+                                 need_b, need_factors))
+        picked = [next(grads) if need else None for need in (need_x, need_chain, need_w, need_b)]
+        grad_factors = list(grads) if need_factors else [None] * len(factors)
+        return (*picked, grad_factors, *ops.no_grad_for_lists(ctx.config[:3]), *[None] * (len(ctx.config) - 3))
+
+    return backward
 
 
-tucker_bypass_op.register_autograd(_backward, setup_context=_setup_context)
+tucker_bypass_op.register_autograd(backward_by(tucker_bypass_backward_op), setup_context=setup_context)
 
 
 def run(call: AdaptedCall, input_grad_via_weight: bool, folded: bool = False) -> Tensor:
