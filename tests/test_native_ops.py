@@ -84,7 +84,7 @@ def test_mode_contractions_match_tensordot(ops):
 # around the CPU kernels' register blocks (16 rows of j or m, 4 inner columns or rows of j at a
 # time): shapes (outer, mode size, inner) and the other operand's size, with every tail of a block
 CONTRACTIONS = [((3, 5, 9), 17), ((2, 16, 4), 16), ((1, 7, 1), 33), ((4, 40, 3), 1), ((2, 3, 13), 2),
-                ((5, 1, 6), 31), ((1, 9, 5), 15)]
+                ((5, 1, 6), 31), ((1, 9, 5), 15), ((2, 0, 3), 5), ((0, 4, 3), 6), ((2, 4, 0), 6)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -117,7 +117,7 @@ void mode_product_cpu(const at::Tensor& x, const at::Tensor& u, int64_t mode, at
         for (int64_t m = 0; m < l.size; ++m) u_t[m * padded_j + j] = static_cast<double>(up[j * l.size + m]);
       }
       const int64_t tiles = l.outer * (padded_j / kColumnBlock);
-      const int64_t grain = std::max<int64_t>(1, (1 << 14) / (l.size * l.inner * kColumnBlock));
+      const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(1, l.size * l.inner * kColumnBlock));
       at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
         mode_product_columns(xp, u_t.data(), op, l, rows_j, padded_j, begin, end);
       });
