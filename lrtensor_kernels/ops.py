@@ -279,12 +279,19 @@ def autocast_off(x: Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
+def w_eff_buffer(weight: Tensor, dtype: torch.dtype, out: Optional[Tensor] = None) -> Optional[Tensor]:
+    """Where a backend writes ``W'`` stored in ``dtype``: ``out`` when given (a scratch tensor of the
+    weight's shape and that dtype), a new tensor where ``dtype`` is not the weight's, else None (the
+    backend allocates it in the weight's dtype)."""
+    if out is None and dtype != weight.dtype:
+        return torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    return out
+
+
 def transform_to(kernels, weight, adapter, math, scale, delta_only, dtype, out: Optional[Tensor] = None):
     """``W'`` stored in ``dtype`` (the input's: under autocast it differs from the weight's), in
     ``out`` when given (a scratch tensor of the weight's shape and that dtype)."""
-    if out is None and dtype != weight.dtype:
-        out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    return kernels.transform(weight, adapter, math, scale, delta_only, out=out)
+    return kernels.transform(weight, adapter, math, scale, delta_only, out=w_eff_buffer(weight, dtype, out))
 
 
 @adapted_op.register_fake
@@ -320,8 +327,8 @@ def _adapted_op_backward(
             # dL/dW' first (it does not read W'), then W' and the projection in one pass, then the
             # input gradient through W'
             _, grad_w_eff, grad_b = op_backward(grad_out, x, weight.to(x.dtype), *geometry, False, True, need_bias)
-            out = scratch if scratch is not None or x.dtype == weight.dtype else torch.empty_like(weight, dtype=x.dtype)
-            w_eff, grad_adapter = fused(grad_w_eff, weight, adapter, math, scale, delta_only, out=out)
+            w_eff, grad_adapter = fused(grad_w_eff, weight, adapter, math, scale, delta_only,
+                                        out=w_eff_buffer(weight, x.dtype, scratch))
             grad_x = op_backward(grad_out, x, w_eff, *geometry, True, False)[0]
         else:
             w_eff = transform_to(kernels, weight, adapter, math, scale, delta_only, x.dtype, scratch) \

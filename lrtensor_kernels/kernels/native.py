@@ -83,31 +83,44 @@ def _new_buffer(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _form_of(weight: torch.Tensor, adapter: Sequence[torch.Tensor], math: str, scale: float) -> tuple:
+    """``(spec, form)``: the checked operands' adapter math and their low-rank form (cached)."""
+    check_operands(weight, adapter)
+    spec = methods.AdapterMath.from_key(math)
+    return spec, _forms.get(weight, adapter, spec.delta, scale)
+
+
 def transform(weight: torch.Tensor, adapter: Sequence[torch.Tensor], math: str, scale: float,
               delta_only: bool = False, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``W'`` (or ``W' - W``) of ``weight``'s shape, in ``out``'s dtype (default: the weight's), in one pass."""
-    check_operands(weight, adapter)
-    spec = methods.AdapterMath.from_key(math)
-    form = _forms.get(weight, adapter, spec.delta, scale)
+    spec, form = _form_of(weight, adapter, math, scale)
     if out is None:
         out = _new_buffer(weight.shape, weight.dtype, weight.device)
     _ops.lowrank_transform.out(weight.contiguous(), form.left, form.right_matrix(), spec.combine, delta_only, out=out)
     return out
 
 
-def project(grad_weight: torch.Tensor, weight: torch.Tensor, adapter: Sequence[torch.Tensor], math: str,
-            scale: float) -> list[torch.Tensor]:
-    """The gradient of every adapter tensor from ``grad_weight = dLoss/dW'``, in one pass over the weight."""
-    check_operands(weight, adapter)
-    spec = methods.AdapterMath.from_key(math)
-    form = _forms.get(weight, adapter, spec.delta, scale)
+def _projected(weight: torch.Tensor, adapter: Sequence[torch.Tensor], math: str, scale: float, run) -> list:
+    """The gradient of every adapter tensor from a projection op: ``run(form, combine, right,
+    grad_left, grad_right)`` writes ``dLoss/dL`` (unscaled) into ``grad_left`` and ``dLoss/dR`` into
+    ``grad_right``."""
+    spec, form = _form_of(weight, adapter, math, scale)
     right = form.right_matrix()
     grad_left = _new_buffer(form.left.shape, form.acc, weight.device)
     grad_right = _new_buffer(right.shape, form.acc, weight.device)
-    _ops.lowrank_project.out(grad_weight.contiguous(), weight.contiguous(), form.left, right, spec.combine,
-                             grad_left=grad_left, grad_right=grad_right)
+    run(form, spec.combine, right, grad_left, grad_right)
     grads = adapter_grads(form, adapter, grad_left, grad_right, scale)
     return [g.to(t.dtype) for g, t in zip(grads, adapter)]
+
+
+def project(grad_weight: torch.Tensor, weight: torch.Tensor, adapter: Sequence[torch.Tensor], math: str,
+            scale: float) -> list[torch.Tensor]:
+    """The gradient of every adapter tensor from ``grad_weight = dLoss/dW'``, in one pass over the weight."""
+    def run(form, combine, right, grad_left, grad_right):
+        _ops.lowrank_project.out(grad_weight.contiguous(), weight.contiguous(), form.left, right, combine,
+                                 grad_left=grad_left, grad_right=grad_right)
+
+    return _projected(weight, adapter, math, scale, run)
 
 
 def project_transform(grad_weight: torch.Tensor, weight: torch.Tensor, adapter: Sequence[torch.Tensor], math: str,
@@ -115,18 +128,14 @@ def project_transform(grad_weight: torch.Tensor, weight: torch.Tensor, adapter: 
     """``(W', adapter gradients)``: :func:`transform` and :func:`project` of the same weight in one pass
     (the same values, bit for bit); ``W'`` (or ``W' - W``) in ``out``'s dtype (default: the weight's).
     CPU tensors only (the op has no CUDA kernel: there the caller runs the two)."""
-    check_operands(weight, adapter)
-    spec = methods.AdapterMath.from_key(math)
-    form = _forms.get(weight, adapter, spec.delta, scale)
-    right = form.right_matrix()
     if out is None:
         out = _new_buffer(weight.shape, weight.dtype, weight.device)
-    grad_left = _new_buffer(form.left.shape, form.acc, weight.device)
-    grad_right = _new_buffer(right.shape, form.acc, weight.device)
-    _ops.lowrank_project_transform.out(grad_weight.contiguous(), weight.contiguous(), form.left, right, spec.combine,
-                                       delta_only, grad_left=grad_left, grad_right=grad_right, out=out)
-    grads = adapter_grads(form, adapter, grad_left, grad_right, scale)
-    return out, [g.to(t.dtype) for g, t in zip(grads, adapter)]
+
+    def run(form, combine, right, grad_left, grad_right):
+        _ops.lowrank_project_transform.out(grad_weight.contiguous(), weight.contiguous(), form.left, right, combine,
+                                           delta_only, grad_left=grad_left, grad_right=grad_right, out=out)
+
+    return out, _projected(weight, adapter, math, scale, run)
 
 
 def channel_dot(a: torch.Tensor, b: torch.Tensor, channel_dim: int) -> torch.Tensor:
