@@ -182,6 +182,13 @@ def _route(args) -> str:
     return "eager"
 
 
+def runs_eagerly(args) -> bool:
+    """Whether an op called on ``args`` now would run eagerly (no torch.compile, torch.func
+    transform, tracing mode or tensor subclass): where plain PyTorch ops under autograd may stand in
+    for it."""
+    return _route(args) == "eager"
+
+
 def _eager_function(impl, backward, setup_context, at: int, composite):
     class EagerOp(torch.autograd.Function):
         @staticmethod

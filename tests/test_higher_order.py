@@ -22,6 +22,8 @@ FLOOR = 1e-10  # float64 against the float64 oracle: rounding only
 
 LAYERS = {
     "flora_conv2d_groups": lambda: lk.FLoRAConv2d(4, 6, 3, padding=1, groups=2, ranks=(3, 2, 2, 2)),
+    # wide enough for bypass to keep u and z, where it runs the chain under plain autograd
+    "flora_conv2d_wide": lambda: lk.FLoRAConv2d(16, 16, 3, padding=1, ranks=(2, 2, 2, 2)),
     "flora_linear": lambda: lk.FLoRALinear(5, 4, ranks=(3, 2)),
     "lora_conv2d_groups": lambda: lk.LoRAConv2d(4, 6, 3, padding=1, groups=2, rank=2),
     "lora_linear": lambda: lk.LoRALinear(5, 4, rank=2),

@@ -67,13 +67,13 @@ def cannot_run(strategy: str, device: torch.device) -> str:
 
 def _run_bypass(call: AdaptedCall, decision: cost.Decision) -> Tensor:
     if call.math.delta in ("tucker", "lora"):
-        return tucker_bypass.run(call, decision.input_grad_via_weight, decision.folded)
+        return tucker_bypass.run(call, decision.input_grad_via_weight, decision.folded, decision.under_autograd)
     return scale_bypass.run(call)
 
 
 def _run_hybrid(call: AdaptedCall, decision: cost.Decision) -> Tensor:
     if call.dropped_x is not None:  # the update acts on the dropped input: bypass's form
-        return tucker_bypass.run(call, False, decision.folded)
+        return tucker_bypass.run(call, False, decision.folded, decision.under_autograd)
     return tucker_hybrid.run(call, decision.folded)
 
 

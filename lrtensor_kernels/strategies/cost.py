@@ -99,7 +99,7 @@ _CPU_CALL_OVERHEAD = {
     ("frozen", False): 0.0, ("full", False): 2e-6,
     ("merged", False): 73e-6, ("merged", True): 265e-6,
     ("two_branch", False): 18e-6, ("two_branch", True): 217e-6,
-    ("tucker_bypass", False): 441e-6, ("tucker_bypass", True): 408e-6,
+    ("tucker_bypass", False): 441e-6, ("tucker_bypass", True): 408e-6, ("tucker_bypass_autograd", False): 200e-6,
     ("tucker_hybrid", False): 260e-6, ("tucker_hybrid", True): 406e-6,
     ("scale_bypass", False): 60e-6, ("scale_bypass", True): 170e-6,
 }
@@ -539,29 +539,48 @@ def _chain_notes(w: Workload, chain: _Chain, kept: Optional[tuple]) -> list:
     return notes
 
 
+UNDER_AUTOGRAD = "the chain under autograd"
+
+
 def _tucker_bypass_form(w: Workload, folded: bool) -> Cost:
+    """Bypass with the chain in one form, the cheapest of its variants: the op with the input gradient
+    through ``W`` and the chain, or through ``W'``; and where the op would keep ``u`` and ``z`` (so
+    that autograd keeps no more), the same ops as the first under plain autograd, which costs less
+    Python per call (:func:`tucker_bypass.run`)."""
     s = _Sizes(w)
     chain = _Chain.of(s, w, folded)
-    cost = s.conv_pass(Cost(notes=["op(x, W) + low-rank chain"], kind="tucker_bypass", fused=w.fused))
+    kept = chain.kept(s.x)
+    input_grad = w.need_input or w.dropout
+    variants = [_tucker_bypass_variant(w, s, chain, kept, input_grad, via_weight=False, autograd=kept[1]),
+                _tucker_bypass_variant(w, s, chain, kept, input_grad, via_weight=False, autograd=False)]
+    if input_grad and not w.dropout:
+        variants.append(_tucker_bypass_variant(w, s, chain, kept, input_grad, via_weight=True, autograd=False))
+    dev = device_model(w.device_type)
+    return min(variants, key=lambda c: c.seconds(dev, w.dtype))  # the first of equals: autograd's
+
+
+def _tucker_bypass_variant(w: Workload, s: _Sizes, chain: _Chain, kept: tuple, input_grad: bool, via_weight: bool,
+                           autograd: bool) -> Cost:
+    cost = Cost(notes=["op(x, W) + low-rank chain"], kind="tucker_bypass_autograd" if autograd else "tucker_bypass",
+                fused=w.fused and not autograd)
+    s.conv_pass(cost)
     chain.to_z(s, cost)
     s.op(cost, chain.f_out, chain.z, s.y, s.y)
-    kept = chain.kept(s.x)
-    if w.need_input or w.dropout:
+    if input_grad:
         s.conv_pass(cost)
-        dev = device_model(w.device_type)
-        through_chain = chain.backward(s, Cost(), kept, True, w.need_adapter)
-        through_weight = s.transform(chain.backward(s, Cost(), kept, False) if w.need_adapter else Cost())
-        if w.dropout or through_chain.seconds(dev, w.dtype) <= through_weight.seconds(dev, w.dtype):
-            cost.merge(through_chain)
-            cost.notes.append("input gradient through W and the chain")
-        else:
-            cost.merge(through_weight)
+        if via_weight:
+            s.transform(chain.backward(s, cost, kept, False) if w.need_adapter else cost)
             cost.notes.append("input gradient through W'")
+        else:
+            chain.backward(s, cost, kept, True, w.need_adapter)
+            cost.notes.append("input gradient through W and the chain")
     elif w.need_adapter:
         chain.backward(s, cost, kept, False)
     if w.need_weight:
         s.weight_grad_pass(cost)
     cost.notes += _chain_notes(w, chain, kept)
+    if autograd:
+        cost.notes.append(UNDER_AUTOGRAD)
     return cost
 
 
@@ -735,8 +754,8 @@ def fused_form(w: Workload) -> tuple:
 @dataclass
 class Decision:
     """The strategy a call runs (and on which backend), why, and every candidate's estimated cost on
-    that backend. ``input_grad_via_weight`` and ``folded`` are details of the chain strategies (see
-    tucker_bypass, tucker_chain); ``impl`` is the backend chosen when several were offered (None:
+    that backend. ``input_grad_via_weight``, ``folded`` and ``under_autograd`` are details of the
+    chain strategies (see tucker_bypass, tucker_chain); ``impl`` is the backend chosen when several were offered (None:
     the call's own); ``backend_seconds``: the chosen strategy's estimate on each backend offered."""
 
     strategy: str
@@ -746,6 +765,7 @@ class Decision:
     fused_form: str = ""  # strategy "fused": "prologue" (W' in the tiles) or "chain" (FLoRA's or LoRA's chain)
     folded: bool = False
     impl: Optional[str] = None
+    under_autograd: bool = False
     backend_seconds: dict = field(default_factory=dict)
 
 
@@ -838,7 +858,9 @@ def decide(w: Workload, requested: str) -> Decision:
     notes = costs[strategy].notes
     via_weight = strategy == "bypass" and "input gradient through W'" in notes
     folded = strategy in ("bypass", "hybrid", "fused") and "P_in folded into op_K" in notes
-    return Decision(strategy, reason, costs, via_weight, form if strategy == "fused" else "", folded)
+    under_autograd = strategy in ("bypass", "hybrid") and UNDER_AUTOGRAD in notes
+    return Decision(strategy, reason, costs, via_weight, form if strategy == "fused" else "", folded,
+                    under_autograd=under_autograd)
 
 
 def device_model(device_type: str) -> DeviceModel:

@@ -164,8 +164,14 @@ def backward_by(backward_op):
 tucker_bypass_op.register_autograd(backward_by(tucker_bypass_backward_op), setup_context=setup_context)
 
 
-def run(call: AdaptedCall, input_grad_via_weight: bool, folded: bool = False) -> Tensor:
+def run(call: AdaptedCall, input_grad_via_weight: bool, folded: bool = False, under_autograd: bool = False) -> Tensor:
+    """``op(x, W')`` by the bypass. ``under_autograd`` (the cost model's choice where the op would keep
+    ``u`` and ``z`` and run the input gradient through the chain): when running eagerly, the same
+    ops as the op's forward under plain autograd, whose backward then runs the same ops as the
+    op's backward and keeps the same tensors, without the op's Python around them."""
     factors = chain.factors_of_call(call, folded)
-    y, _, _ = tucker_bypass_op(call.x, call.dropped_x, call.weight, call.bias, factors, list(call.stride),
-                               list(call.padding), list(call.dilation), call.groups, input_grad_via_weight, call.impl)
-    return y
+    args = (call.x, call.dropped_x, call.weight, call.bias, factors, list(call.stride), list(call.padding),
+            list(call.dilation), call.groups, input_grad_via_weight, call.impl)
+    if under_autograd and ops.runs_eagerly(args):
+        return forward(call.x, call.dropped_x, call.weight, call.bias, factors, call.geometry)[0]
+    return tucker_bypass_op(*args)[0]
