@@ -288,8 +288,8 @@ def predicted_seconds(work: cost.Workload, strategy: str) -> float:
 
 def cost_features(c: cost.Cost) -> dict:
     """What the time model multiplies by its constants, for one estimate (see cost.Cost.seconds)."""
-    return {"dense_flops": c.flops - c.grouped_flops - c.grouped_weight_grad_flops - c.matmul_flops,
-            "matmul_flops": c.matmul_flops, "grouped_flops": c.grouped_flops,
+    return {"dense_flops": c.flops - c.grouped_flops - c.grouped_weight_grad_flops - c.matmul_flops - c.narrow_flops,
+            "matmul_flops": c.matmul_flops, "narrow_flops": c.narrow_flops, "grouped_flops": c.grouped_flops,
             "grouped_weight_grad_flops": c.grouped_weight_grad_flops, "bytes": c.bytes, "ops": c.ops,
             "conv_calls": c.conv_calls, "spatial_conv_calls": c.spatial_conv_calls, "exp_elements": c.exp_elements,
             "fresh_bytes": c.fresh_bytes,
@@ -440,9 +440,9 @@ def _fmt(v) -> str:
 # fitting the CPU constants of the time model
 # ---------------------------------------------------------------------------------------------
 
-FIT_TERMS = ("dense_flops", "matmul_flops", "grouped_flops", "grouped_weight_grad_flops", "bytes", "ops", "conv_calls",
+FIT_TERMS = ("dense_flops", "matmul_flops", "narrow_flops", "grouped_flops", "grouped_weight_grad_flops", "bytes", "ops", "conv_calls",
              "spatial_conv_calls", "exp_elements", "fresh_bytes")
-CONSTANT_OF_TERM = {"dense_flops": "1 / flops[float32]", "matmul_flops": "1 / matmul", "grouped_flops": "1 / grouped",
+CONSTANT_OF_TERM = {"dense_flops": "1 / flops[float32]", "matmul_flops": "1 / matmul", "narrow_flops": "1 / narrow", "grouped_flops": "1 / grouped",
                     "grouped_weight_grad_flops": "1 / grouped_weight_grad", "bytes": "1 / bandwidth",
                     "ops": "op_overhead", "conv_calls": "conv_overhead", "spatial_conv_calls": "spatial_conv_overhead",
                     "exp_elements": "1 / exp_rate", "fresh_bytes": "fresh_byte_cost"}
@@ -457,7 +457,9 @@ def features_seconds(features: dict, device: cost.DeviceModel, dtype: torch.dtyp
     matmul = device.matmul_rate(dtype)
     kind, _, backend = features["call"].partition("/")
     adapter_ops = 0.0 if kind in cost._PLAIN_KINDS else features["ops"] * device.adapter_op_overhead
+    narrow = min(device.narrow or dense, dense)
     return (features["dense_flops"] / dense + features.get("matmul_flops", 0.0) / matmul + adapter_ops
+            + features.get("narrow_flops", 0.0) / narrow
             + features["grouped_flops"] / grouped
             + features["grouped_weight_grad_flops"] / grouped_wg + features["bytes"] / device.bandwidth
             + features["ops"] * device.op_overhead + features["conv_calls"] * device.conv_overhead
@@ -489,7 +491,7 @@ def fit_constants(rows: list, statistic: str = "min_ms", fixed: Optional[dict] =
     cells = [c for r in rows for c in r["cells"].values() if "features" in c]
     calls = sorted({c["features"]["call"] for c in cells})
     columns = list(FIT_TERMS) + [f"call_overhead[{k}]" for k in calls]
-    a = np.array([[c["features"][t] for t in FIT_TERMS] + [float(c["features"]["call"] == k) for k in calls]
+    a = np.array([[c["features"].get(t, 0.0) for t in FIT_TERMS] + [float(c["features"]["call"] == k) for k in calls]
                   for c in cells])
     b = np.array([c[statistic] / 1e3 for c in cells])
     scale = a.max(axis=0)
@@ -514,6 +516,7 @@ def fit_constants(rows: list, statistic: str = "min_ms", fixed: Optional[dict] =
 # the ResNet-18 part
 # ---------------------------------------------------------------------------------------------
 
+PARTS = ("layers", "resnet18")
 RESNET_CONFIGS = ("fc", "full_ft", "peft_lora", "lora", "flora", "flora_budget", "flora_merged", "liera", "ssl",
                   "ssb")
 
@@ -637,7 +640,7 @@ def environment(args) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_time", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", default="layers,resnet18", help="layers, resnet18 or both (comma-separated)")
+    parser.add_argument("--part", default="layers,resnet18", help="layers, resnet18 or both: layers,resnet18")
     parser.add_argument("--rows", help="comma-separated substrings of the layer rows to run")
     parser.add_argument("--methods", default=",".join(suite.METHODS))
     parser.add_argument("--configs", default=",".join(RESNET_CONFIGS), help="ResNet-18 configs (fc always runs)")
@@ -648,7 +651,13 @@ def parse_args(argv=None):
     parser.add_argument("--fit", type=Path, help="fit the CPU constants of the cost model to the layer part of "
                         "this JSON (from an earlier run) and print them; nothing is measured")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = set(args.part.split(",")) - set(PARTS)
+    if unknown:
+        parser.error(f"--part takes {', '.join(PARTS)} (comma-separated), got {', '.join(sorted(unknown))}")
+    if args.rows and not select_rows([p for p in args.rows.split(",") if p]):
+        parser.error(f"--rows {args.rows!r} matches no row (substrings of names such as resnet18/layer1.0.conv1)")
+    return args
 
 
 def main(argv=None) -> int:

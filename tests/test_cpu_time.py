@@ -38,7 +38,7 @@ def test_the_fitted_formula_is_the_cost_models():
     """features_seconds (what the fit multiplies by its constants) gives Cost.seconds for every
     strategy, backend and layer kind: a term added to one and not the other fails here."""
     device = dataclasses.replace(cost.device_model("cpu"), fresh_byte_cost=2e-10, adapter_op_overhead=3e-6,
-                                 matmul_flops={torch.float32: 90e9})  # every constant non-zero
+                                 matmul_flops={torch.float32: 90e9}, narrow=90e9)  # every constant non-zero
     assert all(v for k, v in dataclasses.asdict(device).items() if k != "calibrated")  # a flag, not a term
     checked = 0
     for w in _workloads():
@@ -126,3 +126,13 @@ def test_auto_against_forced_tells_noise_from_a_wrong_choice():
     assert rows[1]["auto"]["flora"]["best"] == "flora_native:bypass"
     summary = cpu_time.layer_summary(rows)
     assert summary["auto_cells_within_10pct"] == "0/2" and summary["auto_misses_on_another_path"] == 1
+
+
+@pytest.mark.parametrize("argv", [["--part", "both"], ["--part", "layers,resnet"], ["--rows", "resnet18/*"]])
+def test_a_part_or_row_that_selects_nothing_is_an_error(argv, capsys):
+    """A run that would measure nothing says so instead of writing empty results."""
+    with pytest.raises(SystemExit) as exit_info:
+        cpu_time.parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert ("--part" if "--part" in argv else "--rows") in err and "got" in err or "matches no row" in err

@@ -53,7 +53,9 @@ class DeviceModel:
     per op launched from Python (dispatch, launch, small-op latency); ``grouped``: FLOP/s of a
     grouped convolution's forward and input gradient, ``grouped_weight_grad``: of its weight
     gradient (None: the dense rate); ``matmul``: FLOP/s of a linear layer's matmuls (None: the
-    dense rate); ``conv_overhead``: seconds a convolution call costs beyond ``op_overhead``,
+    dense rate); ``narrow``: FLOP/s of a convolution pass whose output has fewer than
+    ``narrow_channels`` channels (a vector register's lanes go unused; None: the dense rate);
+    ``conv_overhead``: seconds a convolution call costs beyond ``op_overhead``,
     ``spatial_conv_overhead``: what a convolution with a kernel larger than 1x1,
     or a stride, costs beyond that; ``exp_rate``: elements/s through ``exp`` in a fused pass or
     a fused kernel's tiles (None: free);
@@ -80,6 +82,8 @@ class DeviceModel:
     matmul_flops: Optional[dict] = None
     adapter_op_overhead: float = 0.0
     calibrated: bool = False
+    narrow: Optional[float] = None
+    narrow_channels: int = 0
 
     def flop_rate(self, dtype: torch.dtype) -> float:
         return self.flops.get(dtype, self.flops[torch.float32])
@@ -124,7 +128,7 @@ DEVICES = {
                               torch.float16: 5e9},
                        bandwidth=17e9, op_overhead=8e-6, grouped=57e9, grouped_weight_grad=8.5e9,
                        conv_overhead=9e-6, matmul=110e9, spatial_conv_overhead=88e-6, exp_rate=2.1e9,
-                       fresh_byte_cost=0.0, call_overhead=_CPU_CALL_OVERHEAD),
+                       fresh_byte_cost=0.0, call_overhead=_CPU_CALL_OVERHEAD, narrow_channels=16),
     # The previous CI machine (Zen 3, AVX2, no bf16 unit), one torch thread, used where torch's CPU
     # capability is not AVX-512: fp32 convolutions 40-80 GFLOP/s, copies above the last-level
     # cache 15-20 GB/s, about 5 us per small op; oneDNN's bf16/fp16 convolutions at 1.4/2.4
@@ -255,6 +259,7 @@ class Cost:
     conv_calls: int = 0  # of ``ops``: convolutions (fixed costs beyond a small op's on some devices)
     spatial_conv_calls: int = 0  # of ``conv_calls``: those with a kernel larger than 1x1
     matmul_flops: float = 0.0  # part of ``flops``: a linear layer's matmuls
+    narrow_flops: float = 0.0  # part of ``flops``: convolution passes with few output channels (DeviceModel.narrow)
     exp_elements: float = 0.0  # elements through exp: weight-sized passes, the fused kernels' tiles
     fresh_bytes: float = 0.0  # weight-sized tensors allocated afresh (weight gradients, autograd's W')
     kind: str = ""
@@ -278,6 +283,7 @@ class Cost:
         self.spatial_conv_calls += other.spatial_conv_calls
         self.grouped_weight_grad_flops += other.grouped_weight_grad_flops
         self.matmul_flops += other.matmul_flops
+        self.narrow_flops += other.narrow_flops
         self.exp_elements += other.exp_elements
         self.fresh_bytes += other.fresh_bytes
         for mine, theirs in ((self.part_flops, other.part_flops), (self.part_bytes, other.part_bytes)):
@@ -296,12 +302,14 @@ class Cost:
             return dense if grouped_rate is None else min(grouped_rate, dense)
 
         grouped = (self.grouped_flops / rate(device.grouped) + self.matmul_flops / device.matmul_rate(dtype)
-                   + self.grouped_weight_grad_flops / rate(device.grouped_weight_grad))
+                   + self.grouped_weight_grad_flops / rate(device.grouped_weight_grad)
+                   + self.narrow_flops / (dense if device.narrow is None else  # scaled by dtype as the dense rate
+                                          min(dense, device.narrow * dense / device.flop_rate(torch.float32))))
         flops = {p: self.part_flops.get(p, 0.0) for p in PARTS}
         nbytes = {p: self.part_bytes.get(p, 0.0) for p in PARTS}
         flops[_ACTIVATION] += self.flops - sum(flops.values())
         nbytes[_ACTIVATION] += self.bytes - sum(nbytes.values())
-        flops[_CONV] -= self.grouped_flops + self.grouped_weight_grad_flops + self.matmul_flops
+        flops[_CONV] -= self.grouped_flops + self.grouped_weight_grad_flops + self.matmul_flops + self.narrow_flops
         out = {p: flops[p] / dense + nbytes[p] / device.bandwidth for p in PARTS}
         out[_CONV] += grouped + self.conv_calls * device.conv_overhead + (
             self.spatial_conv_calls * device.spatial_conv_overhead)
@@ -334,12 +342,20 @@ class _Sizes:
         # the layer's own op needs more than a 1x1 unstrided convolution's setup (a k x k kernel, or
         # a stride: oneDNN's path on the CPU, where 1x1 unstrided convolutions are matmuls)
         self.spatial = self.kernel > 1 or self.pixels_out != self.pixels_in
+        self.narrow_channels = device_model(w.device_type).narrow_channels if self.is_conv else 0
 
-    def op(self, cost: Cost, flops: float, *elements: float, spatial: bool = False, call: bool = True) -> Cost:
+    def narrow(self, flops: float, channels: int) -> float:
+        """``flops`` if a convolution pass writing ``channels`` channels runs at the narrow rate, else 0."""
+        return flops if channels < self.narrow_channels and self.w.groups == 1 else 0.0
+
+    def op(self, cost: Cost, flops: float, *elements: float, spatial: bool = False, call: bool = True,
+           narrow: float = 0.0) -> Cost:
         """An op of ``flops`` reading/writing tensors of ``elements`` elements in the op's dtype; on
         a convolution layer, an op with FLOPs is a convolution (``spatial``: with the layer's kernel
-        and stride, not a 1x1 projection; ``call``: False for work done inside another op's call).
-        An op without FLOPs is an activation-sized elementwise pass."""
+        and stride, not a 1x1 projection; ``call``: False for work done inside another op's call;
+        ``narrow``: how many of its FLOPs write few channels, :meth:`narrow`). An op without FLOPs
+        is an activation-sized elementwise pass."""
+        cost.narrow_flops += narrow
         if flops and self.is_conv and call:
             cost.conv_calls += 1
             cost.spatial_conv_calls += bool(spatial and self.spatial)
@@ -348,7 +364,7 @@ class _Sizes:
         return cost.add(flops, self.e * sum(elements), ops=int(call), part=_CONV if flops else _ACTIVATION)
 
     def grouped_op(self, cost: Cost, flops: float, *elements: float, weight_grad: bool = False,
-                   spatial: bool = True, call: bool = True) -> Cost:
+                   spatial: bool = True, call: bool = True, narrow: float = 0.0) -> Cost:
         """An op of the layer's grouping and kernel: a grouped convolution runs at its own rate on
         some devices."""
         if self.w.groups > 1:
@@ -356,7 +372,7 @@ class _Sizes:
                 cost.grouped_weight_grad_flops += flops
             else:
                 cost.grouped_flops += flops
-        return self.op(cost, flops, *elements, spatial=spatial, call=call)
+        return self.op(cost, flops, *elements, spatial=spatial, call=call, narrow=narrow)
 
     def conv_pass(self, cost: Cost) -> Cost:
         """One pass of the layer's op (forward or input gradient)."""
@@ -464,7 +480,8 @@ def two_branch_cost(w: Workload) -> Cost:
 class _Chain:
     """The Tucker chain's ops on one workload (see tucker_chain): three (P_in, op_K, P_out) or,
     folded, two (op_M, P_out; LoRA's chain, op_A then B, always); per op its FLOPs, and the chain's
-    activations u, z, in elements."""
+    activations u, z, in elements; the ranks r_1 and r_2 (0 when folded), the channels op_K or op_M
+    and P_in write (a pass writing few channels runs at the narrow rate, :meth:`_Sizes.narrow`)."""
 
     folded: bool
     f_in: float  # P_in, or op_M when folded (k x k, the layer's geometry)
@@ -472,6 +489,8 @@ class _Chain:
     f_out: float  # P_out
     u: float
     z: float
+    r1: int = 0
+    r2: int = 0
 
     @classmethod
     def of(cls, s: _Sizes, w: Workload, folded: bool) -> "_Chain":
@@ -481,11 +500,11 @@ class _Chain:
         f_out = 2.0 * s.batch * s.pixels_out * s.c_out * r1
         if folded:
             f_m = 2.0 * s.batch * s.pixels_out * g * r1 * s.c_group * s.kernel
-            return cls(True, f_m, 0.0, f_out, 0.0, z)
+            return cls(True, f_m, 0.0, f_out, 0.0, z, r1)
         r2 = w.ranks[1]
         f_in = 2.0 * s.batch * s.pixels_in * s.c_in * r2
         f_mid = 2.0 * s.batch * s.pixels_out * g * r1 * r2 * s.kernel
-        return cls(False, f_in, f_mid, f_out, s.batch * g * r2 * s.pixels_in, z)
+        return cls(False, f_in, f_mid, f_out, s.batch * g * r2 * s.pixels_in, z, r1, r2)
 
     def kept(self, x: float) -> tuple:
         """``(u kept, z kept)`` as tucker_chain.kept_for_backward decides for a chain input of ``x``
@@ -500,9 +519,9 @@ class _Chain:
     def to_z(self, s: _Sizes, cost: Cost) -> Cost:
         """x -> z: P_in and op_K, or op_M."""
         if self.folded:
-            return s.grouped_op(cost, self.f_in, s.x, self.z)
-        s.op(cost, self.f_in, s.x, self.u)
-        return s.grouped_op(cost, self.f_mid, self.u, self.z)
+            return s.grouped_op(cost, self.f_in, s.x, self.z, narrow=s.narrow(self.f_in, self.r1))
+        s.op(cost, self.f_in, s.x, self.u, narrow=s.narrow(self.f_in, self.r2))
+        return s.grouped_op(cost, self.f_mid, self.u, self.z, narrow=s.narrow(self.f_mid, self.r1))
 
     def backward(self, s: _Sizes, cost: Cost, kept: tuple, input_grad: bool, factor_grads: bool = True) -> Cost:
         """The chain's backward from grad_y: what was not ``kept`` (u, z) again, then per op one call
@@ -514,17 +533,24 @@ class _Chain:
                 self.to_z(s, cost)
         else:
             if not kept_u:
-                s.op(cost, self.f_in, s.x, self.u)
+                s.op(cost, self.f_in, s.x, self.u, narrow=s.narrow(self.f_in, self.r2))
             if not kept_z:
-                s.grouped_op(cost, self.f_mid, self.u, self.z)
+                s.grouped_op(cost, self.f_mid, self.u, self.z, narrow=s.narrow(self.f_mid, self.r1))
         both = 2 if factor_grads else 1
-        s.op(cost, both * self.f_out, s.y, self.z, self.z)  # grad z, grad U_1
+        s.op(cost, both * self.f_out, s.y, self.z, self.z,  # grad z, grad U_1
+             narrow=s.narrow(both * self.f_out, self.r1))
+        # the first op's weight gradient (U_2, M) and input gradient (into x)
         first = self.f_in * (factor_grads + input_grad)
+        first_narrow = (s.narrow(self.f_in, min(self.r2 or self.r1, s.c_group)) if factor_grads else 0.0) + (
+            s.narrow(self.f_in, s.c_in) if input_grad else 0.0)
         if self.folded:
-            s.grouped_op(cost, first, self.z, s.x, *((s.x, s.x) if input_grad else ()), weight_grad=True)
+            s.grouped_op(cost, first, self.z, s.x, *((s.x, s.x) if input_grad else ()), weight_grad=True,
+                         narrow=first_narrow)
         else:
-            s.grouped_op(cost, both * self.f_mid, self.z, self.u, self.u, weight_grad=True)  # grad u, grad K
-            s.op(cost, first, self.u, s.x, *((s.x, s.x) if input_grad else ()))  # grad U_2 (and grad x)
+            s.grouped_op(cost, both * self.f_mid, self.z, self.u, self.u, weight_grad=True,  # grad u, grad K
+                         narrow=s.narrow(self.f_mid, self.r2) + (s.narrow(self.f_mid, min(self.r1, self.r2))
+                                                                 if factor_grads else 0.0))
+            s.op(cost, first, self.u, s.x, *((s.x, s.x) if input_grad else ()), narrow=first_narrow)
         return cost
 
 
