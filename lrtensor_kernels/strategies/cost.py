@@ -101,34 +101,36 @@ class DeviceModel:
 # (Cost.kind, fused), fitted with the rest of the CPU constants (bench/cpu_time.py --fit)
 _CPU_CALL_OVERHEAD = {
     ("frozen", False): 0.0, ("full", False): 2e-6,
-    ("merged", False): 73e-6, ("merged", True): 265e-6,
-    ("two_branch", False): 18e-6, ("two_branch", True): 217e-6,
-    ("tucker_bypass", False): 441e-6, ("tucker_bypass", True): 408e-6, ("tucker_bypass_autograd", False): 200e-6,
-    ("tucker_hybrid", False): 260e-6, ("tucker_hybrid", True): 406e-6,
-    ("scale_bypass", False): 60e-6, ("scale_bypass", True): 170e-6,
+    ("merged", False): 69e-6, ("merged", True): 232e-6,
+    ("two_branch", False): 25e-6, ("two_branch", True): 203e-6,
+    ("tucker_bypass", False): 201e-6, ("tucker_bypass", True): 203e-6, ("tucker_bypass_autograd", False): 186e-6,
+    ("tucker_hybrid", False): 167e-6, ("tucker_hybrid", True): 266e-6,
+    ("scale_bypass", False): 52e-6, ("scale_bypass", True): 158e-6,
 }
 
 DEVICES = {
-    # The 2-core AMD EPYC (Zen 5, AVX-512 with bf16) CI machine, one torch thread, fitted to 1444
+    # The 2-core AMD EPYC (Zen 5, AVX-512 with bf16) CI machine, one torch thread, fitted to 1862
     # measured steps (every method, strategy and backend on the bench's 24 CPU-scaled rows, the 11
     # distinct convolutions of a ResNet-18 at 8x3x112x112 and 3 tiny layers; each the minimum of
-    # 5 interleaved rounds of thread CPU time) by `python -m bench.cpu_time --fit`: median error
-    # 9%, 81% of steps within 25% on rows held out of the fit. Dense fp32 convolutions 200
-    # GFLOP/s as fitted (130-165 measured alone on 3x3 convolutions of 64-480 channels, the rest
-    # of their time in the bytes and call terms), a linear layer's matmuls 110; fp64, bf16 and fp16
-    # at the ratios measured on a 128-channel 3x3 convolution (0.28, 2.7 and 0.025: oneDNN has a
-    # bf16 kernel here, none for fp16); grouped convolutions 57 GFLOP/s, their weight gradients
-    # 8.5; 17 GB/s for the bytes the ops read and write; 8 us per op, a convolution call 9 us more
-    # and 88 us more with a kernel larger than 1x1 or a stride (oneDNN's setup: a 3x3 convolution
-    # of 4 channels takes 35-80 us; 1x1 unstrided convolutions run as matmuls at one thread); exp
-    # in the fused passes 2.1 G elements/s; the per-call Python above. Fresh weight-sized tensors
-    # fitted to no cost in that run (their page faults, 0.5 ns per byte where glibc has returned
-    # the memory to the system, came and went with the allocator's state: bench/NOTES.md).
-    "cpu": DeviceModel(flops={torch.float32: 200e9, torch.float64: 56e9, torch.bfloat16: 540e9,
-                              torch.float16: 5e9},
-                       bandwidth=17e9, op_overhead=8e-6, grouped=57e9, grouped_weight_grad=8.5e9,
-                       conv_overhead=9e-6, matmul=110e9, spatial_conv_overhead=88e-6, exp_rate=2.1e9,
-                       fresh_byte_cost=0.0, call_overhead=_CPU_CALL_OVERHEAD, narrow_channels=16),
+    # 7 interleaved rounds of thread CPU time, idle machine, commit 66a1ce6) by `python -m
+    # bench.cpu_time --fit`: median error 9%, 79% of steps within 25% on rows held out of the fit.
+    # Dense fp32 convolutions 234 GFLOP/s as fitted, a linear layer's matmuls 123; a convolution
+    # pass writing fewer than 16 channels (an AVX-512 register's fp32 lanes: the chain's rank-8
+    # ops) 123, as measured alone (3->8 7x7 stride 2 and 64->8 3x3: 96-111 GFLOP/s, against
+    # 193-247 at 16-64 output channels); fp64, bf16 and fp16 at the ratios measured on a
+    # 128-channel 3x3 convolution (0.28, 2.7 and 0.025: oneDNN has a bf16 kernel here, none for
+    # fp16); grouped convolutions 52 GFLOP/s, their weight gradients 9.4; 18.5 GB/s for the bytes
+    # the ops read and write; 7 us per op, a convolution call 9 us more and 78 us more with a
+    # kernel larger than 1x1 or a stride (oneDNN's setup: a 3x3 convolution of 4 channels takes
+    # 35-80 us; 1x1 unstrided convolutions run as matmuls at one thread); exp in the fused passes
+    # 2.0 G elements/s; the per-call Python above. Fresh weight-sized tensors fitted to no cost
+    # (their page faults, 0.5 ns per byte where glibc has returned the memory to the system, came
+    # and went with the allocator's state: bench/NOTES.md).
+    "cpu": DeviceModel(flops={torch.float32: 234e9, torch.float64: 66e9, torch.bfloat16: 630e9,
+                              torch.float16: 5.9e9},
+                       bandwidth=18.5e9, op_overhead=7.2e-6, grouped=52e9, grouped_weight_grad=9.4e9,
+                       conv_overhead=9e-6, matmul=123e9, spatial_conv_overhead=78e-6, exp_rate=2.0e9,
+                       fresh_byte_cost=0.0, call_overhead=_CPU_CALL_OVERHEAD, narrow=123e9, narrow_channels=16),
     # The previous CI machine (Zen 3, AVX2, no bf16 unit), one torch thread, used where torch's CPU
     # capability is not AVX-512: fp32 convolutions 40-80 GFLOP/s, copies above the last-level
     # cache 15-20 GB/s, about 5 us per small op; oneDNN's bf16/fp16 convolutions at 1.4/2.4
