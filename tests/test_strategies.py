@@ -545,3 +545,43 @@ def test_chain_forms_under_torch_func_and_double_backward(name, strategy, form, 
     ref = everything(f64)
     for key in ref:
         higher._assert_close(f"{name} {strategy}:{form} {backend} {key}", got[key], ref[key])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("name, form", [("flora", "three"), ("flora", "folded"), ("lora", "")])
+def test_bypass_under_autograd_is_the_op_bit_for_bit(name, form, dropout, monkeypatch):
+    """Where bypass keeps all the chain's activations it runs its ops under plain autograd: the same
+    convolutions as its custom op, so the same bits in the output and the input gradient (adapter
+    dropout included). The adapter gradients agree to float32 rounding: the gradient of the Tucker
+    kernel core K reaches K's build contiguous under autograd (the convolution's layout) and in K's
+    own strides from the op (whose outputs keep their inputs' layouts), so the kernel factors'
+    small products sum in another order. The custom op is forced for the comparison."""
+    from lrtensor_kernels.strategies import tucker_bypass
+
+    torch.manual_seed(0)
+    make = {"flora": lambda: lk.FLoRAConv2d(32, 32, 3, padding=1, ranks=4, dropout=dropout, strategy="bypass"),
+            "lora": lambda: lk.LoRAConv2d(32, 32, 3, padding=1, rank=2, dropout=dropout, strategy="bypass")}[name]
+    layer = randomize_adapter(make(), 1)
+    x, grad_out = torch.randn(2, 32, 6, 6), torch.randn(2, 32, 6, 6)
+    run = tucker_bypass.run
+
+    def step():
+        torch.manual_seed(5)  # the same dropout mask
+        inp = x.clone().requires_grad_()
+        with chain_form(form):
+            y = layer(inp)
+        y.backward(grad_out)
+        grads = [inp.grad] + [p.grad for p in layer.adapter_parameters()]
+        layer.zero_grad(set_to_none=True)
+        return y, grads
+
+    y_autograd, grads_autograd = step()
+    assert type(y_autograd.grad_fn).__name__ != "EagerOpBackward"
+    monkeypatch.setattr(tucker_bypass, "run", lambda call, via, folded=False, under_autograd=False:
+                        run(call, via, folded, False))
+    y_op, grads_op = step()
+    assert type(y_op.grad_fn).__name__ == "EagerOpBackward"
+    assert torch.equal(y_autograd, y_op)
+    assert torch.equal(grads_autograd[0], grads_op[0])
+    for got, want in zip(grads_autograd[1:], grads_op[1:]):
+        assert rel_err(got, want) < 1e-6
