@@ -288,7 +288,8 @@ def predicted_seconds(work: cost.Workload, strategy: str) -> float:
 
 def cost_features(c: cost.Cost) -> dict:
     """What the time model multiplies by its constants, for one estimate (see cost.Cost.seconds)."""
-    return {"dense_flops": c.flops - c.grouped_flops - c.grouped_weight_grad_flops - c.matmul_flops - c.narrow_flops,
+    return {"dense_flops": (c.flops - c.grouped_flops - c.grouped_weight_grad_flops - c.matmul_flops
+                            - c.narrow_flops),
             "matmul_flops": c.matmul_flops, "narrow_flops": c.narrow_flops, "grouped_flops": c.grouped_flops,
             "grouped_weight_grad_flops": c.grouped_weight_grad_flops, "bytes": c.bytes, "ops": c.ops,
             "conv_calls": c.conv_calls, "spatial_conv_calls": c.spatial_conv_calls, "exp_elements": c.exp_elements,
@@ -440,9 +441,10 @@ def _fmt(v) -> str:
 # fitting the CPU constants of the time model
 # ---------------------------------------------------------------------------------------------
 
-FIT_TERMS = ("dense_flops", "matmul_flops", "narrow_flops", "grouped_flops", "grouped_weight_grad_flops", "bytes", "ops", "conv_calls",
-             "spatial_conv_calls", "exp_elements", "fresh_bytes")
-CONSTANT_OF_TERM = {"dense_flops": "1 / flops[float32]", "matmul_flops": "1 / matmul", "narrow_flops": "1 / narrow", "grouped_flops": "1 / grouped",
+FIT_TERMS = ("dense_flops", "matmul_flops", "narrow_flops", "grouped_flops", "grouped_weight_grad_flops", "bytes",
+             "ops", "conv_calls", "spatial_conv_calls", "exp_elements", "fresh_bytes")
+CONSTANT_OF_TERM = {"dense_flops": "1 / flops[float32]", "matmul_flops": "1 / matmul", "narrow_flops": "1 / narrow",
+                    "grouped_flops": "1 / grouped",
                     "grouped_weight_grad_flops": "1 / grouped_weight_grad", "bytes": "1 / bandwidth",
                     "ops": "op_overhead", "conv_calls": "conv_overhead", "spatial_conv_calls": "spatial_conv_overhead",
                     "exp_elements": "1 / exp_rate", "fresh_bytes": "fresh_byte_cost"}

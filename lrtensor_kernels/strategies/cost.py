@@ -106,7 +106,8 @@ _CPU_CALL_OVERHEAD = {
     ("frozen", False): 0.0, ("full", False): 2e-6,
     ("merged", False): 69e-6, ("merged", True): 232e-6,
     ("two_branch", False): 25e-6, ("two_branch", True): 203e-6,
-    ("tucker_bypass", False): 201e-6, ("tucker_bypass", True): 203e-6, ("tucker_bypass_autograd", False): 51e-6,
+    ("tucker_bypass", False): 201e-6, ("tucker_bypass", True): 203e-6,
+    ("tucker_bypass_autograd", False): 51e-6,
     ("tucker_hybrid", False): 167e-6, ("tucker_hybrid", True): 266e-6,
     ("scale_bypass", False): 52e-6, ("scale_bypass", True): 158e-6,
 }
@@ -133,7 +134,8 @@ DEVICES = {
                               torch.float16: 5.9e9},
                        bandwidth=18.5e9, op_overhead=7.2e-6, grouped=52e9, grouped_weight_grad=9.4e9,
                        conv_overhead=9e-6, matmul=123e9, spatial_conv_overhead=78e-6, exp_rate=2.0e9,
-                       fresh_byte_cost=0.0, call_overhead=_CPU_CALL_OVERHEAD, narrow=123e9, narrow_channels=16),
+                       fresh_byte_cost=0.0, call_overhead=_CPU_CALL_OVERHEAD, narrow=123e9,
+                       narrow_channels=16),
     # The previous CI machine (Zen 3, AVX2, no bf16 unit), one torch thread, used where torch's CPU
     # capability is not AVX-512: fp32 convolutions 40-80 GFLOP/s, copies above the last-level
     # cache 15-20 GB/s, about 5 us per small op; oneDNN's bf16/fp16 convolutions at 1.4/2.4
@@ -264,7 +266,7 @@ class Cost:
     conv_calls: int = 0  # of ``ops``: convolutions (fixed costs beyond a small op's on some devices)
     spatial_conv_calls: int = 0  # of ``conv_calls``: those with a kernel larger than 1x1
     matmul_flops: float = 0.0  # part of ``flops``: a linear layer's matmuls
-    narrow_flops: float = 0.0  # part of ``flops``: convolution passes with few output channels (DeviceModel.narrow)
+    narrow_flops: float = 0.0  # part of ``flops``: convolution passes writing few channels (DeviceModel.narrow)
     exp_elements: float = 0.0  # elements through exp: weight-sized passes, the fused kernels' tiles
     fresh_bytes: float = 0.0  # weight-sized tensors allocated afresh (weight gradients, autograd's W')
     kind: str = ""

@@ -4,17 +4,21 @@
 
 with the chain of :mod:`.tucker_chain` (LoRA's: ``P_out(op_A(x))``, the folded form). Backward:
 the input gradient is one op on the materialised ``W'`` (exactly the frozen layer's op;
-``input_grad_via_weight``) or ``op^T(grad, W)`` plus the chain transposed, whichever the cost model finds cheaper; with adapter dropout the
-chain's input is the dropped ``x`` and receives the chain's part. The op takes the chain's factors
-and returns their gradients, the chain's weight gradients (ops on activations of r_1 or r_2
-channels). Saved for backward: ``x``, the factors and, while they have together at most
-``tucker_chain.SAVE_FRACTION`` of ``x``'s elements, ``u`` and then ``z`` (recomputed otherwise: a
-narrow layer keeps u alone, a wide one both, so that its backward runs no op of the forward again).
+``input_grad_via_weight``) or ``op^T(grad, W)`` plus the chain transposed, whichever the cost
+model finds cheaper; with adapter dropout the chain's input is the dropped ``x`` and receives the
+chain's part. The op takes the chain's factors and returns their gradients, the chain's weight
+gradients (ops on activations of r_1 or r_2 channels). Saved for backward: ``x``, the factors
+and, while they have together at most ``tucker_chain.SAVE_FRACTION`` of ``x``'s elements, ``u``
+and then ``z`` (recomputed otherwise: a narrow layer keeps u alone, a wide one both, so that its
+backward runs no op of the forward again).
 
 One op for every backend, ``lrtensor::tucker_bypass`` and its backward (:class:`ops.FusedOp`: a
 custom op under torch.compile, the same functions in a plain autograd.Function eagerly, the chain
-under autograd for torch.func and higher-order gradients); the backends differ only in how the backward builds ``W'`` (the reference math, or the backend's
-transform kernel, on the factors as a low-rank form of their own).
+under autograd for torch.func and higher-order gradients); the backends differ only in how the
+backward builds ``W'`` (the reference math, or the backend's transform kernel, on the factors as a
+low-rank form of their own). Where the op would keep both ``u`` and ``z`` and run the input
+gradient through the chain, an eager call runs :func:`forward` under plain autograd instead
+(``under_autograd``, the cost model's choice): the same ops and saved tensors, less Python.
 """
 from __future__ import annotations
 
@@ -164,7 +168,8 @@ def backward_by(backward_op):
 tucker_bypass_op.register_autograd(backward_by(tucker_bypass_backward_op), setup_context=setup_context)
 
 
-def run(call: AdaptedCall, input_grad_via_weight: bool, folded: bool = False, under_autograd: bool = False) -> Tensor:
+def run(call: AdaptedCall, input_grad_via_weight: bool, folded: bool = False,
+        under_autograd: bool = False) -> Tensor:
     """``op(x, W')`` by the bypass. ``under_autograd`` (the cost model's choice where the op would keep
     ``u`` and ``z`` and run the input gradient through the chain): when running eagerly, the same
     ops as the op's forward under plain autograd, whose backward then runs the same ops as the
