@@ -459,9 +459,8 @@ def features_seconds(features: dict, device: cost.DeviceModel, dtype: torch.dtyp
     matmul = device.matmul_rate(dtype)
     kind, _, backend = features["call"].partition("/")
     adapter_ops = 0.0 if kind in cost._PLAIN_KINDS else features["ops"] * device.adapter_op_overhead
-    narrow = min(device.narrow or dense, dense)
     return (features["dense_flops"] / dense + features.get("matmul_flops", 0.0) / matmul + adapter_ops
-            + features.get("narrow_flops", 0.0) / narrow
+            + features.get("narrow_flops", 0.0) / device.narrow_rate(dtype)
             + features["grouped_flops"] / grouped
             + features["grouped_weight_grad_flops"] / grouped_wg + features["bytes"] / device.bandwidth
             + features["ops"] * device.op_overhead + features["conv_calls"] * device.conv_overhead

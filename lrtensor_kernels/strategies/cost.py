@@ -96,6 +96,14 @@ class DeviceModel:
         dense = self.flop_rate(dtype)
         return dense if self.matmul is None else min(self.matmul, dense)
 
+    def narrow_rate(self, dtype: torch.dtype) -> float:
+        """A convolution pass writing few channels: ``narrow`` (a float32 rate) scaled to ``dtype`` as
+        the dense rate is, at most the dense rate; the dense rate where ``narrow`` is None."""
+        dense = self.flop_rate(dtype)
+        if self.narrow is None:
+            return dense
+        return min(dense, self.narrow * dense / self.flop_rate(torch.float32))
+
 
 # Python and autograd per call of each strategy's code path beyond the ops counted, on the CPU, by
 # (Cost.kind, fused), fitted with the rest of the CPU constants (bench/cpu_time.py --fit); bypass's
@@ -310,8 +318,7 @@ class Cost:
 
         grouped = (self.grouped_flops / rate(device.grouped) + self.matmul_flops / device.matmul_rate(dtype)
                    + self.grouped_weight_grad_flops / rate(device.grouped_weight_grad)
-                   + self.narrow_flops / (dense if device.narrow is None else  # scaled by dtype as the dense rate
-                                          min(dense, device.narrow * dense / device.flop_rate(torch.float32))))
+                   + self.narrow_flops / device.narrow_rate(dtype))
         flops = {p: self.part_flops.get(p, 0.0) for p in PARTS}
         nbytes = {p: self.part_bytes.get(p, 0.0) for p in PARTS}
         flops[_ACTIVATION] += self.flops - sum(flops.values())
@@ -584,12 +591,13 @@ def _tucker_bypass_form(w: Workload, folded: bool) -> Cost:
     chain = _Chain.of(s, w, folded)
     kept = chain.kept(s.x)
     input_grad = w.need_input or w.dropout
-    variants = [_tucker_bypass_variant(w, s, chain, kept, input_grad, via_weight=False, autograd=kept[1]),
-                _tucker_bypass_variant(w, s, chain, kept, input_grad, via_weight=False, autograd=False)]
+    variants = [_tucker_bypass_variant(w, s, chain, kept, input_grad, via_weight=False, autograd=False)]
+    if kept[1]:  # first: it wins a tie
+        variants.insert(0, _tucker_bypass_variant(w, s, chain, kept, input_grad, via_weight=False, autograd=True))
     if input_grad and not w.dropout:
         variants.append(_tucker_bypass_variant(w, s, chain, kept, input_grad, via_weight=True, autograd=False))
     dev = device_model(w.device_type)
-    return min(variants, key=lambda c: c.seconds(dev, w.dtype))  # the first of equals: autograd's
+    return min(variants, key=lambda c: c.seconds(dev, w.dtype))
 
 
 def _tucker_bypass_variant(w: Workload, s: _Sizes, chain: _Chain, kept: tuple, input_grad: bool, via_weight: bool,
@@ -788,8 +796,9 @@ def fused_form(w: Workload) -> tuple:
 class Decision:
     """The strategy a call runs (and on which backend), why, and every candidate's estimated cost on
     that backend. ``input_grad_via_weight``, ``folded`` and ``under_autograd`` are details of the
-    chain strategies (see tucker_bypass, tucker_chain); ``impl`` is the backend chosen when several were offered (None:
-    the call's own); ``backend_seconds``: the chosen strategy's estimate on each backend offered."""
+    chain strategies (see tucker_bypass, tucker_chain); ``impl`` is the backend chosen when several
+    were offered (None: the call's own); ``backend_seconds``: the chosen strategy's estimate on each
+    backend offered."""
 
     strategy: str
     reason: str
