@@ -30,7 +30,7 @@ SHAPES = {
     "depthwise": (12, 1, 5, 5),
     "conv3d": (10, 3, 2, 3, 2),
 }
-# sizes that cross the native CPU kernels' tile edges (256-row strips, 1024-column segments, column
+# sizes that cross the native CPU kernels' tile edges (256-row strips, column segments of equal width, column
 # chunks, 16-row blocks, 4-row tiles, vector tails); native only (too slow for the Triton interpreter)
 LARGE_SHAPES = {
     "large_linear": (299, 1100),
@@ -259,13 +259,13 @@ def two_threads():
 def test_native_results_are_the_same_bits_at_any_thread_count(key):
     """The CPU kernels cut the work by the shape, never by the thread count."""
     kernels = fused_kernels("native")
-    shape = (600, 40, 7, 7)  # 3 strips x 2 segments of the projection
+    shape = (600, 40, 7, 7)  # 3 strips x 6 segments of the projection
     weight = _base_weight(shape, torch.float32, 7)
     adapter = make_adapter(key, shape, 8)
     grad = _base_weight(shape, torch.float32, 9)
     x, y = _base_weight((130, 24, 9, 9), torch.float32, 10), _base_weight((130, 24, 9, 9), torch.float32, 11)
     results = {}
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -276,11 +276,12 @@ def test_native_results_are_the_same_bits_at_any_thread_count(key):
                                 kernels.project_transform(grad, weight, adapter, math_key(key), 0.5))
         finally:
             torch.set_num_threads(previous)
-    (g1, w1, c1, f1), (g2, w2, c2, f2) = results[1], results[2]
-    assert torch.equal(f1[0], f2[0]) and all(torch.equal(a, b) for a, b in zip(f1[1], f2[1]))
-    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
-    assert torch.equal(w1, w2)
-    assert all(torch.equal(a, b) for a, b in zip(c1, c2))
+    (g1, w1, c1, f1) = results[1]
+    for g2, w2, c2, f2 in (results[2], results[3]):
+        assert torch.equal(f1[0], f2[0]) and all(torch.equal(a, b) for a, b in zip(f1[1], f2[1]))
+        assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+        assert torch.equal(w1, w2)
+        assert all(torch.equal(a, b) for a, b in zip(c1, c2))
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

@@ -1,10 +1,10 @@
 // CPU kernel of lrtensor::lowrank_project.out (schema and semantics: ../lowrank_project.cpp).
 //
 // Two stages, deterministic at any thread count:
-// 1. The (O, C) weight is cut into tiles of kStripRows rows x kSegmentCols columns (a partition
-//    that depends only on the shape). Each tile, on one thread, forms H tile by tile of kTileRows
-//    rows and one column chunk, and writes its own partial sums: H @ right^T over its columns
-//    (into partial_left[segment]) and left^T @ H over its rows (into partial_right[strip]).
+// 1. The (O, C) weight is cut into strips of rows x segments of columns (`partition`: it depends
+//    only on the shapes, never on the thread count). Each tile, on one thread, forms H tile by tile
+//    of kTileRows rows and one column chunk, and writes its own partial sums: H @ right^T over its
+//    columns (into partial_left[segment]) and left^T @ H over its rows (into partial_right[strip]).
 // 2. The partials are added in the order of their index, elementwise in parallel.
 // With one strip (or one segment) the tiles write grad_right (grad_left) directly.
 //
@@ -21,8 +21,31 @@ namespace lrtensor::ops::cpu {
 
 namespace {
 
+// Strips of at most kStripRows rows; segments of equal width (a multiple of two vectors), at most
+// kSegmentCols columns, and more of them (down to kMinSegmentCols columns) while the tiles number
+// fewer than kMinTiles, so that a few threads share mid-sized weights (a 256 x 2304 weight was three
+// tiles of 1024, 1024 and 256 columns: on two threads 8/9 of the work on one). Columns, not rows,
+// are split further: a segment costs a partial grad_left (rows x rank), small next to its tile, and
+// keeps the strip's per-chunk work (copying `right`, storing grad_right) spread over kStripRows rows.
 constexpr int64_t kStripRows = 256;
 constexpr int64_t kSegmentCols = 1024;
+constexpr int64_t kMinSegmentCols = 256;
+constexpr int64_t kMinTiles = 16;
+
+struct Partition {
+  int64_t strips, strip_rows, segments, segment_cols;
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+Partition partition(int64_t rows, int64_t cols) {
+  constexpr int64_t col_step = 2 * Vectorized<float>::size();
+  const int64_t strips = ceil_div(rows, kStripRows);
+  const int64_t wanted = std::min(ceil_div(kMinTiles, strips), cols / kMinSegmentCols);
+  const int64_t segments = std::max(ceil_div(cols, kSegmentCols), wanted);
+  const int64_t segment_cols = ceil_div(ceil_div(cols, segments), col_step) * col_step;
+  return {strips, kStripRows, ceil_div(cols, segment_cols), segment_cols};
+}
 
 template <typename acc_t>
 struct ProjectArgs {
@@ -30,6 +53,7 @@ struct ProjectArgs {
   const acc_t* left;
   const acc_t* right;
   int64_t rows, cols, rank;
+  Partition tiles;
   acc_t* partial_left;   // [segments][rows][rank]
   acc_t* partial_right;  // [strips][rank][cols]
 };
@@ -50,8 +74,8 @@ void project_tile(const ProjectArgs<acc_t>& p, int64_t strip, int64_t segment) {
   constexpr bool kReadsWeight = kCombine != Combine::Add || kWritesWeight;
   constexpr bool kNeedsUpdate = kCombine == Combine::Exp || kWritesWeight;
   const int64_t rank = p.rank;
-  const int64_t o_begin = strip * kStripRows, o_end = std::min(p.rows, o_begin + kStripRows);
-  const int64_t c_begin = segment * kSegmentCols, c_end = std::min(p.cols, c_begin + kSegmentCols);
+  const int64_t o_begin = strip * p.tiles.strip_rows, o_end = std::min(p.rows, o_begin + p.tiles.strip_rows);
+  const int64_t c_begin = segment * p.tiles.segment_cols, c_end = std::min(p.cols, c_begin + p.tiles.segment_cols);
   // `right`'s chunk and the grad_right chunk stay in the first-level cache
   const int64_t chunk = column_chunk<acc_t>(rank, 12 * 1024);
   std::vector<acc_t> tile(kTileRows * rank), padded_right, g_buf(kTileRows * chunk), w_buf(kTileRows * chunk);
@@ -165,15 +189,15 @@ void project(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor&
              Combine combine, at::Tensor& grad_left, at::Tensor& grad_right, const at::Tensor& out = at::Tensor(),
              bool delta_only = false) {
   const int64_t rows = left.size(0), rank = left.size(1), cols = right.size(1);
-  const int64_t strips = (rows + kStripRows - 1) / kStripRows;
-  const int64_t segments = (cols + kSegmentCols - 1) / kSegmentCols;
+  const Partition tiles = partition(rows, cols);
+  const int64_t strips = tiles.strips, segments = tiles.segments;
   at::Tensor partial_left = segments == 1 ? grad_left : at::empty({segments, rows, rank}, left.options());
   at::Tensor partial_right = strips == 1 ? grad_right : at::empty({strips, rank, cols}, right.options());
   const bool writes = out.defined();
   const ProjectArgs<acc_t> args{RowView<acc_t>(grad, cols), RowView<acc_t>(weight, cols),
                                 RowView<acc_t>(writes ? out : weight, cols), left.const_data_ptr<acc_t>(),
-                                right.const_data_ptr<acc_t>(), rows, cols, rank, partial_left.data_ptr<acc_t>(),
-                                partial_right.data_ptr<acc_t>()};
+                                right.const_data_ptr<acc_t>(), rows, cols, rank, tiles,
+                                partial_left.data_ptr<acc_t>(), partial_right.data_ptr<acc_t>()};
   dispatch_combine(combine, delta_only, [&]<Combine kCombine, bool kDeltaOnly>() {
     at::parallel_for(0, strips * segments, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
