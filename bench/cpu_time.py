@@ -14,6 +14,10 @@ Two parts, each one command, each writing JSON and Markdown next to ``--out``:
   convolution adapted and the classifier trained in full, against training the classifier alone:
   full fine-tuning, PEFT LoRA r8, this package's LoRA (r8, PEFT's defaults), FLoRA (auto, default
   ranks and at LoRA r8's parameter budget, and merged), LieRA r8, SSL, SSB; with the FLOPs of each at 224x224, batch 2.
+  Each config runs in a worker process of its own (bench/isolated.py: in one process the configs
+  would share the C library's heap, and which of them pays for page faults would depend on the
+  order), with its page faults and kernel time per step; ``--allocator keep-freed`` runs the
+  workers with glibc's trimming off.
 
 The clock: with one thread (the default) the calling thread's CPU time (``time.thread_time``),
 which other processes on a shared machine do not inflate by preempting it; with more threads the
@@ -44,7 +48,7 @@ import torch
 from torch import nn
 
 import lrtensor_kernels as lk
-from bench import suite, timing
+from bench import isolated, suite, timing
 from lrtensor_kernels import strategies
 from lrtensor_kernels.strategies import cost
 
@@ -581,36 +585,48 @@ def resnet_flops(model: nn.Module) -> int:
     return counter.get_total_flops()
 
 
-def measure_resnet(configs, rounds: int, per_round: int) -> dict:
+def resnet_worker_step(name: str):
+    """``(step, info)`` of the ResNet-18 config ``name`` (see :func:`resnet_config`), for
+    :func:`bench.isolated.interleaved_workers`; None where the config cannot be built here."""
     torch.manual_seed(1)
     x, labels = torch.randn(RESNET_BATCH, 3, RESNET_SIZE, RESNET_SIZE), torch.randint(0, 1000, (RESNET_BATCH,))
-    models = {c: resnet_config(c) for c in configs}
-    missing = [c for c, m in models.items() if m is None]
-    models = {c: m for c, m in models.items() if m is not None}
-    flops = {c: resnet_flops(m) for c, m in models.items()}
-    samples = interleaved({c: resnet_step(m, x, labels) for c, m in models.items()}, rounds, per_round)
-    base = statistics.median(samples["fc"])
-    full = statistics.median(samples["full_ft"]) if "full_ft" in samples else None
+    model = resnet_config(name)
+    if model is None:
+        return None
+    info = {"flops": resnet_flops(model), "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return resnet_step(model, x, labels), info
+
+
+def measure_resnet(configs, rounds: int, per_round: int, allocator: str = "default") -> dict:
+    """Every config in a worker process of its own (bench/isolated.py), in interleaved rounds."""
+    info, samples, missing = isolated.interleaved_workers(resnet_worker_step, configs, rounds, per_round,
+                                                          torch.get_num_threads(), allocator)
+    base = isolated.median(samples["fc"], "seconds")
+    full = isolated.median(samples["full_ft"], "seconds") if "full_ft" in samples else None
     table = {}
-    for c in models:
-        med = statistics.median(samples[c])
+    for c in info:
+        med = isolated.median(samples[c], "seconds")
         table[c] = {"ms": med * 1e3, "x_fc": med / base, "x_full_ft": med / full if full else None,
-                    "flops_x_fc": flops[c] / flops["fc"], "samples_ms": [s * 1e3 for s in samples[c]],
-                    "trainable": sum(p.numel() for p in models[c].parameters() if p.requires_grad)}
-    return {"configs": table, "not_run": missing, "model": resnet18_source(),
+                    "flops_x_fc": info[c]["flops"] / info["fc"]["flops"],
+                    "samples_ms": [s.seconds * 1e3 for s in samples[c]], "trainable": info[c]["trainable"],
+                    "page_faults": isolated.median(samples[c], "page_faults"),
+                    "system_ms": isolated.median(samples[c], "system_seconds") * 1e3}
+    return {"configs": table, "not_run": missing, "model": resnet18_source(), "allocator": allocator,
             "input": f"{RESNET_BATCH}x3x{RESNET_SIZE}x{RESNET_SIZE}"}
 
 
 def resnet_markdown(result: dict, meta: dict) -> str:
     lines = ["# ResNet-18: one training step per method", "", _meta_line(meta), "",
              f"Model: {result['model']}; input {result['input']}; AdamW; every convolution adapted, the "
-             "classifier trained in full. Time and FLOPs (224x224, batch 2) relative to training the "
-             "classifier alone.", "",
-             "| config | ms | x fc | x full_ft | FLOPs x fc | trainable |", "|---|---|---|---|---|---|"]
+             "classifier trained in full. Each config in a worker process of its own, allocator "
+             f"{result['allocator']!r} (bench/isolated.py). Time and FLOPs (224x224, batch 2) relative to "
+             "training the classifier alone; page faults and kernel time per step of the worker.", "",
+             "| config | ms | x fc | x full_ft | FLOPs x fc | trainable | page faults | kernel ms |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, c in result["configs"].items():
         full = "-" if c["x_full_ft"] is None else f"{c['x_full_ft']:.2f}"
         lines.append(f"| {name} | {c['ms']:.1f} | {c['x_fc']:.2f} | {full} | {c['flops_x_fc']:.2f} | "
-                     f"{c['trainable']:,} |")
+                     f"{c['trainable']:,} | {c['page_faults']:,.0f} | {c['system_ms']:.1f} |")
     if result["not_run"]:
         lines += ["", f"Not run (not installed): {', '.join(result['not_run'])}"]
     return "\n".join(lines) + "\n"
@@ -648,6 +664,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=3, help="steps per provider per round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--allocator", choices=tuple(isolated.ALLOCATORS), default="default",
+                        help="the ResNet-18 workers' glibc settings (bench/isolated.py)")
     parser.add_argument("--profile", action="store_true", help="add the profiled categories per row")
     parser.add_argument("--fit", type=Path, help="fit the CPU constants of the cost model to the layer part of "
                         "this JSON (from an earlier run) and print them; nothing is measured")
@@ -687,7 +705,7 @@ def main(argv=None) -> int:
     markdown = []
     if "resnet18" in parts:
         configs = ["fc"] + [c for c in args.configs.split(",") if c and c != "fc"]
-        result["resnet18"] = measure_resnet(configs, args.rounds, args.per_round)
+        result["resnet18"] = measure_resnet(configs, args.rounds, args.per_round, args.allocator)
         markdown.append(resnet_markdown(result["resnet18"], meta))
         print(markdown[-1], flush=True)
         save()
