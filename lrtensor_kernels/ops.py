@@ -345,8 +345,11 @@ def _adapted_op_backward(
             grad_adapter = kernels.project(grad_w_eff, weight, adapter, math, scale) if need_adapter else []
         grad_w = _base_weight_grad(kernels, grad_w_eff, weight, adapter, math, scale, delta_only) if need_weight \
             else None
-        return gradients_as_promised([(grad_x if need_input else None, x), (grad_w, weight), (grad_b, grad_b),
-                                      *zip(grad_adapter, adapter)])
+        grads = gradients_as_promised([(grad_x if need_input else None, x), (grad_w, weight), (grad_b, grad_b),
+                                       *zip(grad_adapter, adapter)])
+    if grad_w_eff is not None and not need_weight:
+        workspace.keep(grad_w_eff)  # dL/dW' is no one else's (a base weight's gradient may be it)
+    return grads
 
 
 adapted_op_backward = FusedOp("adapted_op_backward", _adapted_op_backward)

@@ -250,6 +250,36 @@ def test_trainable_base_weight_gets_its_gradient(name, strategy, dropout, fused)
     assert rel_err(grads[1], grads[0]) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["flora_conv2d_groups", "liera_exp_conv2d"])
+def test_a_base_weight_gradient_is_never_a_pooled_buffer(name, fused):
+    """The merged backward keeps dL/dW' as the scratch buffer of the next call, except where it is
+    (add rule) or may be the base weight's gradient: the next forward must not overwrite W.grad."""
+    layer = _build(name, torch.float32, 14, "merged")
+    layer.weight.requires_grad_(True)
+    x = _input(layer, torch.float32, 15)
+    with lk.use_backend(fused):
+        grad_w, = torch.autograd.grad(layer(x).square().sum(), [layer.weight])  # the tensor the op returned
+        kept = grad_w.clone()
+        layer(x)
+    assert torch.equal(grad_w, kept)
+
+
+@pytest.mark.parametrize("name", ["flora_conv2d_groups", "liera_exp_conv2d"])
+def test_steps_after_the_first_reuse_the_kept_buffer_exactly(name, fused):
+    """Three merged training steps in a row, the later ones on the buffer the earlier backward kept
+    (poisoned when lent): the same outputs and gradients as the first."""
+    from lrtensor_kernels.kernels import workspace
+
+    layer = _build(name, torch.float32, 16, "merged")
+    x = _input(layer, torch.float32, 17)
+    grad_out = torch.randn_like(layer(x))
+    workspace.clear()
+    steps = [_run(layer, x, fused, grad_out) for _ in range(3)]
+    for y, grads in steps[1:]:
+        assert torch.equal(y, steps[0][0])
+        assert all(torch.equal(g, want) for g, want in zip(grads, steps[0][1], strict=True))
+
+
 def test_auto_backend_resolution(monkeypatch):
     from lrtensor_kernels import backend
 
@@ -386,6 +416,23 @@ def test_workspace_lends_one_buffer_per_shape_and_thread(monkeypatch):
     with workspace.borrowed((6,), torch.float32, torch.device("cpu")):
         pass  # 24 + 20 + the (3, 4) pair's 96 bytes > 100: the least recently used go
     assert sum(t.nbytes for t in workspace._pool().values()) <= 100
+    workspace.clear()
+
+
+def test_workspace_keeps_only_tensors_it_can_lend():
+    from lrtensor_kernels.kernels import workspace
+
+    workspace.clear()
+    kept = torch.randn(3, 4)
+    workspace.keep(kept)
+    with workspace.borrowed((3, 4), torch.float32, torch.device("cpu")) as lent:
+        assert lent is kept
+    whole = torch.randn(6, 4)
+    for other in (whole[:3], whole.t()[:, :3].t(), torch.randn(4, 3).t(), torch.randn(3, 4, requires_grad=True),
+                  torch.randn(3, 4, device="meta")):
+        workspace.keep(other)
+        with workspace.borrowed((3, 4), torch.float32, torch.device("cpu")) as lent:
+            assert lent is kept, other.shape
     workspace.clear()
 
 

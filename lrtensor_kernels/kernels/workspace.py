@@ -61,6 +61,28 @@ def borrowed(shape, dtype: torch.dtype, device: torch.device):
             total -= dropped.nbytes
 
 
+def keep(tensor: torch.Tensor) -> None:
+    """Makes ``tensor`` this thread's pooled buffer of its shape and dtype in place of the one there
+    (which is freed), where it can be pooled: a contiguous CPU tensor that owns its storage, within
+    ``LIMIT_BYTES``. For a weight-sized result that a library call allocates afresh in every step
+    and the caller is done with (a convolution's weight gradient, ``dL/dW'``): glibc tends to place
+    such a block at the top of its heap and to trim it off when it is freed there, so that the next
+    one faults every page in again; kept, it stays, and the buffer freed instead lies below it, where
+    the next block of that size is carved from memory already mapped. The caller must not use
+    ``tensor`` afterwards."""
+    if (tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.storage_offset() != 0
+            or tensor.untyped_storage().nbytes() != tensor.nbytes or tensor.nbytes > LIMIT_BYTES
+            or tensor.requires_grad):
+        return
+    pool = _pool()
+    pool.pop((tuple(tensor.shape), tensor.dtype), None)
+    pool[(tuple(tensor.shape), tensor.dtype)] = tensor
+    total = sum(t.nbytes for t in pool.values())
+    while total > LIMIT_BYTES:
+        _, dropped = pool.popitem(last=False)
+        total -= dropped.nbytes
+
+
 def clear() -> None:
     """Drops this thread's pooled tensors."""
     _pool().clear()
