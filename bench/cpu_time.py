@@ -200,16 +200,11 @@ def what_runs(provider: Provider, x: torch.Tensor) -> tuple:
 # ---------------------------------------------------------------------------------------------
 
 
-def clock() -> Callable[[], float]:
-    """The calling thread's CPU time with one torch thread (robust to preemption), else wall time."""
-    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-
-
 def interleaved(steps: dict, rounds: int, per_round: int, warmup: int = 2) -> dict:
     """``{name: [seconds per step, one per round]}``: every step runs ``per_round`` times in turn in
     each round (after ``warmup`` untimed runs each), so that load that comes and goes spreads over
     all of them alike."""
-    now = clock()
+    now = isolated.clock()
     for step in steps.values():
         for _ in range(warmup):
             step()

@@ -60,6 +60,13 @@ def _environment(variables: dict):
                 os.environ[k] = v
 
 
+def clock() -> Callable[[], float]:
+    """The calling thread's CPU time with one torch thread (robust to preemption), else wall time."""
+    import torch
+
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def _serve(make_step: Callable, name: str, threads: int, warmup: int, conn) -> None:
     """A worker: builds ``make_step(name)`` (``(step, info)`` or None), runs ``warmup`` steps, sends
     ``("ready", info)``, then answers each step count it receives with a :class:`Sample` until it
@@ -73,15 +80,15 @@ def _serve(make_step: Callable, name: str, threads: int, warmup: int, conn) -> N
             conn.send(("not_run", None))
             return
         step, info = built
-        clock = time.thread_time if threads == 1 else time.perf_counter
+        now = clock()
         for _ in range(warmup):
             step()
         conn.send(("ready", info))
         while (count := conn.recv()) is not None:
-            before, start = resource.getrusage(resource.RUSAGE_SELF), clock()
+            before, start = resource.getrusage(resource.RUSAGE_SELF), now()
             for _ in range(count):
                 step()
-            seconds = clock() - start
+            seconds = now() - start
             after = resource.getrusage(resource.RUSAGE_SELF)
             conn.send(Sample(seconds / count, (after.ru_minflt - before.ru_minflt) / count,
                              (after.ru_stime - before.ru_stime) / count))

@@ -54,11 +54,7 @@ def borrowed(shape, dtype: torch.dtype, device: torch.device):
     try:
         yield tensor
     finally:
-        pool[key] = tensor
-        total = sum(t.nbytes for t in pool.values())
-        while total > LIMIT_BYTES:
-            _, dropped = pool.popitem(last=False)
-            total -= dropped.nbytes
+        _put(pool, key, tensor)
 
 
 def keep(tensor: torch.Tensor) -> None:
@@ -74,9 +70,14 @@ def keep(tensor: torch.Tensor) -> None:
             or tensor.untyped_storage().nbytes() != tensor.nbytes or tensor.nbytes > LIMIT_BYTES
             or tensor.requires_grad):
         return
-    pool = _pool()
-    pool.pop((tuple(tensor.shape), tensor.dtype), None)
-    pool[(tuple(tensor.shape), tensor.dtype)] = tensor
+    _put(_pool(), (tuple(tensor.shape), tensor.dtype), tensor)
+
+
+def _put(pool: collections.OrderedDict, key, tensor: torch.Tensor) -> None:
+    """``tensor`` as the pool's most recently used buffer for ``key``; the least recently used go
+    while the pool holds more than ``LIMIT_BYTES``."""
+    pool.pop(key, None)
+    pool[key] = tensor
     total = sum(t.nbytes for t in pool.values())
     while total > LIMIT_BYTES:
         _, dropped = pool.popitem(last=False)
