@@ -28,6 +28,7 @@ float32 (float64 for float64 weights) and return the weight's dtype. They are th
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -88,6 +89,12 @@ class Contractions:
 TORCH_CONTRACTIONS = Contractions()
 
 
+# the trailing modes contracted first are contracted together, as one matrix product with the
+# Kronecker product of their factors, while it has at most this many entries (a convolution's
+# kernel modes: 9 x 4 for 3x3 at ranks 2): one op under autograd where there were two a mode
+KRONECKER_LIMIT = 4096
+
+
 def tucker_product(core: torch.Tensor, factors: Sequence[torch.Tensor], first_mode: int = 0,
                    contract: Contractions = TORCH_CONTRACTIONS) -> torch.Tensor:
     """``core x_m U_m`` for the modes ``m = first_mode, first_mode + 1, ...`` that ``factors``
@@ -96,9 +103,30 @@ def tucker_product(core: torch.Tensor, factors: Sequence[torch.Tensor], first_mo
     # (usually the output-channel mode) is one matrix product
     order = sorted(range(len(factors)), key=lambda n: factors[n].shape[0] / factors[n].shape[1])
     out = core
-    for n in order:
+    together = _trailing_run(core, factors, first_mode, order) if contract is TORCH_CONTRACTIONS else 0
+    if together:
+        last = factors[len(factors) - together:]
+        kron = functools.reduce(torch.kron, last)
+        lead = core.shape[:core.dim() - together]
+        out = (core.reshape(-1, kron.shape[1]) @ kron.t()).reshape(*lead, *(u.shape[0] for u in last))
+    for n in order[together:]:
         out = contract.mode_product(out, factors[n], first_mode + n)
     return out
+
+
+def _trailing_run(core: torch.Tensor, factors, first_mode: int, order: list) -> int:
+    """How many of the first modes in ``order`` are the core's last modes with a Kronecker product
+    of at most KRONECKER_LIMIT entries (0: none)."""
+    if first_mode + len(factors) != core.dim():
+        return 0
+    run, entries = 0, 1
+    for i, n in enumerate(order):
+        entries *= factors[n].numel()
+        if entries > KRONECKER_LIMIT:
+            break
+        if set(order[:i + 1]) == set(range(len(factors) - i - 1, len(factors))):
+            run = i + 1
+    return run
 
 
 def tucker_product_grads(core: torch.Tensor, factors: Sequence[torch.Tensor], grad: torch.Tensor,
