@@ -70,7 +70,8 @@ class GradInParameterLayout(torch.autograd.Function):
     256 on a size-1 mode of a 1x1 conv's FLoRA core. Autograd accepts such a gradient (strides of
     size-1 modes do not count for its layout check), DDP does not: its bucket views have the
     parameter's exact strides and it warns on every step. A copy of these small tensors, made
-    only where the strides differ, fixes that for every backend at once.
+    only where the strides differ, fixes that for every backend at once. Only tensors with a size-1
+    mode need it (``AdapterLayer._adapter_inputs``).
     """
 
     generate_vmap_rule = True  # torch.func transforms (per-sample gradients) work through it
@@ -286,10 +287,17 @@ class AdapterLayer(HeldAdapters, nn.Module):
         """``adapter_tensors()`` as the forward hands them to a backend: the same values, with
         gradients that come back in each parameter's own layout (see ``GradInParameterLayout``);
         as they are under a torch.func transform or forward-mode AD, whose gradients are no
-        parameter's ``.grad``."""
+        parameter's ``.grad``. Tensors without a size-1 mode pass as plain views: autograd already
+        gives their ``.grad`` exactly their strides (it copies a gradient whose strides differ in
+        any mode but a size-1 one). Either way each forward hands the backend tensors of its own,
+        so that what a backend caches by tensor identity and version lives one step (a write
+        through ``.data`` changes no version)."""
+        tensors = list(self.adapter_tensors())
         if not torch.compiler.is_compiling() and ops.transformed():
-            return list(self.adapter_tensors())
-        return list(GradInParameterLayout.apply(*self.adapter_tensors()))
+            return tensors
+        if not any(1 in t.shape for t in tensors):
+            return [t.view_as(t) for t in tensors]
+        return list(GradInParameterLayout.apply(*tensors))
 
     # -- names and errors ------------------------------------------------------------------
     def _label(self) -> str:

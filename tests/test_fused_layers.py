@@ -13,7 +13,8 @@ from torch import nn
 import lrtensor_kernels as lk
 from forms import chain_form, flora_strategies, strategy_and_form
 from fused import FUSED_BACKENDS, compiled_matches_eager, fused_kernels
-from oracle import F64, assert_accuracy, effective_weight64, layer_oracle, plain_twin, randomize_adapter, rel_err
+from oracle import (F64, assert_accuracy, effective_weight64, forward64, layer_oracle, plain_twin, randomize_adapter,
+                    rel_err)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # under the interpreter, tf32 dots and bfloat16 casts round as on a GPU (conftest, gpu_rounding.py)
@@ -278,6 +279,21 @@ def test_steps_after_the_first_reuse_the_kept_buffer_exactly(name, fused):
     for y, grads in steps[1:]:
         assert torch.equal(y, steps[0][0])
         assert all(torch.equal(g, want) for g, want in zip(grads, steps[0][1], strict=True))
+
+
+@pytest.mark.parametrize("name", ["flora_conv2d_groups", "liera_tucker_conv2d", "lora_conv2d_groups"])
+def test_an_adapter_written_through_data_is_seen_by_the_next_forward(name, fused):
+    """A write through ``.data`` (as gradcheck and hand-written updates make) changes no version
+    counter: the next forward must still compute with the new values, not a form a backend built
+    from the old ones."""
+    layer = _build(name, torch.float32, 18, "merged")
+    x = _input(layer, torch.float32, 19)
+    with lk.use_backend(fused):
+        layer(x).sum().backward()
+        for p in layer.adapter_parameters():
+            p.data.mul_(1.5).add_(0.25)
+        y = layer(x)
+    assert rel_err(y, forward64(layer, x)) <= 1e-5
 
 
 def test_auto_backend_resolution(monkeypatch):
