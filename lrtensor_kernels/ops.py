@@ -205,10 +205,15 @@ def _eager_function(impl, backward, setup_context, at: int, composite):
             ctx.tensor_positions = [i for i, a in enumerate(flat) if isinstance(a, Tensor)]
             ctx.save_for_backward(*op_saved, *(a for a in flat if isinstance(a, Tensor)))
             ctx.op_saved = None
+            # the outputs after the first are kept for the backward, never differentiated: no
+            # activation-sized zeros for their gradients
+            ctx.set_materialize_grads(False)
             return output
 
         @staticmethod
         def backward(ctx, *grads):
+            if grads[0] is None:  # only an output kept for the backward was used: nothing flows back
+                return (None,) * len(ctx.needs_input_grad)
             if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable too
                 return (None, *_differentiable_backward(ctx, composite, at, grads))
             needs = _regroup(ctx.needs_input_grad[1:], at, ctx.list_length)
