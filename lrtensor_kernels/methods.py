@@ -106,12 +106,18 @@ def tucker_product(core: torch.Tensor, factors: Sequence[torch.Tensor], first_mo
     together = _trailing_run(core, factors, first_mode, order) if contract is TORCH_CONTRACTIONS else 0
     if together:
         last = factors[len(factors) - together:]
-        kron = functools.reduce(torch.kron, last)
+        kron = functools.reduce(_kronecker, last)
         lead = core.shape[:core.dim() - together]
         out = (core.reshape(-1, kron.shape[1]) @ kron.t()).reshape(*lead, *(u.shape[0] for u in last))
     for n in order[together:]:
         out = contract.mode_product(out, factors[n], first_mode + n)
     return out
+
+
+def _kronecker(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a (x) b``, (a0 b0, a1 b1), for matrices of any strides (``torch.kron`` cannot view some
+    transposed ones with a size-1 mode)."""
+    return (a[:, None, :, None] * b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
 
 
 def _trailing_run(core: torch.Tensor, factors, first_mode: int, order: list) -> int:

@@ -247,16 +247,20 @@ def test_effective_weight_matches_oracle(geom, method, dtype):
     assert rel_err(got, effective_weight64(layer)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
 @pytest.mark.parametrize("limit", [lk.methods.KRONECKER_LIMIT, 0], ids=["kronecker", "mode_by_mode"])
-@pytest.mark.parametrize("core_shape", [(16, 16, 2, 2), (4, 5, 3), (4, 5, 1, 1), (3, 4, 2, 3, 2), (6, 7), (2, 3, 4, 1, 2)])
-def test_tucker_product_of_any_trailing_modes_matches_einsum(core_shape, limit, monkeypatch):
+@pytest.mark.parametrize("core_shape", [(16, 16, 2, 2), (4, 5, 3), (4, 5, 1, 1), (3, 4, 2, 3, 2), (6, 7), (2, 3, 4, 1, 2),
+                                        (1, 1, 2, 2)])
+def test_tucker_product_of_any_trailing_modes_matches_einsum(core_shape, limit, transposed, monkeypatch):
     """``core x_m U_m`` over the modes from every first mode on, the trailing ones contracted at once
-    with their Kronecker product or one by one, against an einsum in float64."""
+    with their Kronecker product or one by one, against an einsum in float64; factors contiguous or
+    transposed views (as the gradient formulas pass them)."""
     monkeypatch.setattr(lk.methods, "KRONECKER_LIMIT", limit)
     g = torch.Generator().manual_seed(len(core_shape))
     core = torch.randn(core_shape, generator=g, dtype=F64)
     sizes = [3, 9, 1, 5, 2]
-    full = [torch.randn(d, r, generator=g, dtype=F64) for d, r in zip(sizes, core_shape)]
+    full = [torch.randn(r, d, generator=g, dtype=F64).t() if transposed else torch.randn(d, r, generator=g, dtype=F64)
+            for d, r in zip(sizes, core_shape)]
     for first in range(len(core_shape)):
         factors = [torch.eye(r, dtype=F64) for r in core_shape[:first]] + full[first:]
         got = lk.tucker_product(core, full[first:], first_mode=first)
